@@ -1,0 +1,1 @@
+"""metaplastic: meta-learn local synaptic plasticity rules."""

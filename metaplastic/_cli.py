@@ -1,0 +1,195 @@
+"""The ``metaplastic`` command line."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ._errors import MetaplasticError
+
+DISCOVER_TASK = "digits"
+DISCOVER_METHODS = (  # (label, rule preset, feedback)
+    ("learned", "pool", "fa"),
+    ("fa", "pseudo_gradient", "fa"),
+    ("backprop", "pseudo_gradient", "backprop"),
+)
+
+
+def _default_out(prefix: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{prefix}-{stamp}"
+
+
+def _user_errors(fn):
+    """Turn user errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MetaplasticError as err:
+            click.echo(f"metaplastic: error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="metaplastic")
+def main():
+    """Discover synaptic plasticity rules by meta-learning."""
+
+
+def _train_options(fn):
+    fn = click.option("--seed", type=int, default=None, help="Random seed (default 0).")(fn)
+    fn = click.option(
+        "--episodes", type=int, default=None,
+        help="Meta-training episodes in total (steps = episodes // meta-batch).",
+    )(fn)
+    fn = click.option("--out", type=click.Path(path_type=Path), default=None,
+                      help="Run directory (default runs/<name>-<time>).")(fn)
+    fn = click.option("--quiet", is_flag=True, help="No progress bar.")(fn)
+    return fn
+
+
+@main.command()
+@_train_options
+@click.option("--meta-batch", type=int, default=None, help="Episodes per meta-step.")
+@click.option("--eval-episodes", type=int, default=None, help="Held-out episodes (default 500).")
+@_user_errors
+def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
+    """Meta-learn a rule for online FA learning on digits; compare with baselines."""
+    from ._config import build_config
+    from ._report import plot_meta_test, results_table
+    from ._run import train
+
+    out = out or _default_out("discover")
+    train_table = {"seed": seed, "episodes": episodes, "meta_batch": meta_batch,
+                   "eval_episodes": eval_episodes}
+    t0 = time.perf_counter()
+    summaries = {}
+    for label, rule, feedback in DISCOVER_METHODS:
+        cfg = build_config(rule, DISCOVER_TASK, dict(train_table, feedback=feedback))
+        run_dir = out if label == "learned" else out / "baselines" / label
+        summaries[label] = train(cfg, run_dir, progress=not quiet, label=label)
+    summary = summaries["learned"]
+    summary["meta_test"] = {k: s["meta_test"][k] for k, s in summaries.items()}
+    summary["baselines"] = {
+        k: {"coefficients": s["coefficients"], "run_dir": str(out / "baselines" / k)}
+        for k, s in summaries.items() if k != "learned"
+    }
+    summary["discover_s"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = results_table(summary["meta_test"])
+    (out / "results.md").write_text(table + "\n")
+    plot_meta_test(summary["meta_test"], out, chance=1.0 / cfg.task.n_way)
+    click.echo("")
+    click.echo(table)
+    click.echo("")
+    click.echo(f"discovered rule: {summary['rule_equation']}")
+    click.echo(f"run directory: {out}  ({summary['discover_s']:.0f} s)")
+
+
+@main.command("train")
+@click.option("--rule", "rule", required=True, help="Rule preset name or TOML file.")
+@click.option("--task", "task", required=True, help="Task preset name or TOML file.")
+@_train_options
+@click.option("--meta-batch", type=int, default=None, help="Episodes per meta-step.")
+@click.option("--feedback", default=None, help="Credit assignment: fa or backprop.")
+@click.option("--lr", type=float, default=None, help="Outer learning rate.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override any config value, e.g. --set train.l1=1e-4 (repeatable).")
+@_user_errors
+def train_cmd(rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, overrides):
+    """Meta-train RULE on TASK and evaluate it on held-out episodes."""
+    from ._config import build_config
+    from ._report import results_table
+    from ._run import train
+
+    cfg = build_config(
+        rule, task,
+        {"seed": seed, "episodes": episodes, "meta_batch": meta_batch, "feedback": feedback,
+         "lr": lr},
+        list(overrides),
+    )
+    out = out or _default_out(f"train-{cfg.rule.name}-{cfg.task.name}")
+    summary = train(cfg, out, progress=not quiet)
+    click.echo(results_table(summary["meta_test"]))
+    click.echo(f"learned rule: {summary['rule_equation']}")
+    click.echo(f"run directory: {out}")
+
+
+def _load_run(run_dir: Path):
+    from ._config import config_from_dict, read_toml
+    from ._export import read_rule_file
+
+    if not run_dir.is_dir():
+        raise MetaplasticError(f"{run_dir}: no such run directory")
+    cfg = config_from_dict(read_toml(run_dir / "config.toml"), str(run_dir / "config.toml"))
+    return cfg, read_rule_file(run_dir)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--episodes", type=int, default=None, help="Held-out episodes (default: config).")
+@_user_errors
+def evaluate(run_dir, episodes):
+    """Evaluate a run's learned rule on held-out (meta-test) episodes."""
+    from ._report import results_table
+    from ._run import evaluate_run
+
+    cfg, rule = _load_run(run_dir)
+    if episodes is not None and episodes < 1:
+        raise MetaplasticError("--episodes must be at least 1")
+    res = evaluate_run(cfg, rule, episodes=episodes)
+    (run_dir / "evaluate.json").write_text(json.dumps({"learned": res}, indent=2) + "\n")
+    click.echo(results_table({"learned": res}))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="text", help="text, latex or json.")
+@click.option("--threshold", type=float, default=None,
+              help="Prune coefficients with |theta| at or below this (default: config).")
+@_user_errors
+def export(run_dir, fmt, threshold):
+    """Print a run's learned rule as an equation."""
+    from ._export import format_rule
+
+    cfg, rule = _load_run(run_dir)
+    th = cfg.train.prune_threshold if threshold is None else threshold
+    if th < 0:
+        raise MetaplasticError("--threshold must be >= 0")
+    click.echo(format_rule(rule, fmt, th))
+
+
+@main.command("list")
+@click.argument("what", type=click.Choice(["rules", "tasks", "terms"]))
+@_user_errors
+def list_cmd(what):
+    """List rule presets, task presets or built-in terms."""
+    from ._config import list_presets, load_rule, load_task
+    from ._terms import TERMS
+
+    if what == "terms":
+        for name, cls in TERMS.items():
+            click.echo(f"{name:18s} {cls.description}")
+    elif what == "rules":
+        for name in list_presets("rules"):
+            r = load_rule(name)
+            click.echo(f"{name:18s} {', '.join(r.terms)}  {r.description}")
+    else:
+        for name in list_presets("tasks"):
+            t, n, _ = load_task(name)
+            click.echo(f"{name:18s} {t.dataset} {t.n_way}-way K={t.k_shot} Q={t.q_query} "
+                       f"hidden={list(n.hidden)}  {t.description}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

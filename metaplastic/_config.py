@@ -1,0 +1,343 @@
+"""TOML configuration -> typed, validated, frozen config objects.
+
+A run is described by four tables: ``[rule]`` (from a rule file in ``rules/``), ``[task]``
+and ``[network]`` (from a task file in ``tasks/``; a task file may also carry ``[train]``
+defaults), and ``[train]``. Every user error raises :class:`MetaplasticError` with one
+line naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import MetaplasticError, unknown_name
+
+PRESET_KINDS = ("rules", "tasks")
+
+
+def preset_dir(kind: str) -> Path:
+    """Folder holding the shipped presets of ``kind`` (``rules`` or ``tasks``)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "presets" / kind
+    if installed.is_dir():
+        return installed
+    return here.parent / kind  # source checkout / editable install
+
+
+def list_presets(kind: str) -> list[str]:
+    return sorted(p.stem for p in preset_dir(kind).glob("*.toml"))
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """``[rule]``: which search space and where its coefficients start."""
+
+    name: str = "rule"
+    kind: str = "term_pool"
+    terms: tuple[str, ...] = ("pseudo_gradient",)
+    init: tuple[float, ...] = ()
+    mask: tuple[bool, ...] = ()
+    shared: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """``[task]``: N-way K-shot online classification on a data set."""
+
+    name: str = "task"
+    dataset: str = "digits"
+    n_way: int = 5
+    k_shot: int = 20
+    q_query: int = 10
+    test_fraction: float = 0.5
+    split_seed: int = 0
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """``[network]``: hidden widths (input and output widths come from the task)."""
+
+    hidden: tuple[int, ...] = (50, 40, 30, 20)
+    activation: str = "softplus"
+    beta: float = 10.0
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: outer loop. ``episodes`` counts meta-training episodes in total; the
+    outer loop takes ``episodes // meta_batch`` steps."""
+
+    feedback: str = "fa"
+    outer: str = "adam"
+    lr: float = 0.003
+    clip: float = 1.0
+    meta_batch: int = 16
+    episodes: int = 4800
+    l1: float = 0.0
+    gradient: str = "auto"
+    remat: bool = False
+    seed: int = 0
+    eval_episodes: int = 500
+    log_every: int = 1
+    prune_threshold: float = 1e-4
+
+
+SECTIONS: dict[str, type] = {
+    "rule": RuleConfig,
+    "task": TaskConfig,
+    "network": NetworkConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name in SECTIONS:
+            sec = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sec.items()}
+        return out
+
+    def replace(self, **sections) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (elem, _) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise MetaplasticError(
+                f"{where}: expected a list of {_type_name(elem)}, got {value!r}"
+            )
+        return tuple(_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MetaplasticError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MetaplasticError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MetaplasticError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise MetaplasticError(f"{where}: expected a finite number, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise MetaplasticError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - programming error
+
+
+def parse_section(cls: type, data: Any, where: str, base=None):
+    """Build ``cls`` from a TOML table, starting from ``base`` (or the defaults)."""
+    if not isinstance(data, dict):
+        raise MetaplasticError(f"{where}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        if key not in names:
+            raise unknown_name("key", key, names, where)
+        values[key] = _coerce(value, hints[key], f"{where}.{key}")
+    obj = dataclasses.replace(base, **values) if base is not None else cls(**values)
+    _validate(obj, where)
+    return obj
+
+
+def _positive(obj, where: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not v > 0:
+            raise MetaplasticError(f"{where}.{n} must be positive, got {v}")
+
+
+def _validate(obj, where: str) -> None:
+    from ._feedback import FEEDBACK_MODES
+    from ._network import ACTIVATIONS
+    from ._terms import TERMS
+    from .outer import GRADIENT_MODES, OPTIMIZERS
+
+    if isinstance(obj, RuleConfig):
+        if obj.kind != "term_pool":
+            raise unknown_name("rule kind", obj.kind, ["term_pool"], f"{where}.kind")
+        if not obj.terms:
+            raise MetaplasticError(f"{where}.terms: give at least one term name")
+        for t in obj.terms:
+            if t not in TERMS:
+                raise unknown_name("term", t, TERMS, f"{where}.terms")
+        if len(set(obj.terms)) != len(obj.terms):
+            raise MetaplasticError(f"{where}.terms: a term is listed twice; list each once")
+        for key in ("init", "mask"):
+            n = len(getattr(obj, key))
+            if n not in (0, len(obj.terms)):
+                raise MetaplasticError(
+                    f"{where}.{key} has {n} entries for {len(obj.terms)} terms; give one per term"
+                )
+    elif isinstance(obj, TaskConfig):
+        from ._data import DATASETS
+
+        if obj.dataset not in DATASETS:
+            raise unknown_name("data set", obj.dataset, DATASETS, f"{where}.dataset")
+        _positive(obj, where, "n_way", "k_shot", "q_query")
+        if obj.n_way < 2:
+            raise MetaplasticError(f"{where}.n_way must be at least 2, got {obj.n_way}")
+        if not 0.0 < obj.test_fraction < 1.0:
+            raise MetaplasticError(
+                f"{where}.test_fraction must be strictly between 0 and 1, got {obj.test_fraction}"
+            )
+    elif isinstance(obj, NetworkConfig):
+        if any(h < 1 for h in obj.hidden):
+            raise MetaplasticError(f"{where}.hidden: widths must be positive, got {obj.hidden}")
+        if obj.activation not in ACTIVATIONS:
+            raise unknown_name("activation", obj.activation, ACTIVATIONS, f"{where}.activation")
+        _positive(obj, where, "beta")
+    elif isinstance(obj, TrainConfig):
+        if obj.feedback not in FEEDBACK_MODES:
+            raise unknown_name("feedback mode", obj.feedback, FEEDBACK_MODES, f"{where}.feedback")
+        if obj.outer not in OPTIMIZERS:
+            raise unknown_name("outer optimizer", obj.outer, OPTIMIZERS, f"{where}.outer")
+        if obj.gradient not in GRADIENT_MODES:
+            raise unknown_name("gradient mode", obj.gradient, GRADIENT_MODES, f"{where}.gradient")
+        _positive(obj, where, "lr", "meta_batch", "episodes", "eval_episodes", "log_every")
+        if obj.episodes < obj.meta_batch:
+            raise MetaplasticError(
+                f"{where}.episodes ({obj.episodes}) is smaller than {where}.meta_batch "
+                f"({obj.meta_batch}); raise episodes or lower meta_batch"
+            )
+        for n in ("l1", "clip", "prune_threshold"):
+            if getattr(obj, n) < 0:
+                raise MetaplasticError(f"{where}.{n} must be >= 0, got {getattr(obj, n)}")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise MetaplasticError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise MetaplasticError(f"{path}: invalid TOML ({err}); fix the syntax") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MetaplasticError(f"{path}: cannot read ({err})") from None
+
+
+def resolve_preset(kind: str, spec: str) -> Path:
+    """A preset name (file stem in ``rules/`` or ``tasks/``) or a path to a TOML file."""
+    p = Path(spec)
+    if p.suffix == ".toml" or p.exists() or "/" in spec:
+        if not p.is_file():
+            raise MetaplasticError(f"{spec}: no such {kind[:-1]} file; give a preset name or a path")
+        return p
+    names = list_presets(kind)
+    if spec not in names:
+        raise unknown_name(f"{kind[:-1]} preset", spec, names, f"--{kind[:-1]}")
+    return preset_dir(kind) / f"{spec}.toml"
+
+
+def _check_tables(data: dict, allowed: tuple[str, ...], path: Path) -> None:
+    for key in data:
+        if key not in allowed:
+            raise unknown_name("table", key, allowed, str(path))
+    if allowed[0] not in data:
+        raise MetaplasticError(f"{path}: missing the [{allowed[0]}] table")
+
+
+def load_rule(spec: str) -> RuleConfig:
+    path = resolve_preset("rules", spec)
+    data = read_toml(path)
+    _check_tables(data, ("rule",), path)
+    base = RuleConfig(name=path.stem)
+    return parse_section(RuleConfig, data["rule"], f"{path}: rule", base)
+
+
+def load_task(spec: str) -> tuple[TaskConfig, NetworkConfig, dict[str, Any]]:
+    """Task, network and the task file's ``[train]`` defaults (a raw table, parsed later)."""
+    path = resolve_preset("tasks", spec)
+    data = read_toml(path)
+    _check_tables(data, ("task", "network", "train"), path)
+    task = parse_section(TaskConfig, data["task"], f"{path}: task", TaskConfig(name=path.stem))
+    net = parse_section(NetworkConfig, data.get("network", {}), f"{path}: network")
+    train = data.get("train", {})
+    parse_section(TrainConfig, train, f"{path}: train")  # validate early
+    return task, net, train
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` (value in TOML syntax; bare words are strings)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise MetaplasticError(
+            f"--set {text!r}: write section.key=value, e.g. --set train.lr=0.01"
+        )
+    lhs, rhs = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    if section not in SECTIONS:
+        raise unknown_name("config table", section, SECTIONS, f"--set {text}")
+    try:
+        value = tomllib.loads(f"v = {rhs.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = rhs.strip()
+    return section, key.strip(), value
+
+
+def build_config(
+    rule: str,
+    task: str,
+    train: dict[str, Any] | None = None,
+    overrides: list[str] = (),
+) -> RunConfig:
+    """Assemble a run config from a rule spec, a task spec, train settings and overrides.
+
+    Precedence (last wins): built-in defaults < task file ``[train]`` < ``train`` < overrides.
+    """
+    rule_cfg = load_rule(rule)
+    task_cfg, net_cfg, task_train = load_task(task)
+    train_table = dict(task_train)
+    train_table.update({k: v for k, v in (train or {}).items() if v is not None})
+    cfg = RunConfig(rule=rule_cfg, task=task_cfg, network=net_cfg)
+    cfg = cfg.replace(train=parse_section(TrainConfig, train_table, "train"))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
+    for text in overrides:
+        section, key, value = parse_override(text)
+        cls = SECTIONS[section]
+        new = parse_section(cls, {key: value}, f"--set {section}", getattr(cfg, section))
+        cfg = cfg.replace(**{section: new})
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], where: str) -> RunConfig:
+    """Parse a resolved run config (as written to ``config.toml`` in a run directory)."""
+    for key in data:
+        if key not in SECTIONS:
+            raise unknown_name("table", key, SECTIONS, where)
+    parts = {}
+    for name, cls in SECTIONS.items():
+        if name not in data:
+            raise MetaplasticError(f"{where}: missing the [{name}] table")
+        parts[name] = parse_section(cls, data[name], f"{where}: {name}")
+    return RunConfig(**parts)

@@ -1,0 +1,81 @@
+"""The meta-objective shared by the outer loops and the evaluation code."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray
+
+from ._data import ImagePool
+from ._inner import run_episode
+from ._network import Network
+from ._rules import AbstractRule
+from ._tasks import ClassificationTask
+
+
+class Problem(eqx.Module):
+    """Everything fixed during meta-training except the rule: network, feedback, task, data."""
+
+    net: Network
+    feedback: str = eqx.field(static=True)
+    task: ClassificationTask
+    pool: ImagePool
+    remat: bool = eqx.field(static=True, default=False)
+
+    def episode(self, rule: AbstractRule, key: PRNGKeyArray):
+        """Sample one episode and learn it online; returns the :class:`InnerResult`."""
+        k_task, k_net = jax.random.split(key)
+        ep = self.task.sample(k_task, self.pool)
+        return run_episode(rule, self.net, self.feedback, k_net, ep, remat=self.remat)
+
+    def meta_loss(self, rule: AbstractRule, keys: PRNGKeyArray, l1: float):
+        """``mean_episodes(query cross-entropy) + l1 * sum|theta|`` and its parts.
+
+        Returns ``(loss, aux)`` with ``aux = {"query_loss", "query_accuracy", "diverged",
+        "loss"}`` (means over the meta-batch; ``diverged`` is a count).
+        """
+        res = jax.vmap(lambda k: self.episode(rule, k))(keys)
+        qloss = jnp.mean(res.query_loss)
+        loss = qloss + l1 * rule.l1()
+        aux = {
+            "loss": loss,
+            "query_loss": qloss,
+            "query_accuracy": jnp.mean(res.query_accuracy),
+            "diverged": jnp.sum(res.diverged.astype(jnp.int32)),
+        }
+        return loss, aux
+
+    def accuracies(self, rule: AbstractRule, keys: PRNGKeyArray) -> Array:
+        """Query accuracy of each episode (one per key)."""
+        return jax.vmap(lambda k: self.episode(rule, k).query_accuracy)(keys)
+
+
+@eqx.filter_jit
+def _accuracies(problem: Problem, rule: AbstractRule, keys):
+    return problem.accuracies(rule, keys)
+
+
+def evaluate_rule(problem: Problem, rule: AbstractRule, key: PRNGKeyArray, episodes: int,
+                  chunk: int = 256):
+    """Query accuracies on ``episodes`` episodes drawn from ``key`` (numpy array)."""
+    import numpy as np
+
+    keys = jax.random.split(key, episodes)
+    out = []
+    for i in range(0, episodes, chunk):
+        out.append(np.asarray(_accuracies(problem, rule, keys[i : i + chunk])))
+    return np.concatenate(out)
+
+
+def mean_ci95(values) -> tuple[float, float, float]:
+    """Mean and Student-t 95% confidence interval of the mean."""
+    import numpy as np
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean())
+    if v.size < 2:
+        return m, m, m
+    h = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return m, m - h, m + h

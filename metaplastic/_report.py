@@ -1,0 +1,98 @@
+"""Plots (matplotlib, PNG) and the results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(v: np.ndarray, width: int) -> np.ndarray:
+    if width <= 1 or v.size < width:
+        return v
+    k = np.ones(width) / width
+    return np.convolve(v, k, mode="valid")
+
+
+def plot_training(metrics: list[dict], out: Path, title: str = "") -> list[str]:
+    """``meta_loss.png``, ``meta_accuracy.png`` and ``coefficients.png`` from metrics rows."""
+    plt = _plt()
+    if not metrics:
+        return []
+    ep = np.array([m["episodes"] for m in metrics], dtype=float)
+    written = []
+    for key, fname, ylabel in (
+        ("loss", "meta_loss.png", "meta-loss (query CE + L1)"),
+        ("query_accuracy", "meta_accuracy.png", "query accuracy (meta-train episodes)"),
+    ):
+        v = np.array([m[key] if m[key] is not None else np.nan for m in metrics], dtype=float)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(ep, v, alpha=0.3, lw=0.8, label="per meta-step")
+        w = max(1, len(v) // 20)
+        if w > 1:
+            ax.plot(ep[w - 1 :], _smooth(v, w), lw=2, label=f"moving mean ({w})")
+        ax.set_xlabel("meta-training episodes")
+        ax.set_ylabel(ylabel)
+        if key == "loss" and np.all(np.isfinite(v)) and np.nanmax(v) > 20 * np.nanmedian(v):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(fname)
+    names = list(metrics[0]["coefficients"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n in names:
+        ax.plot(ep, [m["coefficients"][n] for m in metrics], label=n)
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set_xlabel("meta-training episodes")
+    ax.set_ylabel("coefficient")
+    ax.set_title(title or "rule coefficients")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "coefficients.png", dpi=110)
+    plt.close(fig)
+    written.append("coefficients.png")
+    return written
+
+
+def plot_meta_test(meta_test: dict[str, dict], out: Path, chance: float | None = None) -> str:
+    """Bar chart of held-out accuracy with 95% CIs per method."""
+    plt = _plt()
+    names = list(meta_test)
+    acc = np.array([meta_test[n]["accuracy"] for n in names])
+    lo = np.array([meta_test[n]["ci95"][0] for n in names])
+    hi = np.array([meta_test[n]["ci95"][1] for n in names])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(names, acc, yerr=[acc - lo, hi - acc], capsize=6, color="#4c72b0")
+    if chance is not None:
+        ax.axhline(chance, color="k", ls="--", lw=1, label="chance")
+        ax.legend()
+    ax.set_ylabel("meta-test query accuracy")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(out / "meta_test.png", dpi=110)
+    plt.close(fig)
+    return "meta_test.png"
+
+
+def results_table(meta_test: dict[str, dict]) -> str:
+    """Markdown table of held-out accuracy per method."""
+    lines = [
+        "| method | meta-test accuracy | 95% CI | episodes |",
+        "|---|---|---|---|",
+    ]
+    for name, r in meta_test.items():
+        lo, hi = r["ci95"]
+        lines.append(f"| {name} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['episodes']} |")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Task families: ``task.sample(key, pool) -> Episode``."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
+
+from ._data import ImagePool
+from ._errors import MetaplasticError
+from ._inner import Episode
+
+
+class ClassificationTask(eqx.Module):
+    """N-way K-shot online classification.
+
+    Sample ``n_way`` classes without replacement, ``k_shot`` training and ``q_query`` query
+    images per class (disjoint), relabel the classes ``0..n_way-1`` in sampled order, and
+    shuffle the training stream. The training stream has ``n_way * k_shot`` samples,
+    presented once, one per update.
+    """
+
+    n_way: int = eqx.field(static=True)
+    k_shot: int = eqx.field(static=True)
+    q_query: int = eqx.field(static=True)
+
+    def check(self, pool: ImagePool, where: str = "task") -> None:
+        """Raise a clear error when the pool cannot supply this task."""
+        if self.n_way > pool.n_classes:
+            raise MetaplasticError(
+                f"{where}: n_way={self.n_way} is larger than the {pool.n_classes} classes of "
+                "the data set; lower task.n_way"
+            )
+        if self.k_shot + self.q_query > pool.per_class:
+            raise MetaplasticError(
+                f"{where}: k_shot + q_query = {self.k_shot + self.q_query} is more than the "
+                f"{pool.per_class} images per class on each side of the split; lower "
+                "task.k_shot or task.q_query"
+            )
+
+    def sample(self, key: PRNGKeyArray, pool: ImagePool) -> Episode:
+        k_cls, k_img, k_order = jax.random.split(key, 3)
+        classes = jax.random.choice(k_cls, pool.n_classes, (self.n_way,), replace=False)
+        n_take = self.k_shot + self.q_query
+        img_keys = jax.random.split(k_img, self.n_way)
+
+        def pick(k, c):
+            perm = jax.random.permutation(k, pool.per_class)[:n_take]
+            return pool.class_index[c, perm]
+
+        rows = jax.vmap(pick)(img_keys, classes)  # (n_way, K + Q)
+        labels = jnp.broadcast_to(jnp.arange(self.n_way)[:, None], rows.shape)
+        tr_rows = rows[:, : self.k_shot].reshape(-1)
+        tr_lab = labels[:, : self.k_shot].reshape(-1)
+        order = jax.random.permutation(k_order, tr_rows.shape[0])
+        q_rows = rows[:, self.k_shot :].reshape(-1)
+        q_lab = labels[:, self.k_shot :].reshape(-1)
+        return Episode(
+            train_x=pool.x[tr_rows[order]],
+            train_y=tr_lab[order].astype(jnp.int32),
+            query_x=pool.x[q_rows],
+            query_y=q_lab.astype(jnp.int32),
+        )

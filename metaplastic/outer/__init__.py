@@ -1,0 +1,5 @@
+"""Outer loops that meta-learn a rule's coefficients."""
+
+from ._gradient import GRADIENT_MODES, OPTIMIZERS, GradientTrainer, OuterState, make_optimizer
+
+__all__ = ["GRADIENT_MODES", "OPTIMIZERS", "GradientTrainer", "OuterState", "make_optimizer"]

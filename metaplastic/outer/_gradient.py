@@ -1,0 +1,132 @@
+"""Gradient outer loop: optax on the rule's coefficients, meta-gradients through the unroll."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray
+
+from .._errors import MetaplasticError, unknown_name
+from .._meta import Problem
+from .._rules import AbstractRule
+
+OPTIMIZERS = {
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "sgd": optax.sgd,
+    "rmsprop": optax.rmsprop,
+    "lion": optax.lion,
+}
+GRADIENT_MODES = ("auto", "forward", "reverse")
+#: ``auto`` uses forward mode up to this many live coefficients (its cost grows with the
+#: number of coefficients; reverse mode's memory grows with the unroll length).
+FORWARD_MODE_MAX_COEFFS = 16
+
+
+def make_optimizer(name: str, lr: float, clip: float | None = None) -> optax.GradientTransformation:
+    """An optax optimiser by name; ``clip`` adds global-norm clipping of the meta-gradient."""
+    if name not in OPTIMIZERS:
+        raise unknown_name("optimizer", name, OPTIMIZERS, "train.outer")
+    if not lr > 0:
+        raise MetaplasticError(f"train.lr must be positive, got {lr}")
+    opt = OPTIMIZERS[name](lr)
+    if clip is not None and clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(clip), opt)
+    return opt
+
+
+class OuterState(eqx.Module):
+    """The whole outer-loop state: coefficients, optimiser state, PRNG key, counters."""
+
+    params: AbstractRule  # the array leaves of the rule (eqx.partition); None elsewhere
+    opt_state: optax.OptState
+    key: PRNGKeyArray
+    step: Array
+    skipped: Array  # meta-steps whose meta-gradient was non-finite (update skipped)
+
+
+class GradientTrainer(eqx.Module):
+    """Meta-learns a rule's coefficients by gradient descent on the meta-loss.
+
+    One call of :meth:`step` is one jitted meta-step: sample ``meta_batch`` episodes, run
+    them online (vmapped), differentiate ``mean query CE + l1 * sum|theta|`` with respect to
+    the coefficients (forward mode via ``jax.jacfwd`` or reverse mode via ``jax.grad``), and
+    apply the optax update. A non-finite meta-gradient leaves coefficients and optimiser
+    state untouched and is counted in ``state.skipped``.
+    """
+
+    problem: Problem
+    static: AbstractRule
+    optimizer: optax.GradientTransformation
+    meta_batch: int = eqx.field(static=True)
+    l1: float = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+
+    def __init__(self, problem, rule, optimizer, meta_batch=8, l1=0.0, mode="auto"):
+        if mode not in GRADIENT_MODES:
+            raise unknown_name("gradient mode", mode, GRADIENT_MODES, "train.gradient")
+        if meta_batch < 1:
+            raise MetaplasticError(f"train.meta_batch must be at least 1, got {meta_batch}")
+        params, static = eqx.partition(rule, eqx.is_inexact_array)
+        self.problem = problem
+        self.static = static
+        self.optimizer = optimizer
+        self.meta_batch = int(meta_batch)
+        self.l1 = float(l1)
+        if mode == "auto":
+            n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+            mode = "forward" if n <= FORWARD_MODE_MAX_COEFFS else "reverse"
+        self.mode = mode
+
+    def rule(self, state_or_params) -> AbstractRule:
+        params = getattr(state_or_params, "params", state_or_params)
+        return eqx.combine(params, self.static)
+
+    def init(self, rule: AbstractRule, key: PRNGKeyArray) -> OuterState:
+        params, _ = eqx.partition(rule, eqx.is_inexact_array)
+        return OuterState(
+            params=params,
+            opt_state=self.optimizer.init(params),
+            key=key,
+            step=jnp.array(0, jnp.int32),
+            skipped=jnp.array(0, jnp.int32),
+        )
+
+    def loss_and_grad(self, params, keys):
+        """``(grads, aux)`` of the meta-loss at ``params`` on the episodes of ``keys``."""
+
+        def f(p):
+            loss, aux = self.problem.meta_loss(eqx.combine(p, self.static), keys, self.l1)
+            return loss, aux
+
+        if self.mode == "forward":
+            grads, aux = jax.jacfwd(f, has_aux=True)(params)
+        else:
+            grads, aux = jax.grad(f, has_aux=True)(params)
+        return grads, aux
+
+    @eqx.filter_jit
+    def step(self, state: OuterState) -> tuple[OuterState, dict]:
+        key, sub = jax.random.split(state.key)
+        keys = jax.random.split(sub, self.meta_batch)
+        grads, aux = self.loss_and_grad(state.params, keys)
+        leaves = jax.tree_util.tree_leaves(grads)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
+        safe = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
+        updates, new_opt = self.optimizer.update(safe, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        def keep(new, old):
+            return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = OuterState(
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            key=key,
+            step=state.step + 1,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        aux = dict(aux, grad_finite=finite)
+        return new_state, aux
