@@ -58,7 +58,9 @@ class TermPoolRule(AbstractRule):
 
     def __init__(self, terms, theta, mask=None):
         self.terms = tuple(terms)
-        theta = jnp.asarray(theta, dtype=jnp.float32)
+        theta = jnp.asarray(theta)
+        if not jnp.issubdtype(theta.dtype, jnp.floating):
+            theta = jnp.asarray(np.asarray(theta, dtype=float))
         if theta.ndim not in (1, 2) or theta.shape[-1] != len(self.terms):
             raise MetaplasticError(
                 f"rule coefficients have shape {tuple(theta.shape)} but the pool has "
@@ -79,10 +81,10 @@ class TermPoolRule(AbstractRule):
             if n not in TERMS:
                 raise unknown_name("term", n, TERMS, where="rule.terms")
             terms.append(TERMS[n]())
-        init = np.zeros(len(terms), np.float32) if init is None else np.asarray(init, np.float32)
+        init = np.zeros(len(terms)) if init is None else np.asarray(init, dtype=float)
         if n_layers is not None and init.ndim == 1:
             init = np.tile(init, (n_layers, 1))
-        return cls(terms, init, mask)
+        return cls(terms, jnp.asarray(init), mask)
 
     @property
     def names(self) -> tuple[str, ...]:

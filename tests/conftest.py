@@ -1,0 +1,56 @@
+"""Shared small fixtures. Everything here is tiny so the suite runs quickly on 2 CPU cores."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from metaplastic._data import load_dataset, split_pools
+from metaplastic._meta import Problem
+from metaplastic._network import Network
+from metaplastic._signals import LocalSignals
+from metaplastic._tasks import ClassificationTask
+
+POOL_TERMS = ["pseudo_gradient", "error_hebbian", "oja"]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def pools(digits):
+    return split_pools(digits, 0.5, 0)
+
+
+@pytest.fixture(scope="session")
+def small_net():
+    return Network((64, 7, 5, 3), beta=10.0)
+
+
+@pytest.fixture(scope="session")
+def small_task():
+    return ClassificationTask(n_way=3, k_shot=4, q_query=3)
+
+
+@pytest.fixture(scope="session")
+def small_problem(small_net, small_task, pools):
+    return Problem(small_net, "fa", small_task, pools[0])
+
+
+def random_signals(seed: int, n_out: int = 4, n_in: int = 3, dtype=np.float32) -> LocalSignals:
+    rng = np.random.default_rng(seed)
+    return LocalSignals(
+        x=rng.normal(size=n_in).astype(dtype),
+        y=rng.normal(size=n_out).astype(dtype),
+        e=rng.normal(size=n_out).astype(dtype),
+        e_pre=rng.normal(size=n_in).astype(dtype),
+        W=rng.normal(size=(n_out, n_in)).astype(dtype),
+    )
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)

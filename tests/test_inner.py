@@ -1,0 +1,139 @@
+"""Network, credit assignment and the online inner loop."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaplastic._feedback import backward, init_feedback
+from metaplastic._inner import Episode, online_step, run_episode
+from metaplastic._network import Network
+from metaplastic._rules import TermPoolRule
+
+
+def _ce(net, state, x, label):
+    return -jax.nn.log_softmax(net.forward(state, x)[-1])[label]
+
+
+def test_xavier_uniform_bounds(small_net, key):
+    st = small_net.init(key)
+    for W, (o, i) in zip(st.W, small_net.shapes, strict=True):
+        a = np.sqrt(6.0 / (o + i))
+        assert W.shape == (o, i) and float(jnp.max(jnp.abs(W))) <= a
+        assert float(jnp.std(W)) > 0.3 * a
+
+
+def test_backprop_errors_are_exact_gradients(key):
+    net = Network((6, 5, 4, 3), beta=10.0, bias=True)
+    state = net.init(key)
+    state = eqx.tree_at(lambda s: s.b, state, tuple(0.1 * jnp.ones_like(b) for b in state.b))
+    x = jax.random.uniform(jax.random.key(1), (6,))
+    label = 2
+    hs = net.forward(state, x)
+    e_out = jax.nn.softmax(hs[-1]) - jax.nn.one_hot(label, 3)
+    errs = backward(net, state, None, hs, e_out)
+    gW = jax.grad(lambda W: _ce(net, eqx.tree_at(lambda s: s.W, state, W), x, label))(state.W)
+    for layer in range(net.n_layers):
+        np.testing.assert_allclose(np.outer(errs[layer + 1], hs[layer]), gW[layer],
+                                   rtol=1e-4, atol=1e-6)
+    gx = jax.grad(lambda xx: _ce(net, state, xx, label))(x)
+    np.testing.assert_allclose(errs[0], gx, rtol=1e-4, atol=1e-6)  # input-layer error e_0
+    # one online step with the pseudo-gradient rule and backprop feedback is one SGD step
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [0.5])
+    new, loss, _ = online_step(rule, net, None, state, x, label)
+    for layer in range(net.n_layers):
+        np.testing.assert_allclose(new.W[layer], state.W[layer] - 0.5 * gW[layer],
+                                   rtol=1e-4, atol=1e-6)
+    gb = jax.grad(lambda b: _ce(net, eqx.tree_at(lambda s: s.b, state, b), x, label))(state.b)
+    np.testing.assert_allclose(new.b[0], state.b[0] - 0.5 * gb[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(loss, _ce(net, state, x, label), rtol=1e-6)
+
+
+def test_fa_errors_use_fixed_random_feedback(key):
+    net = Network((6, 5, 4, 3), beta=10.0)
+    state = net.init(key)
+    B = init_feedback("fa", net, jax.random.key(7))
+    x = np.asarray(jax.random.uniform(jax.random.key(1), (6,)), np.float64)
+    hs = [np.asarray(h, np.float64) for h in net.forward(state, jnp.asarray(x))]
+    p = np.exp(hs[-1] - hs[-1].max())
+    p /= p.sum()
+    e3 = p - np.eye(3)[1]
+    Bn = [np.asarray(b, np.float64) for b in B]
+    e2 = (Bn[2].T @ e3) * (1 - np.exp(-10.0 * hs[2]))
+    e1 = (Bn[1].T @ e2) * (1 - np.exp(-10.0 * hs[1]))
+    e0 = Bn[0].T @ e1
+    errs = backward(net, state, B, net.forward(state, jnp.asarray(x)), jnp.asarray(e3))
+    for got, want in zip(errs, [e0, e1, e2, e3], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(Bn[2], np.asarray(state.W[2]))
+
+
+def test_output_activity_for_rules_is_softmax(key):
+    net = Network((4, 3), beta=10.0)
+    state = net.init(key)
+    x = jnp.ones(4)
+    rule = TermPoolRule.from_names(["hebbian"], [1.0])
+    new, _, _ = online_step(rule, net, None, state, x, 0)
+    p = jax.nn.softmax(state.W[0] @ x)
+    np.testing.assert_allclose(new.W[0] - state.W[0], jnp.outer(p, x), rtol=1e-5)
+
+
+def test_scan_equals_python_loop(small_net, small_task, pools, key):
+    ep = small_task.sample(key, pools[0])
+    rule = TermPoolRule.from_names(["pseudo_gradient", "error_hebbian", "oja"], [0.1, 0.05, 0.02])
+    res = run_episode(rule, small_net, "fa", jax.random.key(3), ep)
+    k_net, k_fb = jax.random.split(jax.random.key(3))
+    state = small_net.init(k_net)
+    B = init_feedback("fa", small_net, k_fb)
+    losses = []
+    for t in range(ep.train_x.shape[0]):
+        state, loss, _ = online_step(rule, small_net, B, state, ep.train_x[t], ep.train_y[t])
+        losses.append(loss)
+    for a, b in zip(res.state.W, state.W, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res.train_loss, np.array(losses), rtol=1e-4)
+    assert res.train_loss.shape == (small_task.n_way * small_task.k_shot,)
+    logits = small_net.logits(state, ep.query_x)
+    acc = np.mean(np.argmax(logits, 1) == np.asarray(ep.query_y))
+    np.testing.assert_allclose(res.query_accuracy, acc)
+    assert not bool(res.diverged)
+
+
+def test_remat_gives_same_result(small_net, small_task, pools, key):
+    ep = small_task.sample(key, pools[0])
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.1, 0.02])
+
+    def loss(r, remat):
+        return run_episode(r, small_net, "fa", key, ep, remat=remat).query_loss
+
+    g1 = jax.grad(lambda r: loss(r, False))(rule).theta
+    g2 = jax.grad(lambda r: loss(r, True))(rule).theta
+    np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+def test_divergence_is_flagged(small_net, small_task, pools, key):
+    ep = small_task.sample(key, pools[0])
+    rule = TermPoolRule.from_names(["hebbian"], [1e4])
+    res = run_episode(rule, small_net, "fa", key, ep)
+    assert bool(res.diverged)
+
+
+def test_episode_vmap(small_net, small_task, pools):
+    keys = jax.random.split(jax.random.key(5), 4)
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [0.1])
+
+    @eqx.filter_jit
+    def many(keys):
+        def one(k):
+            ep = small_task.sample(k, pools[0])
+            return run_episode(rule, small_net, "backprop", k, ep).query_accuracy
+        return jax.vmap(one)(keys)
+
+    accs = many(keys)
+    for i in range(4):
+        ep = small_task.sample(keys[i], pools[0])
+        single = run_episode(rule, small_net, "backprop", keys[i], ep).query_accuracy
+        np.testing.assert_allclose(accs[i], single, atol=1e-6)
+    assert isinstance(Episode, type)

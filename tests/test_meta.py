@@ -1,0 +1,99 @@
+"""Meta-gradients (forward = reverse = finite differences) and the gradient outer loop."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+from metaplastic._meta import Problem, mean_ci95
+from metaplastic._rules import TermPoolRule
+from metaplastic.outer import GradientTrainer, make_optimizer
+
+from .conftest import POOL_TERMS
+
+THETA = [0.08, 0.03, 0.02]
+
+
+def _trainer(problem, rule, mode, l1=0.0, meta_batch=3):
+    return GradientTrainer(problem, rule, make_optimizer("adam", 1e-2), meta_batch=meta_batch,
+                           l1=l1, mode=mode)
+
+
+def test_auto_mode_picks_by_coefficient_count(small_problem):
+    few = TermPoolRule.from_names(POOL_TERMS, THETA)
+    many = TermPoolRule.from_names(POOL_TERMS, THETA, n_layers=6)  # 18 coefficients
+    assert _trainer(small_problem, few, "auto").mode == "forward"
+    assert _trainer(small_problem, many, "auto").mode == "reverse"
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_forward_equals_reverse(small_problem, shared):
+    rule = TermPoolRule.from_names(POOL_TERMS, THETA, n_layers=None if shared else 3)
+    params = eqx.partition(rule, eqx.is_inexact_array)[0]
+    keys = jax.random.split(jax.random.key(1), 3)
+    gf, af = _trainer(small_problem, rule, "forward", l1=1e-3).loss_and_grad(params, keys)
+    gr, ar = _trainer(small_problem, rule, "reverse", l1=1e-3).loss_and_grad(params, keys)
+    np.testing.assert_allclose(gf.theta, gr.theta, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(af["loss"], ar["loss"], rtol=1e-6)
+
+
+def test_meta_gradient_matches_finite_differences(small_net, small_task, pools):
+    with jax.enable_x64(True):
+        problem = Problem(small_net, "fa", small_task, pools[0])
+        rule = TermPoolRule.from_names(POOL_TERMS, THETA)
+        assert rule.theta.dtype == np.float64
+        keys = jax.random.split(jax.random.key(2), 2)
+        tr = _trainer(problem, rule, "reverse", l1=1e-2)
+        params = eqx.partition(rule, eqx.is_inexact_array)[0]
+        grad, _ = tr.loss_and_grad(params, keys)
+
+        def loss(theta):
+            r = TermPoolRule(rule.terms, theta, rule.mask)
+            return float(problem.meta_loss(r, keys, 1e-2)[0])
+
+        h = 1e-6
+        theta = np.asarray(rule.theta)
+        fd = []
+        for k in range(theta.size):
+            d = np.zeros_like(theta)
+            d[k] = h
+            fd.append((loss(theta + d) - loss(theta - d)) / (2 * h))
+        np.testing.assert_allclose(np.asarray(grad.theta), fd, rtol=1e-5, atol=1e-8)
+
+
+def test_outer_step_updates_and_is_deterministic(small_problem):
+    rule = TermPoolRule.from_names(POOL_TERMS, THETA)
+    tr = _trainer(small_problem, rule, "forward")
+    s1 = tr.init(rule, jax.random.key(0))
+    s2 = tr.init(rule, jax.random.key(0))
+    for _ in range(3):
+        s1, aux1 = tr.step(s1)
+        s2, aux2 = tr.step(s2)
+    assert int(s1.step) == 3 and int(s1.skipped) == 0
+    assert not np.allclose(np.asarray(s1.params.theta), THETA)
+    np.testing.assert_array_equal(np.asarray(s1.params.theta), np.asarray(s2.params.theta))
+    assert set(aux1) >= {"loss", "query_loss", "query_accuracy", "diverged", "grad_finite"}
+
+
+def test_non_finite_meta_gradient_is_skipped(small_problem):
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian"], [0.1, 1e4])
+    tr = _trainer(small_problem, rule, "reverse")
+    s0 = tr.init(rule, jax.random.key(0))
+    s1, aux = tr.step(s0)
+    assert not bool(aux["grad_finite"])
+    assert int(aux["diverged"]) > 0
+    assert int(s1.skipped) == 1 and int(s1.step) == 1
+    np.testing.assert_array_equal(np.asarray(s1.params.theta), np.asarray(s0.params.theta))
+    for a, b in zip(jax.tree_util.tree_leaves(s1.opt_state),
+                    jax.tree_util.tree_leaves(s0.opt_state), strict=True):
+        assert np.all(np.isfinite(np.asarray(a))) or np.array_equal(a, b)
+    # the key still advances so the next step sees new episodes
+    assert not np.array_equal(jax.random.key_data(s1.key), jax.random.key_data(s0.key))
+
+
+def test_mean_ci95():
+    m, lo, hi = mean_ci95([0.0, 1.0] * 50)
+    assert m == 0.5 and lo < 0.5 < hi
+    assert abs((hi - lo) / 2 - 1.984 * np.std([0, 1] * 50, ddof=1) / 10) < 1e-3

@@ -1,0 +1,127 @@
+"""Terms and rules: hand-computed values, sympy forms, jit/vmap/grad."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sympy as sp
+
+from metaplastic._rules import TermPoolRule
+from metaplastic._terms import TERMS, sympy_symbols
+
+from .conftest import random_signals
+
+
+def hand(name, s):
+    x, y, e, ep, W = (np.asarray(a, np.float64) for a in (s.x, s.y, s.e, s.e_pre, s.W))
+    return {
+        "pseudo_gradient": -np.outer(e, x),
+        "hebbian": np.outer(y, x),
+        "error_hebbian": -np.outer(e, ep),
+        "oja": np.outer(y, x) - np.outer(y, y) @ W,  # literal O(n_out^2 n_in) form
+        "weight_decay": -W,
+    }[name]
+
+
+def test_every_term_has_a_hand_value():
+    s = random_signals(0)
+    assert set(TERMS) == {"pseudo_gradient", "hebbian", "error_hebbian", "oja", "weight_decay"}
+    for name in TERMS:
+        assert hand(name, s).shape == (4, 3)
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_term_matches_numpy(name):
+    s = random_signals(1)
+    got = np.asarray(TERMS[name]()(s))
+    np.testing.assert_allclose(got, hand(name, s), rtol=1e-5, atol=1e-5)
+
+
+def _sympy_numeric(expr, s):
+    S = sympy_symbols()
+    args = [S[k] for k in ("x", "y", "e", "e_pre", "W")]
+    f = sp.lambdify(args, expr, modules="numpy")
+    col = lambda v: np.asarray(v, np.float64)[:, None]  # noqa: E731
+    return np.asarray(f(col(s.x), col(s.y), col(s.e), col(s.e_pre), np.asarray(s.W, np.float64)))
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_term_to_sympy_equals_jax(name):
+    for seed in range(3):
+        s = random_signals(10 + seed, n_out=5, n_in=2)
+        term = TERMS[name]()
+        np.testing.assert_allclose(
+            _sympy_numeric(term.to_sympy(), s), np.asarray(term(s)), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_oja_sympy_form_is_the_matrix_expression():
+    S = sympy_symbols()
+    expected = S["y"] * S["x"].T - S["y"] * S["y"].T * S["W"]
+    assert sp.simplify(TERMS["oja"]().to_sympy() - expected) == sp.ZeroMatrix(
+        S["n_out"], S["n_in"]
+    )
+
+
+def test_pool_rule_sum_and_sympy():
+    theta = [0.3, -0.7, 1.1, 0.05, -0.2]
+    rule = TermPoolRule.from_names(sorted(TERMS), theta)
+    s = random_signals(5)
+    expected = sum(t * hand(n, s) for t, n in zip(theta, sorted(TERMS), strict=True))
+    np.testing.assert_allclose(np.asarray(rule(0, s)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_sympy_numeric(rule.to_sympy(), s), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_removes_term_and_its_gradient():
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.5, 2.0], mask=[True, False])
+    s = random_signals(2)
+    np.testing.assert_allclose(np.asarray(rule(0, s)), 0.5 * hand("pseudo_gradient", s),
+                               rtol=1e-6)
+    g = jax.grad(lambda r: jnp.sum(r(0, s)) + r.l1())(rule)
+    assert float(g.theta[1]) == 0.0
+    assert rule.coefficients() == {"pseudo_gradient": 0.5}
+    assert "y" not in str(rule.to_sympy())
+
+
+def test_per_layer_coefficients():
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian"], [1.0, 0.0], n_layers=3)
+    assert rule.theta.shape == (3, 2)
+    rule = eqx.tree_at(lambda r: r.theta, rule, rule.theta.at[2, 1].set(0.5))
+    s = random_signals(3)
+    np.testing.assert_allclose(np.asarray(rule(0, s)), hand("pseudo_gradient", s), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(rule(2, s)), hand("pseudo_gradient", s) + 0.5 * hand("hebbian", s), rtol=1e-5
+    )
+    assert set(rule.coefficients()) == {f"{n}@{i}" for n in ("pseudo_gradient", "hebbian")
+                                        for i in range(3)}
+    with pytest.raises(Exception, match="per-layer"):
+        rule.to_sympy()
+    assert "x" in str(rule.to_sympy(layer=2))
+
+
+def test_threshold_prunes_small_terms():
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.5, 1e-6])
+    assert "y" not in str(rule.to_sympy(threshold=1e-4))
+    assert "y" in str(rule.to_sympy(threshold=0.0))
+
+
+def test_rule_jit_vmap():
+    rule = TermPoolRule.from_names(sorted(TERMS), [0.1, 0.2, 0.3, 0.4, 0.5])
+    sigs = [random_signals(i) for i in range(4)]
+    batched = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *sigs)
+    out = eqx.filter_jit(jax.vmap(lambda s: rule(0, s)))(batched)
+    for i, s in enumerate(sigs):
+        np.testing.assert_allclose(np.asarray(out[i]), np.asarray(rule(0, s)), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_bad_coefficient_shape_is_a_clear_error():
+    from metaplastic._errors import MetaplasticError
+
+    with pytest.raises(MetaplasticError, match="one coefficient per term"):
+        TermPoolRule.from_names(["oja"], [1.0, 2.0])
+    with pytest.raises(MetaplasticError, match="did you mean 'oja'"):
+        TermPoolRule.from_names(["ojaa"])
