@@ -49,11 +49,17 @@ def main():
 def _train_options(fn):
     fn = click.option("--seed", type=int, default=None, help="Random seed (default 0).")(fn)
     fn = click.option(
-        "--episodes", type=int, default=None,
+        "--episodes",
+        type=int,
+        default=None,
         help="Meta-training episodes in total (steps = episodes // meta-batch).",
     )(fn)
-    fn = click.option("--out", type=click.Path(path_type=Path), default=None,
-                      help="Run directory (default runs/<name>-<time>).")(fn)
+    fn = click.option(
+        "--out",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Run directory (default runs/<name>-<time>).",
+    )(fn)
     fn = click.option("--quiet", is_flag=True, help="No progress bar.")(fn)
     return fn
 
@@ -70,8 +76,12 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
     from ._run import train
 
     out = out or _default_out("discover")
-    train_table = {"seed": seed, "episodes": episodes, "meta_batch": meta_batch,
-                   "eval_episodes": eval_episodes}
+    train_table = {
+        "seed": seed,
+        "episodes": episodes,
+        "meta_batch": meta_batch,
+        "eval_episodes": eval_episodes,
+    }
     t0 = time.perf_counter()
     summaries = {}
     for label, rule, feedback in DISCOVER_METHODS:
@@ -82,7 +92,8 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
     summary["meta_test"] = {k: s["meta_test"][k] for k, s in summaries.items()}
     summary["baselines"] = {
         k: {"coefficients": s["coefficients"], "run_dir": str(out / "baselines" / k)}
-        for k, s in summaries.items() if k != "learned"
+        for k, s in summaries.items()
+        if k != "learned"
     }
     summary["discover_s"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -103,8 +114,13 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
 @click.option("--meta-batch", type=int, default=None, help="Episodes per meta-step.")
 @click.option("--feedback", default=None, help="Credit assignment: fa or backprop.")
 @click.option("--lr", type=float, default=None, help="Outer learning rate.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override any config value, e.g. --set train.l1=1e-4 (repeatable).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override any config value, e.g. --set train.l1=1e-4 (repeatable).",
+)
 @_user_errors
 def train_cmd(rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, overrides):
     """Meta-train RULE on TASK and evaluate it on held-out episodes."""
@@ -113,9 +129,15 @@ def train_cmd(rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, 
     from ._run import train
 
     cfg = build_config(
-        rule, task,
-        {"seed": seed, "episodes": episodes, "meta_batch": meta_batch, "feedback": feedback,
-         "lr": lr},
+        rule,
+        task,
+        {
+            "seed": seed,
+            "episodes": episodes,
+            "meta_batch": meta_batch,
+            "feedback": feedback,
+            "lr": lr,
+        },
         list(overrides),
     )
     out = out or _default_out(f"train-{cfg.rule.name}-{cfg.task.name}")
@@ -155,8 +177,12 @@ def evaluate(run_dir, episodes):
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", default="text", help="text, latex or json.")
-@click.option("--threshold", type=float, default=None,
-              help="Prune coefficients with |theta| at or below this (default: config).")
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Prune coefficients with |theta| at or below this (default: config).",
+)
 @_user_errors
 def export(run_dir, fmt, threshold):
     """Print a run's learned rule as an equation."""
@@ -187,8 +213,10 @@ def list_cmd(what):
     else:
         for name in list_presets("tasks"):
             t, n, _ = load_task(name)
-            click.echo(f"{name:18s} {t.dataset} {t.n_way}-way K={t.k_shot} Q={t.q_query} "
-                       f"hidden={list(n.hidden)}  {t.description}")
+            click.echo(
+                f"{name:18s} {t.dataset} {t.n_way}-way K={t.k_shot} Q={t.q_query} "
+                f"hidden={list(n.hidden)}  {t.description}"
+            )
 
 
 if __name__ == "__main__":  # pragma: no cover

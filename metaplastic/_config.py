@@ -125,9 +125,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is tuple:
         (elem, _) = typing.get_args(tp)
         if not isinstance(value, list | tuple):
-            raise MetaplasticError(
-                f"{where}: expected a list of {_type_name(elem)}, got {value!r}"
-            )
+            raise MetaplasticError(f"{where}: expected a list of {_type_name(elem)}, got {value!r}")
         return tuple(_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
@@ -249,7 +247,9 @@ def resolve_preset(kind: str, spec: str) -> Path:
     p = Path(spec)
     if p.suffix == ".toml" or p.exists() or "/" in spec:
         if not p.is_file():
-            raise MetaplasticError(f"{spec}: no such {kind[:-1]} file; give a preset name or a path")
+            raise MetaplasticError(
+                f"{spec}: no such {kind[:-1]} file; give a preset name or a path"
+            )
         return p
     names = list_presets(kind)
     if spec not in names:
@@ -288,9 +288,7 @@ def load_task(spec: str) -> tuple[TaskConfig, NetworkConfig, dict[str, Any]]:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``section.key=value`` (value in TOML syntax; bare words are strings)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise MetaplasticError(
-            f"--set {text!r}: write section.key=value, e.g. --set train.lr=0.01"
-        )
+        raise MetaplasticError(f"--set {text!r}: write section.key=value, e.g. --set train.lr=0.01")
     lhs, rhs = text.split("=", 1)
     section, key = lhs.strip().split(".", 1)
     if section not in SECTIONS:

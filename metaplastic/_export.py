@@ -111,7 +111,9 @@ def read_rule_file(run_dir: Path) -> TermPoolRule:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise MetaplasticError(f"{path}: not found; is {run_dir} a finished run directory?") from None
+        raise MetaplasticError(
+            f"{path}: not found; is {run_dir} a finished run directory?"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MetaplasticError(f"{path}: corrupt JSON ({err})") from None
     return rule_from_json(data, str(path))
@@ -129,4 +131,3 @@ def format_rule(rule: TermPoolRule, fmt: str, threshold: float) -> str:
     if len(data["equations"]) == 1:
         return data["equations"]["all"][key] if "all" in data["equations"] else data[key]
     return "\n".join(f"{k}: {v[key]}" for k, v in data["equations"].items())
-

@@ -6,7 +6,7 @@ import jax
 from jaxtyping import Array, PRNGKeyArray
 
 from ._errors import unknown_name
-from ._network import Network, NetState, xavier_uniform
+from ._network import NetState, Network, xavier_uniform
 
 #: Feedback pathways. ``backprop``: exact transpose of the forward weights (B = W, kept
 #: equal after every update); ``fa``: fixed random matrices (feedback alignment, Lillicrap

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._feedback import backward, init_feedback
-from ._network import Network, NetState
+from ._network import NetState, Network
 from ._rules import AbstractRule
 from ._signals import LocalSignals
 

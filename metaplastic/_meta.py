@@ -56,8 +56,9 @@ def _accuracies(problem: Problem, rule: AbstractRule, keys):
     return problem.accuracies(rule, keys)
 
 
-def evaluate_rule(problem: Problem, rule: AbstractRule, key: PRNGKeyArray, episodes: int,
-                  chunk: int = 256):
+def evaluate_rule(
+    problem: Problem, rule: AbstractRule, key: PRNGKeyArray, episodes: int, chunk: int = 256
+):
     """Query accuracies on ``episodes`` episodes drawn from ``key`` (numpy array)."""
     import numpy as np
 

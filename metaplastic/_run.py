@@ -58,8 +58,6 @@ def build_setup(cfg: RunConfig) -> Setup:
     task = ClassificationTask(cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query)
     task.check(meta_train, f"task {cfg.task.name} (meta-train split)")
     task.check(meta_test, f"task {cfg.task.name} (meta-test split)")
-    if cfg.task.n_way > ds.n_classes:
-        raise MetaplasticError(f"task.n_way={cfg.task.n_way} exceeds the {ds.n_classes} classes")
     net = Network(
         sizes=(ds.dim, *cfg.network.hidden, cfg.task.n_way),
         beta=cfg.network.beta,
@@ -86,8 +84,14 @@ def _to_float(x) -> float | None:
     return v if np.isfinite(v) else None
 
 
-def train(cfg: RunConfig, out: Path, *, progress: bool = True, label: str = "learned",
-          evaluate: bool = True) -> dict[str, Any]:
+def train(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    progress: bool = True,
+    label: str = "learned",
+    evaluate: bool = True,
+) -> dict[str, Any]:
     """Meta-train ``cfg``'s rule, evaluate it on held-out episodes, write ``out``.
 
     Returns the summary dict (also written to ``out/summary.json``).
@@ -173,8 +177,9 @@ def train(cfg: RunConfig, out: Path, *, progress: bool = True, label: str = "lea
     return summary
 
 
-def evaluate_run(cfg: RunConfig, rule, setup: Setup | None = None,
-                 episodes: int | None = None) -> dict[str, Any]:
+def evaluate_run(
+    cfg: RunConfig, rule, setup: Setup | None = None, episodes: int | None = None
+) -> dict[str, Any]:
     """Held-out accuracy of ``rule``: mean, 95% CI, on meta-test images."""
     setup = setup or build_setup(cfg)
     n = episodes or cfg.train.eval_episodes

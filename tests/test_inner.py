@@ -36,16 +36,18 @@ def test_backprop_errors_are_exact_gradients(key):
     errs = backward(net, state, None, hs, e_out)
     gW = jax.grad(lambda W: _ce(net, eqx.tree_at(lambda s: s.W, state, W), x, label))(state.W)
     for layer in range(net.n_layers):
-        np.testing.assert_allclose(np.outer(errs[layer + 1], hs[layer]), gW[layer],
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            np.outer(errs[layer + 1], hs[layer]), gW[layer], rtol=1e-4, atol=1e-6
+        )
     gx = jax.grad(lambda xx: _ce(net, state, xx, label))(x)
     np.testing.assert_allclose(errs[0], gx, rtol=1e-4, atol=1e-6)  # input-layer error e_0
     # one online step with the pseudo-gradient rule and backprop feedback is one SGD step
     rule = TermPoolRule.from_names(["pseudo_gradient"], [0.5])
     new, loss, _ = online_step(rule, net, None, state, x, label)
     for layer in range(net.n_layers):
-        np.testing.assert_allclose(new.W[layer], state.W[layer] - 0.5 * gW[layer],
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            new.W[layer], state.W[layer] - 0.5 * gW[layer], rtol=1e-4, atol=1e-6
+        )
     gb = jax.grad(lambda b: _ce(net, eqx.tree_at(lambda s: s.b, state, b), x, label))(state.b)
     np.testing.assert_allclose(new.b[0], state.b[0] - 0.5 * gb[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(loss, _ce(net, state, x, label), rtol=1e-6)
@@ -129,6 +131,7 @@ def test_episode_vmap(small_net, small_task, pools):
         def one(k):
             ep = small_task.sample(k, pools[0])
             return run_episode(rule, small_net, "backprop", k, ep).query_accuracy
+
         return jax.vmap(one)(keys)
 
     accs = many(keys)

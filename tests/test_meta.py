@@ -17,8 +17,9 @@ THETA = [0.08, 0.03, 0.02]
 
 
 def _trainer(problem, rule, mode, l1=0.0, meta_batch=3):
-    return GradientTrainer(problem, rule, make_optimizer("adam", 1e-2), meta_batch=meta_batch,
-                           l1=l1, mode=mode)
+    return GradientTrainer(
+        problem, rule, make_optimizer("adam", 1e-2), meta_batch=meta_batch, l1=l1, mode=mode
+    )
 
 
 def test_auto_mode_picks_by_coefficient_count(small_problem):
@@ -86,8 +87,11 @@ def test_non_finite_meta_gradient_is_skipped(small_problem):
     assert int(aux["diverged"]) > 0
     assert int(s1.skipped) == 1 and int(s1.step) == 1
     np.testing.assert_array_equal(np.asarray(s1.params.theta), np.asarray(s0.params.theta))
-    for a, b in zip(jax.tree_util.tree_leaves(s1.opt_state),
-                    jax.tree_util.tree_leaves(s0.opt_state), strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(s1.opt_state),
+        jax.tree_util.tree_leaves(s0.opt_state),
+        strict=True,
+    ):
         assert np.all(np.isfinite(np.asarray(a))) or np.array_equal(a, b)
     # the key still advances so the next step sees new episodes
     assert not np.array_equal(jax.random.key_data(s1.key), jax.random.key_data(s0.key))

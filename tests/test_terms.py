@@ -61,9 +61,7 @@ def test_term_to_sympy_equals_jax(name):
 def test_oja_sympy_form_is_the_matrix_expression():
     S = sympy_symbols()
     expected = S["y"] * S["x"].T - S["y"] * S["y"].T * S["W"]
-    assert sp.simplify(TERMS["oja"]().to_sympy() - expected) == sp.ZeroMatrix(
-        S["n_out"], S["n_in"]
-    )
+    assert sp.simplify(TERMS["oja"]().to_sympy() - expected) == sp.ZeroMatrix(S["n_out"], S["n_in"])
 
 
 def test_pool_rule_sum_and_sympy():
@@ -78,8 +76,7 @@ def test_pool_rule_sum_and_sympy():
 def test_mask_removes_term_and_its_gradient():
     rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.5, 2.0], mask=[True, False])
     s = random_signals(2)
-    np.testing.assert_allclose(np.asarray(rule(0, s)), 0.5 * hand("pseudo_gradient", s),
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(rule(0, s)), 0.5 * hand("pseudo_gradient", s), rtol=1e-6)
     g = jax.grad(lambda r: jnp.sum(r(0, s)) + r.l1())(rule)
     assert float(g.theta[1]) == 0.0
     assert rule.coefficients() == {"pseudo_gradient": 0.5}
@@ -95,8 +92,9 @@ def test_per_layer_coefficients():
     np.testing.assert_allclose(
         np.asarray(rule(2, s)), hand("pseudo_gradient", s) + 0.5 * hand("hebbian", s), rtol=1e-5
     )
-    assert set(rule.coefficients()) == {f"{n}@{i}" for n in ("pseudo_gradient", "hebbian")
-                                        for i in range(3)}
+    assert set(rule.coefficients()) == {
+        f"{n}@{i}" for n in ("pseudo_gradient", "hebbian") for i in range(3)
+    }
     with pytest.raises(Exception, match="per-layer"):
         rule.to_sympy()
     assert "x" in str(rule.to_sympy(layer=2))
@@ -114,8 +112,7 @@ def test_rule_jit_vmap():
     batched = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *sigs)
     out = eqx.filter_jit(jax.vmap(lambda s: rule(0, s)))(batched)
     for i, s in enumerate(sigs):
-        np.testing.assert_allclose(np.asarray(out[i]), np.asarray(rule(0, s)), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out[i]), np.asarray(rule(0, s)), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_coefficient_shape_is_a_clear_error():

@@ -1,0 +1,159 @@
+"""The command line end to end on a tiny configuration, and its error handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from click.testing import CliRunner
+
+from metaplastic._cli import main
+
+TINY_TASK = """
+[task]
+dataset = "digits"
+n_way = 3
+k_shot = 2
+q_query = 2
+
+[network]
+hidden = [6]
+
+[train]
+meta_batch = 2
+episodes = 6
+eval_episodes = 8
+lr = 0.01
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    task = d / "tiny.toml"
+    task.write_text(TINY_TASK)
+    out = d / "run"
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--rule",
+            "pool",
+            "--task",
+            str(task),
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--quiet",
+            "--set",
+            "train.log_every=1",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    return out, res
+
+
+def test_train_writes_run_directory(tiny_run):
+    out, res = tiny_run
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "rule.json",
+        "rule.tex",
+        "meta_loss.png",
+        "meta_accuracy.png",
+        "coefficients.png",
+    ):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert isinstance(summary["rule_equation"], str) and summary["rule_equation"].startswith("dW")
+    assert set(summary["coefficients"]) == {"pseudo_gradient", "error_hebbian", "oja"}
+    mt = summary["meta_test"]["learned"]
+    assert 0.0 <= mt["accuracy"] <= 1.0 and mt["ci95"][0] <= mt["accuracy"] <= mt["ci95"][1]
+    assert mt["episodes"] == 8
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    cfg = tomllib.loads((out / "config.toml").read_text())
+    assert cfg["train"]["seed"] == 3 and cfg["network"]["hidden"] == [6]
+    assert "learned rule: dW" in res.output
+
+
+def test_evaluate_and_export(tiny_run):
+    out, _ = tiny_run
+    runner = CliRunner()
+    res = runner.invoke(main, ["evaluate", str(out), "--episodes", "8"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((out / "evaluate.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    # same seed and episodes: evaluation reproduces the run's own meta-test number
+    assert ev["learned"]["accuracy"] == pytest.approx(summary["meta_test"]["learned"]["accuracy"])
+    res = runner.invoke(main, ["export", str(out), "--format", "latex"])
+    assert res.exit_code == 0 and res.output.startswith(r"\Delta W =")
+    res = runner.invoke(main, ["export", str(out), "--format", "json"])
+    data = json.loads(res.output)
+    assert data["terms"] == ["pseudo_gradient", "error_hebbian", "oja"]
+    res = runner.invoke(main, ["export", str(out), "--threshold", "10"])
+    assert res.output.strip() == "dW = 0"
+
+
+def test_list_commands():
+    runner = CliRunner()
+    assert "oja" in runner.invoke(main, ["list", "terms"]).output
+    assert "pool" in runner.invoke(main, ["list", "rules"]).output
+    assert "digits" in runner.invoke(main, ["list", "tasks"]).output
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["train", "--rule", "pol", "--task", "digits"], "did you mean 'pool'"),
+        (["train", "--rule", "pool", "--task", "digits", "--set", "train.lr=-1"], "positive"),
+        (["train", "--rule", "pool", "--task", "digits", "--feedback", "fb"], "feedback mode"),
+        (["evaluate", "/nonexistent/run"], "no such run directory"),
+        (["export", "/nonexistent/run", "--format", "text"], "no such run directory"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(args, msg):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2
+    assert msg in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in res.output
+
+
+def test_corrupt_rule_json_is_reported(tiny_run, tmp_path):
+    out, _ = tiny_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.toml").write_text((out / "config.toml").read_text())
+    (bad / "rule.json").write_text('{"kind": "term_pool", "the')
+    res = CliRunner().invoke(main, ["export", str(bad)])
+    assert res.exit_code == 2 and "corrupt JSON" in res.stderr
+
+
+def test_malformed_rule_file_subprocess(tmp_path):
+    rule = tmp_path / "bad.toml"
+    rule.write_text("[rule]\nterms = ['pseudo_gradient', 'ojja']\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metaplastic._cli",
+            "train",
+            "--rule",
+            str(rule),
+            "--task",
+            "digits",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did you mean 'oja'" in lines[0] and "bad.toml" in lines[0]

@@ -1,0 +1,98 @@
+"""Export round trip, task sampling and the disjoint meta-train / meta-test split."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from metaplastic._data import split_pools
+from metaplastic._errors import MetaplasticError
+from metaplastic._export import equations, format_rule, rule_from_json, rule_to_json
+from metaplastic._rules import TermPoolRule
+from metaplastic._tasks import ClassificationTask
+
+
+def test_json_round_trip_and_pruning():
+    rule = TermPoolRule.from_names(
+        ["pseudo_gradient", "error_hebbian", "oja"], [0.0812345, -0.12, 2e-5]
+    )
+    data = rule_to_json(rule, threshold=1e-4)
+    assert data["pruned"] == ["oja"]
+    assert data["equation"] == "dW = 0.12*e*e_pre.T - 0.08123*e*x.T"
+    assert data["latex"].startswith(r"\Delta W =") and "e_{pre}^{T}" in data["latex"]
+    back = rule_from_json(data)
+    np.testing.assert_array_equal(np.asarray(back.theta), np.asarray(rule.theta))
+    assert back.names == rule.names
+
+
+def test_per_layer_equations():
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.1, 0.2], n_layers=2)
+    eqs = equations(rule, 0.0)
+    assert set(eqs) == {"layer0", "layer1"}
+    assert format_rule(rule, "text", 0.0).startswith("layer0: dW =")
+    with pytest.raises(MetaplasticError, match="unknown format"):
+        format_rule(rule, "html", 0.0)
+
+
+def test_rule_from_bad_json():
+    with pytest.raises(MetaplasticError, match="not a metaplastic rule"):
+        rule_from_json([1, 2])
+    with pytest.raises(MetaplasticError, match="malformed"):
+        rule_from_json({"kind": "term_pool", "terms": ["oja"]})
+    with pytest.raises(MetaplasticError, match="not finite"):
+        rule_from_json(
+            {"kind": "term_pool", "terms": ["oja"], "mask": [True], "theta": [float("nan")]}
+        )
+
+
+def test_split_is_disjoint_and_seeded(digits):
+    a_tr, a_te = split_pools(digits, 0.5, 0)
+    b_tr, b_te = split_pools(digits, 0.5, 0)
+    c_tr, _ = split_pools(digits, 0.5, 1)
+    tr = set(np.asarray(a_tr.class_index).ravel())
+    te = set(np.asarray(a_te.class_index).ravel())
+    assert not tr & te
+    np.testing.assert_array_equal(a_tr.class_index, b_tr.class_index)
+    assert not np.array_equal(a_tr.class_index, c_tr.class_index)
+    for c in range(10):  # each class row holds images of that class only
+        assert set(digits.y[np.asarray(a_te.class_index[c])]) == {c}
+
+
+def test_episode_sampling(pools, digits):
+    task = ClassificationTask(n_way=4, k_shot=5, q_query=3)
+    eps = jax.vmap(lambda k: task.sample(k, pools[0]))(jax.random.split(jax.random.key(0), 20))
+    assert eps.train_x.shape == (20, 20, 64) and eps.query_x.shape == (20, 12, 64)
+    x_all = np.asarray(pools[0].x)
+    for i in range(20):
+        ty, qy = np.asarray(eps.train_y[i]), np.asarray(eps.query_y[i])
+        assert sorted(np.bincount(ty, minlength=4)) == [5] * 4
+        assert sorted(np.bincount(qy, minlength=4)) == [3] * 4
+
+        # relabelled classes are consistent: each new label maps to one original class
+        def rows(xs):
+            return [int(np.flatnonzero((x_all == x).all(1))[0]) for x in np.asarray(xs)]
+
+        tr_rows, q_rows = rows(eps.train_x[i]), rows(eps.query_x[i])
+        assert not set(tr_rows) & set(q_rows)
+        for lab in range(4):
+            orig = {
+                int(digits.y[r])
+                for r, t in zip(tr_rows + q_rows, np.concatenate([ty, qy]))
+                if t == lab
+            }
+            assert len(orig) == 1
+    # training order is shuffled, not grouped by class
+    assert any(not np.all(np.diff(np.asarray(eps.train_y[i])) >= 0) for i in range(20))
+    # classes are sampled without replacement and vary across episodes
+    assert len({tuple(np.asarray(eps.train_y[i])) for i in range(20)}) > 1
+
+
+def test_meta_test_images_never_in_meta_train(pools):
+    task = ClassificationTask(n_way=5, k_shot=20, q_query=10)
+    tr_rows = set(np.asarray(pools[0].class_index).ravel())
+    ep = task.sample(jax.random.key(4), pools[1])
+    x_all = np.asarray(pools[1].x)
+    for x in np.asarray(ep.query_x):
+        r = np.flatnonzero((x_all == x).all(1))
+        assert not set(r.tolist()) <= tr_rows
