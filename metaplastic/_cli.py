@@ -6,19 +6,11 @@ import datetime as _dt
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from ._errors import MetaplasticError
-
-DISCOVER_TASK = "digits"
-DISCOVER_METHODS = (  # (label, rule preset, feedback)
-    ("learned", "pool", "fa"),
-    ("fa", "pseudo_gradient", "fa"),
-    ("backprop", "pseudo_gradient", "backprop"),
-)
 
 
 def _default_out(prefix: str) -> Path:
@@ -71,9 +63,8 @@ def _train_options(fn):
 @_user_errors
 def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
     """Meta-learn a rule for online FA learning on digits; compare with baselines."""
-    from ._config import build_config
-    from ._report import plot_meta_test, results_table
-    from ._run import train
+    from ._report import results_table
+    from ._run import discover as run_discover
 
     out = out or _default_out("discover")
     train_table = {
@@ -82,26 +73,9 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
         "meta_batch": meta_batch,
         "eval_episodes": eval_episodes,
     }
-    t0 = time.perf_counter()
-    summaries = {}
-    for label, rule, feedback in DISCOVER_METHODS:
-        cfg = build_config(rule, DISCOVER_TASK, dict(train_table, feedback=feedback))
-        run_dir = out if label == "learned" else out / "baselines" / label
-        summaries[label] = train(cfg, run_dir, progress=not quiet, label=label)
-    summary = summaries["learned"]
-    summary["meta_test"] = {k: s["meta_test"][k] for k, s in summaries.items()}
-    summary["baselines"] = {
-        k: {"coefficients": s["coefficients"], "run_dir": str(out / "baselines" / k)}
-        for k, s in summaries.items()
-        if k != "learned"
-    }
-    summary["discover_s"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = results_table(summary["meta_test"])
-    (out / "results.md").write_text(table + "\n")
-    plot_meta_test(summary["meta_test"], out, chance=1.0 / cfg.task.n_way)
+    summary = run_discover(out, train_table, progress=not quiet)
     click.echo("")
-    click.echo(table)
+    click.echo(results_table(summary["meta_test"]))
     click.echo("")
     click.echo(f"discovered rule: {summary['rule_equation']}")
     click.echo(f"run directory: {out}  ({summary['discover_s']:.0f} s)")

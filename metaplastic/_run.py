@@ -186,3 +186,45 @@ def evaluate_run(
     accs = evaluate_rule(setup.problem(cfg, "test"), rule, eval_key(cfg), n)
     m, lo, hi = mean_ci95(accs)
     return {"accuracy": m, "ci95": [lo, hi], "episodes": int(n)}
+
+
+DISCOVER_TASK = "digits"
+#: (label, rule preset, feedback) of the methods ``discover`` meta-trains and compares.
+DISCOVER_METHODS = (
+    ("learned", "pool", "fa"),
+    ("fa", "pseudo_gradient", "fa"),
+    ("backprop", "pseudo_gradient", "backprop"),
+)
+
+
+def discover(
+    out: Path, train_table: dict[str, Any], *, progress: bool = True, task: str = DISCOVER_TASK
+) -> dict[str, Any]:
+    """Meta-train the pool rule under FA and the two baselines with the same budget.
+
+    The learned rule's run is ``out``; the baselines' runs are ``out/baselines/{fa,backprop}``.
+    All three are evaluated on the same held-out episodes. Writes ``summary.json`` (with
+    ``meta_test`` for ``learned``, ``fa`` and ``backprop``), ``results.md`` and
+    ``meta_test.png`` in ``out``.
+    """
+    from ._config import build_config
+    from ._report import plot_meta_test, results_table
+
+    t0 = time.perf_counter()
+    summaries = {}
+    for label, rule, feedback in DISCOVER_METHODS:
+        cfg = build_config(rule, task, dict(train_table, feedback=feedback))
+        run_dir = out if label == "learned" else out / "baselines" / label
+        summaries[label] = train(cfg, run_dir, progress=progress, label=label)
+    summary = summaries["learned"]
+    summary["meta_test"] = {k: s["meta_test"][k] for k, s in summaries.items()}
+    summary["baselines"] = {
+        k: {"coefficients": s["coefficients"], "run_dir": str(out / "baselines" / k)}
+        for k, s in summaries.items()
+        if k != "learned"
+    }
+    summary["discover_s"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.md").write_text(results_table(summary["meta_test"]) + "\n")
+    plot_meta_test(summary["meta_test"], out, chance=1.0 / cfg.task.n_way)
+    return summary
