@@ -82,8 +82,8 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
 
 
 @main.command("train")
-@click.option("--rule", "rule", required=True, help="Rule preset name or TOML file.")
-@click.option("--task", "task", required=True, help="Task preset name or TOML file.")
+@click.option("--rule", "rule", default=None, help="Rule preset name or TOML file.")
+@click.option("--task", "task", default=None, help="Task preset name or TOML file.")
 @_train_options
 @click.option("--meta-batch", type=int, default=None, help="Episodes per meta-step.")
 @click.option("--feedback", default=None, help="Credit assignment: fa or backprop.")
@@ -95,27 +95,62 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
     metavar="SECTION.KEY=VALUE",
     help="Override any config value, e.g. --set train.l1=1e-4 (repeatable).",
 )
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Continue the run in this directory from its newest valid checkpoint.",
+)
 @_user_errors
-def train_cmd(rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, overrides):
+def train_cmd(rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, overrides, resume):
     """Meta-train RULE on TASK and evaluate it on held-out episodes."""
     from ._config import build_config
     from ._report import results_table
-    from ._run import train
+    from ._run import Interrupted, resume_run, train
 
-    cfg = build_config(
-        rule,
-        task,
-        {
-            "seed": seed,
-            "episodes": episodes,
-            "meta_batch": meta_batch,
-            "feedback": feedback,
-            "lr": lr,
-        },
-        list(overrides),
-    )
-    out = out or _default_out(f"train-{cfg.rule.name}-{cfg.task.name}")
-    summary = train(cfg, out, progress=not quiet)
+    try:
+        if resume is not None:
+            given = [
+                n
+                for n, v in (
+                    ("--rule", rule),
+                    ("--task", task),
+                    ("--seed", seed),
+                    ("--episodes", episodes),
+                    ("--out", out),
+                    ("--meta-batch", meta_batch),
+                    ("--feedback", feedback),
+                    ("--lr", lr),
+                )
+                if v is not None
+            ]
+            if given or overrides:
+                drop = ", ".join(given) or "--set"
+                raise MetaplasticError(
+                    f"--resume continues a run with its saved config; drop {drop}"
+                )
+            out = resume
+            summary = resume_run(resume, progress=not quiet)
+        else:
+            if rule is None or task is None:
+                raise MetaplasticError("train needs --rule and --task (or --resume DIR)")
+            cfg = build_config(
+                rule,
+                task,
+                {
+                    "seed": seed,
+                    "episodes": episodes,
+                    "meta_batch": meta_batch,
+                    "feedback": feedback,
+                    "lr": lr,
+                },
+                list(overrides),
+            )
+            out = out or _default_out(f"train-{cfg.rule.name}-{cfg.task.name}")
+            summary = train(cfg, out, progress=not quiet)
+    except Interrupted as err:
+        click.echo(f"metaplastic: {err}", err=True)
+        sys.exit(130)
     click.echo(results_table(summary["meta_test"]))
     click.echo(f"learned rule: {summary['rule_equation']}")
     click.echo(f"run directory: {out}")

@@ -88,6 +88,8 @@ class TrainConfig:
     eval_episodes: int = 500
     log_every: int = 1
     prune_threshold: float = 1e-4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
 
 
 SECTIONS: dict[str, type] = {
@@ -219,13 +221,22 @@ def _validate(obj, where: str) -> None:
             raise unknown_name("outer optimizer", obj.outer, OPTIMIZERS, f"{where}.outer")
         if obj.gradient not in GRADIENT_MODES:
             raise unknown_name("gradient mode", obj.gradient, GRADIENT_MODES, f"{where}.gradient")
-        _positive(obj, where, "lr", "meta_batch", "episodes", "eval_episodes", "log_every")
+        _positive(
+            obj,
+            where,
+            "lr",
+            "meta_batch",
+            "episodes",
+            "eval_episodes",
+            "log_every",
+            "keep_checkpoints",
+        )
         if obj.episodes < obj.meta_batch:
             raise MetaplasticError(
                 f"{where}.episodes ({obj.episodes}) is smaller than {where}.meta_batch "
                 f"({obj.meta_batch}); raise episodes or lower meta_batch"
             )
-        for n in ("l1", "clip", "prune_threshold"):
+        for n in ("l1", "clip", "prune_threshold", "checkpoint_every"):
             if getattr(obj, n) < 0:
                 raise MetaplasticError(f"{where}.{n} must be >= 0, got {getattr(obj, n)}")
 

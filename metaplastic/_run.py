@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ import jax
 import numpy as np
 import tomli_w
 
+from ._checkpoint import checkpoint_dir, load_latest, save_checkpoint
 from ._config import RunConfig
 from ._data import ImagePool, load_dataset, split_pools
 from ._errors import MetaplasticError
@@ -84,6 +87,52 @@ def _to_float(x) -> float | None:
     return v if np.isfinite(v) else None
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the state was checkpointed at ``step``."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(
+            f"interrupted at meta-step {step}; checkpoint saved. Continue with: "
+            f"metaplastic train --resume {run_dir}"
+        )
+        self.run_dir, self.step = run_dir, step
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between meta-steps (main thread only)."""
+
+    def __init__(self):
+        self.set = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _read_metrics(path: Path, n_lines: int) -> list[dict]:
+    """The first ``n_lines`` rows of ``metrics.jsonl``; the file is cut back to them."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if len(lines) < n_lines:
+        raise MetaplasticError(
+            f"{path}: has {len(lines)} rows but the checkpoint expects {n_lines}; restore the "
+            "file or start the run again"
+        )
+    keep = lines[:n_lines]
+    path.write_text("".join(line + "\n" for line in keep))
+    return [json.loads(line) for line in keep]
+
+
 def train(
     cfg: RunConfig,
     out: Path,
@@ -91,15 +140,20 @@ def train(
     progress: bool = True,
     label: str = "learned",
     evaluate: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Meta-train ``cfg``'s rule, evaluate it on held-out episodes, write ``out``.
 
+    Checkpoints every ``train.checkpoint_every`` steps, at the end, and on SIGINT/SIGTERM
+    (then :class:`Interrupted` is raised). ``resume=True`` continues from the newest valid
+    checkpoint in ``out``; the result is bit-identical to an uninterrupted run.
     Returns the summary dict (also written to ``out/summary.json``).
     """
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+    if not resume:
+        (out / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
     setup = build_setup(cfg)
     rule = build_rule(cfg, setup.net.n_layers)
     t = cfg.train
@@ -113,12 +167,37 @@ def train(
     )
     state = trainer.init(rule, jax.random.key(t.seed))
     n_steps = t.episodes // t.meta_batch
+    metrics_path = out / "metrics.jsonl"
+    start = 0
     metrics: list[dict] = []
+    if resume:
+        loaded = load_latest(out, state)
+        if loaded is not None:
+            state, header = loaded
+            start = int(header["step"])
+            metrics = _read_metrics(metrics_path, int(header["metrics_lines"]))
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    else:
+        for old in checkpoint_dir(out).glob("ckpt-*"):
+            old.unlink()
+        metrics_path.unlink(missing_ok=True)
+
+    def checkpoint(step: int) -> None:
+        info = {"metrics_lines": len(metrics)}
+        save_checkpoint(out, state, step, info, keep=t.keep_checkpoints)
+
     t0 = time.perf_counter()
     compile_s = None
-    bar = tqdm(total=n_steps, desc=f"meta-train {label}", disable=not progress, unit="step")
-    with open(out / "metrics.jsonl", "w") as log:
-        for i in range(n_steps):
+    bar = tqdm(
+        total=n_steps,
+        initial=start,
+        desc=f"meta-train {label}",
+        disable=not progress,
+        unit="step",
+    )
+    with open(metrics_path, "a") as log, _StopFlag() as stop:
+        for i in range(start, n_steps):
             state, aux = trainer.step(state)
             if compile_s is None:
                 jax.block_until_ready(state)
@@ -135,19 +214,24 @@ def train(
                     "grad_finite": bool(aux["grad_finite"]),
                     "skipped_total": int(state.skipped),
                     "coefficients": trainer.rule(state).coefficients(),
-                    "time_s": round(time.perf_counter() - t0, 3),
                 }
                 metrics.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 bar.set_postfix(loss=row["loss"], acc=row["query_accuracy"], refresh=False)
             bar.update(1)
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == n_steps:
+                checkpoint(step)
+            if stop.set:
+                checkpoint(step)
+                bar.close()
+                raise Interrupted(out, step)
             if step == ALL_DIVERGED_PATIENCE and int(state.skipped) == step:
                 bar.close()
                 raise MetaplasticError(
                     f"every one of the first {step} meta-steps had a non-finite meta-gradient "
                     "(the rule diverges); lower the rule's init coefficients or train.lr "
-                    f"(metrics so far are in {out / 'metrics.jsonl'})"
+                    f"(metrics so far are in {metrics_path})"
                 )
     bar.close()
     train_s = time.perf_counter() - t0
@@ -165,6 +249,7 @@ def train(
             "meta_batch": t.meta_batch,
             "gradient_mode": trainer.mode,
             "skipped_steps": int(state.skipped),
+            "resumed_from_step": start if resume else None,
             "compile_s": round(compile_s or 0.0, 2),
             "train_s": round(train_s, 2),
             "seed": t.seed,
@@ -175,6 +260,16 @@ def train(
         summary["meta_test"][label] = evaluate_run(cfg, learned, setup)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def resume_run(run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its newest valid checkpoint."""
+    from ._config import config_from_dict, read_toml
+
+    if not run_dir.is_dir():
+        raise MetaplasticError(f"{run_dir}: no such run directory")
+    cfg = config_from_dict(read_toml(run_dir / "config.toml"), str(run_dir / "config.toml"))
+    return train(cfg, run_dir, progress=progress, resume=True)
 
 
 def evaluate_run(

@@ -42,7 +42,7 @@ class OuterState(eqx.Module):
 
     params: AbstractRule  # the array leaves of the rule (eqx.partition); None elsewhere
     opt_state: optax.OptState
-    key: PRNGKeyArray
+    key: Array  # raw key data (jax.random.key_data), so the state serialises as plain arrays
     step: Array
     skipped: Array  # meta-steps whose meta-gradient was non-finite (update skipped)
 
@@ -89,7 +89,7 @@ class GradientTrainer(eqx.Module):
         return OuterState(
             params=params,
             opt_state=self.optimizer.init(params),
-            key=key,
+            key=jax.random.key_data(key),
             step=jnp.array(0, jnp.int32),
             skipped=jnp.array(0, jnp.int32),
         )
@@ -109,7 +109,7 @@ class GradientTrainer(eqx.Module):
 
     @eqx.filter_jit
     def step(self, state: OuterState) -> tuple[OuterState, dict]:
-        key, sub = jax.random.split(state.key)
+        key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
         keys = jax.random.split(sub, self.meta_batch)
         grads, aux = self.loss_and_grad(state.params, keys)
         leaves = jax.tree_util.tree_leaves(grads)
@@ -124,7 +124,7 @@ class GradientTrainer(eqx.Module):
         new_state = OuterState(
             params=keep(new_params, state.params),
             opt_state=keep(new_opt, state.opt_state),
-            key=key,
+            key=jax.random.key_data(key),
             step=state.step + 1,
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )

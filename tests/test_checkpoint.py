@@ -1,0 +1,161 @@
+"""Checkpoints: bit-identical resume after SIGKILL, damaged files, metrics without gaps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metaplastic._checkpoint import checkpoint_dir, load_latest, read_checkpoint
+from metaplastic._config import build_config
+from metaplastic._errors import MetaplasticError
+from metaplastic._run import Interrupted, resume_run, train
+
+TASK = """
+[task]
+dataset = "digits"
+n_way = 3
+k_shot = 3
+q_query = 2
+
+[network]
+hidden = [6]
+
+[train]
+meta_batch = 2
+eval_episodes = 4
+lr = 0.01
+checkpoint_every = 1
+keep_checkpoints = 2
+"""
+
+
+def _cfg(tmp: Path, episodes: int):
+    task = tmp / "tiny.toml"
+    task.write_text(TASK)
+    return build_config("pool", str(task), {"episodes": episodes}), task
+
+
+def _final(run: Path):
+    theta = json.loads((run / "rule.json").read_text())["theta"]
+    return np.asarray(theta, np.float32), (run / "metrics.jsonl").read_text()
+
+
+def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
+    steps = 300
+    cfg, task = _cfg(tmp_path, 2 * steps)
+    ref = tmp_path / "ref"
+    train(cfg, ref, progress=False)
+    ref_theta, ref_metrics = _final(ref)
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "metaplastic._cli", "train", "--quiet"]
+    first = cmd + [
+        "--rule",
+        "pool",
+        "--task",
+        str(task),
+        "--out",
+        str(run),
+        "--episodes",
+        str(2 * steps),
+    ]
+    rng = np.random.default_rng(0)
+    targets = sorted(rng.choice(np.arange(5, steps - 5), size=5, replace=False))
+    kills = 0
+    for i, target in enumerate(targets):
+        proc = subprocess.Popen(
+            first if i == 0 else cmd + ["--resume", str(run)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        metrics = run / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            n = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if n >= target:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=60)
+    assert kills >= 5, f"only {kills} kills landed before the run finished"
+    done = subprocess.run(cmd + ["--resume", str(run)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    theta, metrics_text = _final(run)
+    np.testing.assert_array_equal(theta, ref_theta)  # bit for bit
+    assert metrics_text == ref_metrics  # no duplicated or missing steps
+    steps_logged = [json.loads(line)["step"] for line in metrics_text.splitlines()]
+    assert steps_logged == list(range(1, steps + 1))
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
+    cfg, _ = _cfg(tmp_path, 8)
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, evaluate=False)
+    files = sorted(checkpoint_dir(run).glob("ckpt-*"))
+    assert [f.name for f in files] == ["ckpt-00000003.mpk", "ckpt-00000004.mpk"]  # keep 2
+    raw = bytearray(files[-1].read_bytes())
+    raw[-5] ^= 0xFF
+    files[-1].write_bytes(bytes(raw))
+    from metaplastic._run import GradientTrainer  # noqa: F401 - same import path as train
+
+    like = read_checkpoint(files[0], _like(cfg))[0]
+    with pytest.raises(MetaplasticError, match="checksum mismatch"):
+        read_checkpoint(files[-1], like)
+    state, header = load_latest(run, like)
+    assert header["step"] == 3 and int(state.step) == 3
+    assert "trying an older checkpoint" in capsys.readouterr().err
+    # truncated file: same fallback
+    files[-1].write_bytes(files[0].read_bytes()[:40])
+    assert load_latest(run, like)[1]["step"] == 3
+    # resume from step 3 recomputes step 4 and cuts metrics back to 3 rows first
+    summary = resume_run(run, progress=False)
+    assert summary["train"]["resumed_from_step"] == 3
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for f in checkpoint_dir(run).glob("ckpt-*"):
+        f.write_bytes(b"garbage")
+    with pytest.raises(MetaplasticError, match="no valid checkpoint left"):
+        resume_run(run, progress=False)
+
+
+def _like(cfg):
+    import jax
+
+    from metaplastic._run import build_rule, build_setup
+    from metaplastic.outer import GradientTrainer, make_optimizer
+
+    setup = build_setup(cfg)
+    rule = build_rule(cfg, setup.net.n_layers)
+    t = cfg.train
+    tr = GradientTrainer(
+        setup.problem(cfg), rule, make_optimizer(t.outer, t.lr, t.clip), meta_batch=t.meta_batch
+    )
+    return tr.init(rule, jax.random.key(0))
+
+
+def test_sigint_checkpoints_and_stops(tmp_path, monkeypatch):
+    cfg, _ = _cfg(tmp_path, 20)
+    run = tmp_path / "run"
+    import metaplastic._run as r
+
+    class Flag(r._StopFlag):
+        def __enter__(self):
+            self.set = True  # as if SIGINT arrived during the first step
+            return self
+
+    monkeypatch.setattr(r, "_StopFlag", Flag)
+    with pytest.raises(Interrupted, match="--resume"):
+        train(cfg, run, progress=False)
+    assert load_latest(run, _like(cfg))[1]["step"] == 1
+    monkeypatch.undo()
+    summary = resume_run(run, progress=False)
+    assert summary["train"]["steps"] == 10
