@@ -151,10 +151,10 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    setup = build_setup(cfg)  # validates data and task shapes before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
-    setup = build_setup(cfg)
     rule = build_rule(cfg, setup.net.n_layers)
     t = cfg.train
     trainer = GradientTrainer(
