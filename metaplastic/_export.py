@@ -129,5 +129,5 @@ def format_rule(rule: TermPoolRule, fmt: str, threshold: float) -> str:
         return json.dumps(data, indent=2)
     key = "text" if fmt == "text" else "latex"
     if len(data["equations"]) == 1:
-        return data["equations"]["all"][key] if "all" in data["equations"] else data[key]
+        return next(iter(data["equations"].values()))[key]
     return "\n".join(f"{k}: {v[key]}" for k, v in data["equations"].items())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray
+from scipy import stats
 
 from ._data import ImagePool
 from ._inner import run_episode
@@ -59,21 +61,24 @@ def _accuracies(problem: Problem, rule: AbstractRule, keys):
 def evaluate_rule(
     problem: Problem, rule: AbstractRule, key: PRNGKeyArray, episodes: int, chunk: int = 256
 ):
-    """Query accuracies on ``episodes`` episodes drawn from ``key`` (numpy array)."""
-    import numpy as np
+    """Query accuracies on ``episodes`` episodes drawn from ``key`` (numpy array).
 
+    Episodes run ``chunk`` at a time (vmapped); the last chunk is padded to the same size so
+    that one compiled function serves every chunk.
+    """
+    chunk = min(chunk, episodes)
+    n_chunks = -(-episodes // chunk)
     keys = jax.random.split(key, episodes)
-    out = []
-    for i in range(0, episodes, chunk):
-        out.append(np.asarray(_accuracies(problem, rule, keys[i : i + chunk])))
-    return np.concatenate(out)
+    keys = jnp.concatenate([keys, keys[: n_chunks * chunk - episodes]])  # pad; dropped below
+    out = [
+        np.asarray(_accuracies(problem, rule, keys[i * chunk : (i + 1) * chunk]))
+        for i in range(n_chunks)
+    ]
+    return np.concatenate(out)[:episodes]
 
 
 def mean_ci95(values) -> tuple[float, float, float]:
     """Mean and Student-t 95% confidence interval of the mean."""
-    import numpy as np
-    from scipy import stats
-
     v = np.asarray(values, dtype=np.float64)
     m = float(v.mean())
     if v.size < 2:

@@ -31,6 +31,8 @@ def test_per_layer_equations():
     eqs = equations(rule, 0.0)
     assert set(eqs) == {"layer0", "layer1"}
     assert format_rule(rule, "text", 0.0).startswith("layer0: dW =")
+    one = TermPoolRule.from_names(["pseudo_gradient"], [0.1], n_layers=1)
+    assert format_rule(one, "text", 0.0) == "dW = -0.1*e*x.T"
     with pytest.raises(MetaplasticError, match="unknown format"):
         format_rule(rule, "html", 0.0)
 
