@@ -57,6 +57,8 @@ class TaskConfig:
     q_query: int = 10
     test_fraction: float = 0.5
     split_seed: int = 0
+    data_dir: str = ""
+    emnist_split: str = "balanced"
     description: str = ""
 
 

@@ -1,8 +1,20 @@
-"""Data sets (no network access) and the seeded, disjoint meta-train / meta-test split."""
+"""Data sets (no network access) and the seeded, disjoint meta-train / meta-test split.
+
+* ``digits``: scikit-learn's bundled 8x8 digits (always available; the embedded default).
+* ``fashion_mnist``, ``mnist``: the four standard IDX files (gzip or raw) in a folder;
+  Fashion-MNIST defaults to the Debian package ``dataset-fashion-mnist``'s folder.
+* ``emnist``: ``emnist-<split>-{train,test}-{images-idx3,labels-idx1}-ubyte[.gz]`` in a folder.
+* ``mnist1d``: generated locally by the ``mnist1d`` package (``make_dataset``).
+
+Data sets with an official test split use it for meta-test and their training split for
+meta-train; ``digits`` is split per class with a seeded permutation.
+"""
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass
+from pathlib import Path
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -11,16 +23,72 @@ from jaxtyping import Array, Float, Int
 
 from ._errors import MetaplasticError, unknown_name
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "fashion_mnist", "mnist", "emnist", "mnist1d")
+DEFAULT_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+EMNIST_SPLITS = ("balanced", "byclass", "bymerge", "digits", "letters", "mnist")
+
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (gzip-compressed or raw), validating its header.
+
+    IDX layout: two zero bytes, a type code (0x08 uint8 ... 0x0E float64), the number of
+    dimensions, one big-endian uint32 per dimension, then the data in C order.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise MetaplasticError(f"{path}: IDX file not found") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise MetaplasticError(
+            f"{path}: cannot read IDX file ({err}); the file is corrupt"
+        ) from None
+    if len(raw) < 4:
+        raise MetaplasticError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
+    if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or not 1 <= raw[3] <= 4:
+        raise MetaplasticError(
+            f"{path}: wrong IDX magic number 0x{raw[:4].hex()}; not an IDX image/label file"
+        )
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise MetaplasticError(f"{path}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:head], dtype=">u4"))
+    need = int(np.prod(dims)) * dtype.itemsize
+    have = len(raw) - head
+    if have != need:
+        what = "truncated" if have < need else "has trailing bytes"
+        raise MetaplasticError(
+            f"{path}: IDX file {what}: header says {dims} ({need} bytes of data), found {have}"
+        )
+    return (
+        np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
+    )
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images flattened to ``(n, d)`` float32 in [0, 1] and integer labels ``(n,)``."""
+    """Inputs flattened to ``(n, d)`` float32 and integer labels ``0..C-1``.
+
+    ``test_x`` / ``test_y`` hold the official test split where the data set has one.
+    """
 
     name: str
     x: np.ndarray
     y: np.ndarray
+    test_x: np.ndarray | None = None
+    test_y: np.ndarray | None = None
 
     @property
     def n_classes(self) -> int:
@@ -31,13 +99,96 @@ class Dataset:
         return int(self.x.shape[1])
 
 
-def load_dataset(name: str) -> Dataset:
-    """Load a data set by name. ``digits``: scikit-learn's bundled 8x8 digits (1,797 images)."""
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _idx_pair(folder: Path, images: str, labels: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    x = read_idx(folder / images)
+    y = read_idx(folder / labels)
+    if x.ndim < 2 or y.ndim != 1:
+        raise MetaplasticError(
+            f"{folder / images}: expected images (n, h, w) and labels (n,), got {x.shape} and "
+            f"{y.shape}; check the file names of the {name} files"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise MetaplasticError(
+            f"{folder}: {images} holds {x.shape[0]} images but {labels} holds {y.shape[0]} "
+            "labels; the files do not belong together"
+        )
+    return x, y
+
+
+def _load_idx_dataset(name: str, data_dir: str, emnist_split: str) -> Dataset:
+    folder = Path(data_dir or DEFAULT_DIRS.get(name, ""))
+    if name == "emnist":
+        if emnist_split not in EMNIST_SPLITS:
+            raise unknown_name("EMNIST split", emnist_split, EMNIST_SPLITS, "task.emnist_split")
+        stems = {s: f"emnist-{emnist_split}-{s}" for s in ("train", "test")}
+        stems = {k: (f"{v}-images-idx3-ubyte", f"{v}-labels-idx1-ubyte") for k, v in stems.items()}
+    else:
+        stems = {
+            "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        }
+    found = {k: tuple(_find(folder, s) for s in v) for k, v in stems.items()}
+    missing = [s for k, v in stems.items() for s, f in zip(v, found[k], strict=True) if f is None]
+    if not data_dir and name not in DEFAULT_DIRS:
+        raise MetaplasticError(
+            f"data set {name!r} needs task.data_dir: a folder holding {', '.join(missing)} "
+            "(each optionally .gz)"
+        )
+    if missing:
+        hint = (
+            "install the Debian package dataset-fashion-mnist (apt-get install "
+            "dataset-fashion-mnist) or set task.data_dir"
+            if name == "fashion_mnist"
+            else "set task.data_dir to the folder that holds them"
+        )
+        raise MetaplasticError(
+            f"{name} files not found in {folder}: missing {', '.join(missing)} (or .gz); {hint}"
+        )
+    parts = {}
+    for split, (img, lab) in found.items():
+        x, y = _idx_pair(folder, img.name, lab.name, name)
+        if name == "emnist":
+            x = np.swapaxes(x, 1, 2)  # EMNIST images are stored transposed
+        parts[split] = (x.reshape(x.shape[0], -1).astype(np.float32) / 255.0, y.astype(np.int64))
+    labels = np.unique(np.concatenate([parts["train"][1], parts["test"][1]]))
+    remap = np.full(int(labels.max()) + 1, -1, np.int32)
+    remap[labels] = np.arange(labels.size, dtype=np.int32)  # e.g. EMNIST letters 1..26 -> 0..25
+    (xtr, ytr), (xte, yte) = parts["train"], parts["test"]
+    return Dataset(name, xtr, remap[ytr], xte, remap[yte])
+
+
+def load_dataset(name: str, data_dir: str = "", emnist_split: str = "balanced") -> Dataset:
+    """Load a data set by name (see the module docstring)."""
     if name == "digits":
         from sklearn.datasets import load_digits
 
         d = load_digits()
         return Dataset("digits", (d.data / 16.0).astype(np.float32), d.target.astype(np.int32))
+    if name in ("fashion_mnist", "mnist", "emnist"):
+        return _load_idx_dataset(name, data_dir, emnist_split)
+    if name == "mnist1d":
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError:
+            raise MetaplasticError(
+                "data set 'mnist1d' needs the mnist1d package: pip install mnist1d"
+            ) from None
+        args = get_dataset_args()
+        d = make_dataset(args)  # generated locally; never downloads
+        return Dataset(
+            "mnist1d",
+            d["x"].astype(np.float32),
+            d["y"].astype(np.int32),
+            d["x_test"].astype(np.float32),
+            d["y_test"].astype(np.int32),
+        )
     raise unknown_name("data set", name, DATASETS, "task.dataset")
 
 
@@ -61,16 +212,22 @@ class ImagePool(eqx.Module):
 
 
 def split_pools(ds: Dataset, test_fraction: float, seed: int) -> tuple[ImagePool, ImagePool]:
-    """Split every class's images into disjoint meta-train and meta-test pools.
+    """Disjoint meta-train and meta-test pools, ``(meta_train, meta_test)``.
 
-    The split is a seeded permutation per class; ``test_fraction`` of each class goes to
-    meta-test. Returns ``(meta_train, meta_test)``.
+    With an official test split: meta-train draws from the training images and meta-test
+    from the test images. Otherwise every class's images are split by a seeded permutation,
+    ``test_fraction`` of each class going to meta-test. Rows are shuffled per class (seeded)
+    in both cases.
     """
     if not 0.0 < test_fraction < 1.0:
         raise MetaplasticError(
             f"task.test_fraction must be strictly between 0 and 1, got {test_fraction}"
         )
     rng = np.random.default_rng(seed)
+    if ds.test_x is not None:
+        tr = [rng.permutation(np.flatnonzero(ds.y == c)) for c in range(ds.n_classes)]
+        te = [rng.permutation(np.flatnonzero(ds.test_y == c)) for c in range(ds.n_classes)]
+        return _pool(ds.name, ds.x, tr), _pool(ds.name, ds.test_x, te)
     train_idx, test_idx = [], []
     for c in range(ds.n_classes):
         rows = np.flatnonzero(ds.y == c)
@@ -78,15 +235,15 @@ def split_pools(ds: Dataset, test_fraction: float, seed: int) -> tuple[ImagePool
         n_test = int(round(test_fraction * len(rows)))
         test_idx.append(rows[:n_test])
         train_idx.append(rows[n_test:])
-    return _pool(ds, train_idx), _pool(ds, test_idx)
+    return _pool(ds.name, ds.x, train_idx), _pool(ds.name, ds.x, test_idx)
 
 
-def _pool(ds: Dataset, per_class: list[np.ndarray]) -> ImagePool:
+def _pool(name: str, x: np.ndarray, per_class: list[np.ndarray]) -> ImagePool:
     m = min(len(r) for r in per_class)
     if m == 0:
         raise MetaplasticError(
-            f"data set {ds.name!r} has a class with no images on one side of the split; "
+            f"data set {name!r} has a class with no images on one side of the split; "
             "change task.test_fraction"
         )
     index = np.stack([r[:m] for r in per_class]).astype(np.int32)
-    return ImagePool(x=jnp.asarray(ds.x), class_index=jnp.asarray(index))
+    return ImagePool(x=jnp.asarray(x), class_index=jnp.asarray(index))

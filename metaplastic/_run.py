@@ -53,9 +53,9 @@ _DATA_CACHE: dict[str, Any] = {}
 
 
 def build_setup(cfg: RunConfig) -> Setup:
-    key = cfg.task.dataset
+    key = (cfg.task.dataset, cfg.task.data_dir, cfg.task.emnist_split)
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_dataset(key)
+        _DATA_CACHE[key] = load_dataset(*key)
     ds = _DATA_CACHE[key]
     meta_train, meta_test = split_pools(ds, cfg.task.test_fraction, cfg.task.split_seed)
     task = ClassificationTask(cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query)

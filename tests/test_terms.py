@@ -23,12 +23,19 @@ def hand(name, s):
         "error_hebbian": -np.outer(e, ep),
         "oja": np.outer(y, x) - np.outer(y, y) @ W,  # literal O(n_out^2 n_in) form
         "weight_decay": -W,
+        "constant": np.ones_like(W),
+        "post_activity_pre_error": np.outer(y, ep),
+        "post_error": np.outer(e, np.ones_like(x)),
+        "pre_error": np.outer(np.ones_like(y), ep),
+        "post_error_decay": np.outer(e, e) @ W,  # literal forms, not the cheap ones
+        "pre_error_decay": W @ np.outer(ep, ep),
+        "error_oja": np.outer(e, ep) - np.outer(e, e) @ W,
     }[name]
 
 
 def test_every_term_has_a_hand_value():
     s = random_signals(0)
-    assert set(TERMS) == {"pseudo_gradient", "hebbian", "error_hebbian", "oja", "weight_decay"}
+    assert len(TERMS) == 12
     for name in TERMS:
         assert hand(name, s).shape == (4, 3)
 
@@ -42,10 +49,12 @@ def test_term_matches_numpy(name):
 
 def _sympy_numeric(expr, s):
     S = sympy_symbols()
-    args = [S[k] for k in ("x", "y", "e", "e_pre", "W")]
+    args = [S[k] for k in ("x", "y", "e", "e_pre", "W", "one_in", "one_out")]
     f = sp.lambdify(args, expr, modules="numpy")
     col = lambda v: np.asarray(v, np.float64)[:, None]  # noqa: E731
-    return np.asarray(f(col(s.x), col(s.y), col(s.e), col(s.e_pre), np.asarray(s.W, np.float64)))
+    ones_in, ones_out = np.ones((len(s.x), 1)), np.ones((len(s.y), 1))
+    W = np.asarray(s.W, np.float64)
+    return np.asarray(f(col(s.x), col(s.y), col(s.e), col(s.e_pre), W, ones_in, ones_out))
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
@@ -65,7 +74,7 @@ def test_oja_sympy_form_is_the_matrix_expression():
 
 
 def test_pool_rule_sum_and_sympy():
-    theta = [0.3, -0.7, 1.1, 0.05, -0.2]
+    theta = np.linspace(-1.0, 1.2, len(TERMS)).tolist()
     rule = TermPoolRule.from_names(sorted(TERMS), theta)
     s = random_signals(5)
     expected = sum(t * hand(n, s) for t, n in zip(theta, sorted(TERMS), strict=True))
@@ -107,7 +116,7 @@ def test_threshold_prunes_small_terms():
 
 
 def test_rule_jit_vmap():
-    rule = TermPoolRule.from_names(sorted(TERMS), [0.1, 0.2, 0.3, 0.4, 0.5])
+    rule = TermPoolRule.from_names(sorted(TERMS), np.linspace(0.1, 0.5, len(TERMS)))
     sigs = [random_signals(i) for i in range(4)]
     batched = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *sigs)
     out = eqx.filter_jit(jax.vmap(lambda s: rule(0, s)))(batched)
