@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from metaplastic._chaos import kill_and_resume
 from metaplastic._checkpoint import checkpoint_dir, load_latest, read_checkpoint
 from metaplastic._config import build_config
 from metaplastic._errors import MetaplasticError
@@ -56,39 +52,11 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
     ref_theta, ref_metrics = _final(ref)
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "metaplastic._cli", "train", "--quiet"]
-    first = cmd + [
-        "--rule",
-        "pool",
-        "--task",
-        str(task),
-        "--out",
-        str(run),
-        "--episodes",
-        str(2 * steps),
-    ]
     rng = np.random.default_rng(0)
     targets = sorted(rng.choice(np.arange(5, steps - 5), size=5, replace=False))
-    kills = 0
-    for i, target in enumerate(targets):
-        proc = subprocess.Popen(
-            first if i == 0 else cmd + ["--resume", str(run)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        metrics = run / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            n = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-            if n >= target:
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
-                break
-            time.sleep(0.002)
-        proc.wait(timeout=60)
+    args = ["--rule", "pool", "--task", str(task), "--episodes", str(2 * steps)]
+    kills = kill_and_resume(args, run, targets, timeout=120)
     assert kills >= 5, f"only {kills} kills landed before the run finished"
-    done = subprocess.run(cmd + ["--resume", str(run)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
     theta, metrics_text = _final(run)
     np.testing.assert_array_equal(theta, ref_theta)  # bit for bit
     assert metrics_text == ref_metrics  # no duplicated or missing steps
