@@ -174,6 +174,11 @@ def train(
         loaded = load_latest(out, state)
         if loaded is not None:
             state, header = loaded
+            if header.get("config") != cfg.to_dict():
+                raise MetaplasticError(
+                    f"{out / 'config.toml'} differs from the config saved in the checkpoint; "
+                    "restore it (or start a new run with the changed settings)"
+                )
             start = int(header["step"])
             metrics = _read_metrics(metrics_path, int(header["metrics_lines"]))
         elif metrics_path.exists():
@@ -184,7 +189,7 @@ def train(
         metrics_path.unlink(missing_ok=True)
 
     def checkpoint(step: int) -> None:
-        info = {"metrics_lines": len(metrics)}
+        info = {"metrics_lines": len(metrics), "config": cfg.to_dict()}
         save_checkpoint(out, state, step, info, keep=t.keep_checkpoints)
 
     t0 = time.perf_counter()

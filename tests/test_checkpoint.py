@@ -127,3 +127,27 @@ def test_sigint_checkpoints_and_stops(tmp_path, monkeypatch):
     monkeypatch.undo()
     summary = resume_run(run, progress=False)
     assert summary["train"]["steps"] == 10
+
+
+def test_edited_config_is_refused_on_resume(tmp_path):
+    cfg, _ = _cfg(tmp_path, 8)
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, evaluate=False)
+    text = (run / "config.toml").read_text().replace("lr = 0.01", "lr = 0.02")
+    (run / "config.toml").write_text(text)
+    with pytest.raises(MetaplasticError, match="differs from the config saved"):
+        resume_run(run, progress=False)
+
+
+def test_run_that_always_diverges_stops_with_a_clear_message(tmp_path):
+    task = tmp_path / "tiny.toml"
+    task.write_text(TASK)
+    rule = tmp_path / "blowup.toml"
+    rule.write_text('[rule]\nterms = ["pseudo_gradient", "hebbian"]\ninit = [0.1, 1e4]\n')
+    cfg = build_config(str(rule), str(task), {"episodes": 200})
+    run = tmp_path / "run"
+    with pytest.raises(MetaplasticError, match="every one of the first 20 meta-steps"):
+        train(cfg, run, progress=False)
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 20 and all(not json.loads(r)["grad_finite"] for r in rows)
+    assert json.loads(rows[-1])["skipped_total"] == 20
