@@ -204,6 +204,40 @@ def export(run_dir, fmt, threshold):
     click.echo(format_rule(rule, fmt, th))
 
 
+@main.command()
+@click.option("--rule", "rule", default="reference_pool", help="Rule preset or TOML file.")
+@click.option("--task", "task", default="fashion_mnist_reference", help="Task preset or file.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the results to this JSON file.",
+)
+@click.option("--repeats", type=int, default=5, help="Timing repeats (the median is kept).")
+@click.option("--unrolls", default="250,1000,4000", help="Unroll lengths for peak memory.")
+@_user_errors
+def bench(rule, task, json_path, repeats, unrolls):
+    """Time meta-gradients and ES evaluation; measure peak memory vs unroll length."""
+    from ._bench import run_bench
+
+    try:
+        lengths = tuple(int(u) for u in unrolls.split(",") if u.strip())
+    except ValueError:
+        raise MetaplasticError(f"--unrolls {unrolls!r}: give comma-separated integers") from None
+    res = run_bench(
+        rule,
+        task,
+        repeats=max(1, repeats),
+        unrolls=lengths,
+        progress=lambda m: click.echo(m, err=True),
+    )
+    text = json.dumps(res, indent=2)
+    click.echo(text)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+
+
 @main.command("list")
 @click.argument("what", type=click.Choice(["rules", "tasks", "terms"]))
 @_user_errors

@@ -92,6 +92,12 @@ class TrainConfig:
     prune_threshold: float = 1e-4
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
+    population: int = 16
+    sigma: float = 0.01
+    sigma_decay: float = 1.0
+    antithetic: bool = True
+    fitness_shaping: str = "default"
+    penalty: float = -1.0
 
 
 SECTIONS: dict[str, type] = {
@@ -181,6 +187,7 @@ def _validate(obj, where: str) -> None:
     from ._network import ACTIVATIONS
     from ._terms import TERMS
     from .outer import GRADIENT_MODES, OPTIMIZERS
+    from .outer._evolution import FITNESS_SHAPING, is_strategy, strategy_names
 
     if isinstance(obj, RuleConfig):
         if obj.kind != "term_pool":
@@ -219,8 +226,19 @@ def _validate(obj, where: str) -> None:
     elif isinstance(obj, TrainConfig):
         if obj.feedback not in FEEDBACK_MODES:
             raise unknown_name("feedback mode", obj.feedback, FEEDBACK_MODES, f"{where}.feedback")
-        if obj.outer not in OPTIMIZERS:
-            raise unknown_name("outer optimizer", obj.outer, OPTIMIZERS, f"{where}.outer")
+        if obj.outer not in OPTIMIZERS and not is_strategy(obj.outer):
+            choices = list(OPTIMIZERS) + strategy_names()
+            raise unknown_name("outer loop", obj.outer, choices, f"{where}.outer")
+        if obj.fitness_shaping not in FITNESS_SHAPING:
+            raise unknown_name(
+                "fitness shaping",
+                obj.fitness_shaping,
+                FITNESS_SHAPING,
+                f"{where}.fitness_shaping",
+            )
+        _positive(obj, where, "sigma", "sigma_decay")
+        if obj.population < 2:
+            raise MetaplasticError(f"{where}.population must be at least 2, got {obj.population}")
         if obj.gradient not in GRADIENT_MODES:
             raise unknown_name("gradient mode", obj.gradient, GRADIENT_MODES, f"{where}.gradient")
         _positive(

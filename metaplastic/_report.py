@@ -96,3 +96,20 @@ def results_table(meta_test: dict[str, dict]) -> str:
         lo, hi = r["ci95"]
         lines.append(f"| {name} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['episodes']} |")
     return "\n".join(lines)
+
+
+def plot_curves(runs: dict[str, list[dict]], key: str, ylabel: str, out_file: Path) -> None:
+    """One smoothed training curve per method (``key`` from each run's metrics rows)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, rows in runs.items():
+        ep = np.array([r["episodes"] for r in rows], dtype=float)
+        v = np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=float)
+        w = max(1, len(v) // 20)
+        ax.plot(ep[w - 1 :], _smooth(v, w), lw=2, label=label)
+    ax.set_xlabel("meta-training episodes")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=110)
+    plt.close(fig)

@@ -87,6 +87,48 @@ def _to_float(x) -> float | None:
     return v if np.isfinite(v) else None
 
 
+def _scalar(x):
+    """A JSON value for a 0-d metric: bool, int, or float (``None`` when not finite)."""
+    a = np.asarray(x)
+    if a.dtype == bool:
+        return bool(a)
+    if np.issubdtype(a.dtype, np.integer):
+        return int(a)
+    return _to_float(a)
+
+
+def make_trainer(cfg: RunConfig, setup: Setup, rule):
+    """The outer loop ``cfg.train.outer`` names: an optax optimiser or an evosax strategy."""
+    from .outer import OPTIMIZERS
+    from .outer._evolution import EvolutionTrainer
+
+    t = cfg.train
+    problem = setup.problem(cfg, "train")
+    if t.outer in OPTIMIZERS:
+        return GradientTrainer(
+            problem,
+            rule,
+            make_optimizer(t.outer, t.lr, t.clip),
+            meta_batch=t.meta_batch,
+            l1=t.l1,
+            mode=t.gradient,
+        )
+    return EvolutionTrainer(
+        problem,
+        rule,
+        t.outer,
+        population=t.population,
+        sigma=t.sigma,
+        sigma_decay=t.sigma_decay,
+        lr=t.lr,
+        antithetic=t.antithetic,
+        fitness_shaping=t.fitness_shaping,
+        meta_batch=t.meta_batch,
+        l1=t.l1,
+        penalty=t.penalty,
+    )
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the state was checkpointed at ``step``."""
 
@@ -157,14 +199,7 @@ def train(
         (out / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
     rule = build_rule(cfg, setup.net.n_layers)
     t = cfg.train
-    trainer = GradientTrainer(
-        setup.problem(cfg, "train"),
-        rule,
-        make_optimizer(t.outer, t.lr, t.clip),
-        meta_batch=t.meta_batch,
-        l1=t.l1,
-        mode=t.gradient,
-    )
+    trainer = make_trainer(cfg, setup, rule)
     state = trainer.init(rule, jax.random.key(t.seed))
     n_steps = t.episodes // t.meta_batch
     metrics_path = out / "metrics.jsonl"
@@ -209,17 +244,10 @@ def train(
                 compile_s = time.perf_counter() - t0
             step = i + 1
             if step % t.log_every == 0 or step == n_steps:
-                row = {
-                    "step": step,
-                    "episodes": step * t.meta_batch,
-                    "loss": _to_float(aux["loss"]),
-                    "query_loss": _to_float(aux["query_loss"]),
-                    "query_accuracy": _to_float(aux["query_accuracy"]),
-                    "diverged_episodes": int(aux["diverged"]),
-                    "grad_finite": bool(aux["grad_finite"]),
-                    "skipped_total": int(state.skipped),
-                    "coefficients": trainer.rule(state).coefficients(),
-                }
+                row = {"step": step, "episodes": step * t.meta_batch}
+                row.update({k: _scalar(v) for k, v in aux.items()})
+                row["skipped_total"] = int(state.skipped)
+                row["coefficients"] = trainer.rule(state).coefficients()
                 metrics.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -234,8 +262,9 @@ def train(
             if step == ALL_DIVERGED_PATIENCE and int(state.skipped) == step:
                 bar.close()
                 raise MetaplasticError(
-                    f"every one of the first {step} meta-steps had a non-finite meta-gradient "
-                    "(the rule diverges); lower the rule's init coefficients or train.lr "
+                    f"every one of the first {step} meta-steps diverged (non-finite "
+                    "meta-gradient, or every ES member blew up); lower the rule's init "
+                    "coefficients, train.lr or train.sigma "
                     f"(metrics so far are in {metrics_path})"
                 )
     bar.close()
@@ -298,7 +327,12 @@ DISCOVER_METHODS = (
 
 
 def discover(
-    out: Path, train_table: dict[str, Any], *, progress: bool = True, task: str = DISCOVER_TASK
+    out: Path,
+    train_table: dict[str, Any],
+    *,
+    progress: bool = True,
+    task: str = DISCOVER_TASK,
+    methods=DISCOVER_METHODS,
 ) -> dict[str, Any]:
     """Meta-train the pool rule under FA and the two baselines with the same budget.
 
@@ -312,7 +346,7 @@ def discover(
 
     t0 = time.perf_counter()
     summaries = {}
-    for label, rule, feedback in DISCOVER_METHODS:
+    for label, rule, feedback in methods:
         cfg = build_config(rule, task, dict(train_table, feedback=feedback))
         run_dir = out if label == "learned" else out / "baselines" / label
         summaries[label] = train(cfg, run_dir, progress=progress, label=label)

@@ -146,7 +146,7 @@ def test_run_that_always_diverges_stops_with_a_clear_message(tmp_path):
     rule.write_text('[rule]\nterms = ["pseudo_gradient", "hebbian"]\ninit = [0.1, 1e4]\n')
     cfg = build_config(str(rule), str(task), {"episodes": 200})
     run = tmp_path / "run"
-    with pytest.raises(MetaplasticError, match="every one of the first 20 meta-steps"):
+    with pytest.raises(MetaplasticError, match="every one of the first 20 meta-steps diverged"):
         train(cfg, run, progress=False)
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 20 and all(not json.loads(r)["grad_finite"] for r in rows)

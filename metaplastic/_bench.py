@@ -1,0 +1,157 @@
+"""Speed and memory benchmark of the meta-step; prints and writes JSON.
+
+Keys: ``meta_grad_ms_per_episode`` (``forward`` and ``reverse``: median over repeats of a
+jitted meta-step's time divided by the meta-batch), ``es_eval_ms_per_episode`` (forward-only
+inner loop, vmapped over a batch of episodes, as an evolution-strategy evaluation would run
+it), ``compile_s`` (first meta-step, per mode), ``peak_rss_mb`` (``forward`` and
+``reverse_remat``: peak resident memory of a fresh process that runs one meta-step at unroll
+lengths T = 250, 1000, 4000, with K scaled so that ``n_way * K = T``), ``device``, ``jax``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from ._config import build_config
+from ._run import build_rule, build_setup
+from .outer import GradientTrainer, make_optimizer
+
+UNROLLS = (250, 1000, 4000)
+
+
+def _trainer(rule_spec: str, task_spec: str, mode: str, overrides=(), remat=False):
+    cfg = build_config(rule_spec, task_spec, overrides=list(overrides))
+    if remat:
+        from ._config import apply_overrides
+
+        cfg = apply_overrides(cfg, ["train.remat=true"])
+    setup = build_setup(cfg)
+    rule = build_rule(cfg, setup.net.n_layers)
+    t = cfg.train
+    tr = GradientTrainer(
+        setup.problem(cfg),
+        rule,
+        make_optimizer(t.outer, t.lr, t.clip),
+        meta_batch=t.meta_batch,
+        mode=mode,
+    )
+    return cfg, setup, rule, tr
+
+
+def _time_meta_step(rule_spec, task_spec, mode, repeats, steps):
+    cfg, _, rule, tr = _trainer(rule_spec, task_spec, mode)
+    state = tr.init(rule, jax.random.key(0))
+    t0 = time.perf_counter()
+    state, _ = tr.step(state)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, _ = tr.step(state)
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - t0) / steps / cfg.train.meta_batch)
+    return 1e3 * statistics.median(times), compile_s, cfg
+
+
+def _time_es_eval(rule_spec, task_spec, batch, repeats):
+    cfg, setup, rule, _ = _trainer(rule_spec, task_spec, "forward")
+    problem = setup.problem(cfg)
+    f = eqx.filter_jit(lambda r, k: problem.meta_loss(r, jax.random.split(k, batch), 0.0)[0])
+    jax.block_until_ready(f(rule, jax.random.key(0)))
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(rule, jax.random.key(i + 1)))
+        times.append((time.perf_counter() - t0) / batch)
+    return 1e3 * statistics.median(times)
+
+
+def _child_rss(rule_spec: str, task_spec: str, T: int, mode: str) -> dict[str, float]:
+    """Run in a fresh process: one meta-step at unroll length T.
+
+    Returns the process's peak RSS and how far the meta-step (compile + run) raised it
+    above the resident size just before it, both in MB.
+    """
+    cfg = build_config(rule_spec, task_spec)
+    k = max(1, T // cfg.task.n_way)
+    overrides = [f"task.k_shot={k}", "train.meta_batch=1", "train.episodes=1"]
+    remat = mode == "reverse_remat"
+    _, _, rule, tr = _trainer(
+        rule_spec, task_spec, "reverse" if remat else "forward", overrides, remat=remat
+    )
+    state = tr.init(rule, jax.random.key(0))
+    jax.block_until_ready(state)
+    with open("/proc/self/statm") as f:  # resident pages before the meta-step (Linux)
+        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    state, _ = tr.step(state)
+    jax.block_until_ready(state)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {"peak": peak, "step": peak - before}
+
+
+def run_bench(
+    rule_spec: str = "reference_pool",
+    task_spec: str = "fashion_mnist_reference",
+    repeats: int = 5,
+    steps: int = 10,
+    es_batch: int = 8,
+    unrolls=UNROLLS,
+    progress=print,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "rule": rule_spec,
+        "task": task_spec,
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0]),
+        "device_kind": jax.devices()[0].device_kind,
+    }
+    grad, compile_s = {}, {}
+    for mode in ("forward", "reverse"):
+        progress(f"timing {mode}-mode meta-gradients ...")
+        ms, cs, cfg = _time_meta_step(rule_spec, task_spec, mode, repeats, steps)
+        grad[mode], compile_s[mode] = round(ms, 2), round(cs, 2)
+    out["meta_batch"] = cfg.train.meta_batch
+    out["unroll_steps"] = cfg.task.n_way * cfg.task.k_shot
+    out["meta_grad_ms_per_episode"] = grad
+    out["compile_s"] = compile_s
+    progress("timing forward-only (ES) evaluation ...")
+    out["es_eval_ms_per_episode"] = round(_time_es_eval(rule_spec, task_spec, es_batch, repeats), 2)
+    out["es_eval_batch"] = es_batch
+    rss: dict[str, dict[str, float]] = {}
+    extra: dict[str, dict[str, float]] = {}
+    for mode in ("forward", "reverse_remat"):
+        rss[mode], extra[mode] = {}, {}
+        for T in unrolls:
+            progress(f"peak memory, {mode}, T={T} ...")
+            proc = subprocess.run(
+                [sys.executable, "-m", "metaplastic._bench", rule_spec, task_spec, str(T), mode],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            if proc.returncode != 0:
+                rss[mode][str(T)] = extra[mode][str(T)] = None
+                progress(f"  failed: {proc.stderr.strip().splitlines()[-1:]}")
+            else:
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                rss[mode][str(T)] = round(r["peak"], 1)
+                extra[mode][str(T)] = round(r["step"], 1)
+    out["peak_rss_mb"] = rss
+    out["meta_step_rss_increase_mb"] = extra
+    return out
+
+
+if __name__ == "__main__":  # child process for the memory measurement
+    r, t, T, m = sys.argv[1:5]
+    print(json.dumps(_child_rss(r, t, int(T), m)))

@@ -1,0 +1,225 @@
+"""Evolution-strategy outer loop: evosax strategies on the rule's coefficients.
+
+Only the rule's inexact-array leaves evolve (``eqx.partition(rule, eqx.is_inexact_array)``).
+evosax **minimises**, and the fitness we pass is the meta-loss (query cross-entropy +
+``l1 * sum|theta|``), so lower is better throughout.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import equinox as eqx
+import evosax.algorithms as ea
+import evosax.core.fitness_shaping as fs
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray
+
+from .._errors import MetaplasticError, unknown_name
+from .._meta import Problem
+from .._rules import AbstractRule
+
+#: Short names for the common strategies; any evosax algorithm class name also works.
+STRATEGY_ALIASES = {
+    "open_es": "Open_ES",
+    "cma_es": "CMA_ES",
+    "sep_cma_es": "Sep_CMA_ES",
+    "snes": "SNES",
+    "xnes": "xNES",
+    "pgpe": "PGPE",
+    "simple_es": "SimpleES",
+    "ars": "ARS",
+}
+FITNESS_SHAPING = {
+    "default": None,
+    "centered_rank": fs.centered_rank_fitness_shaping_fn,
+    "standardize": fs.standardize_fitness_shaping_fn,
+    "normalize": fs.normalize_fitness_shaping_fn,
+    "weights": fs.weights_fitness_shaping_fn,
+    "identity": fs.identity_fitness_shaping_fn,
+}
+
+
+def strategy_names() -> list[str]:
+    classes = [n for n in ea.__all__ if isinstance(getattr(ea, n, None), type)]
+    return sorted(set(STRATEGY_ALIASES) | set(classes))
+
+
+def is_strategy(name: str) -> bool:
+    return name in STRATEGY_ALIASES or (
+        name in getattr(ea, "__all__", []) and isinstance(getattr(ea, name), type)
+    )
+
+
+def make_strategy(
+    name: str,
+    solution: Any,
+    population: int,
+    sigma: float,
+    sigma_decay: float = 1.0,
+    lr: float = 1e-3,
+    antithetic: bool = True,
+    fitness_shaping: str = "default",
+):
+    """An evosax strategy and its params, configured from plain settings.
+
+    ``sigma`` is the initial search scale; ``sigma_decay`` multiplies it every generation
+    (strategies that take a schedule); ``lr`` sets the Adam optimiser of strategies that
+    update their mean with an optax optimiser (OpenAI-ES, PGPE, SNES, ...).
+    """
+    if not is_strategy(name):
+        raise unknown_name("outer strategy", name, strategy_names(), "train.outer")
+    if fitness_shaping not in FITNESS_SHAPING:
+        raise unknown_name(
+            "fitness shaping", fitness_shaping, FITNESS_SHAPING, "train.fitness_shaping"
+        )
+    if population < 2:
+        raise MetaplasticError(f"train.population must be at least 2, got {population}")
+    cls = getattr(ea, STRATEGY_ALIASES.get(name, name))
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {}
+    if "optimizer" in accepted:
+        kwargs["optimizer"] = optax.adam(lr)
+    if "std_schedule" in accepted:
+        kwargs["std_schedule"] = optax.exponential_decay(sigma, 1, sigma_decay)
+    if "use_antithetic_sampling" in accepted:
+        kwargs["use_antithetic_sampling"] = antithetic
+    if FITNESS_SHAPING[fitness_shaping] is not None:
+        kwargs["fitness_shaping_fn"] = FITNESS_SHAPING[fitness_shaping]
+    if ("use_antithetic_sampling" in accepted and antithetic) or name in ("pgpe", "PGPE"):
+        if population % 2:
+            raise MetaplasticError(
+                f"train.population must be even for {name} with antithetic sampling, "
+                f"got {population}"
+            )
+    try:
+        strategy = cls(population_size=population, solution=solution, **kwargs)
+    except (AssertionError, TypeError, ValueError) as err:
+        raise MetaplasticError(f"train.outer {name!r}: cannot be configured ({err})") from None
+    params = strategy.default_params
+    if hasattr(params, "std_init"):
+        params = params.replace(std_init=jnp.asarray(sigma, dtype=jnp.float32))
+    return strategy, params
+
+
+class ESState(eqx.Module):
+    """Outer-loop state of an evolution strategy (checkpointable: arrays only)."""
+
+    es_state: Any
+    key: Array  # raw key data
+    step: Array
+    skipped: Array  # generations in which every member diverged
+    diverged_members: Array  # member evaluations replaced by the penalty, in total
+
+
+class EvolutionTrainer(eqx.Module):
+    """Meta-learns a rule's coefficients with an evosax strategy.
+
+    One :meth:`step` is one jitted generation: ask for ``population`` coefficient vectors,
+    evaluate every member (vmapped) on the **same** ``meta_batch`` episodes (common random
+    numbers), replace non-finite fitness by the worst finite fitness of the generation (or
+    ``penalty`` if it is set, >= 0) and count it, then tell the strategy.
+    """
+
+    problem: Problem
+    static: AbstractRule
+    strategy: Any = eqx.field(static=True)
+    es_params: Any
+    meta_batch: int = eqx.field(static=True)
+    l1: float = eqx.field(static=True)
+    penalty: float = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        problem,
+        rule,
+        name,
+        *,
+        population=16,
+        sigma=0.01,
+        sigma_decay=1.0,
+        lr=1e-3,
+        antithetic=True,
+        fitness_shaping="default",
+        meta_batch=8,
+        l1=0.0,
+        penalty=-1.0,
+    ):
+        params, static = eqx.partition(rule, eqx.is_inexact_array)
+        self.problem = problem
+        self.static = static
+        self.strategy, self.es_params = make_strategy(
+            name, params, population, sigma, sigma_decay, lr, antithetic, fitness_shaping
+        )
+        self.meta_batch = int(meta_batch)
+        self.l1 = float(l1)
+        self.penalty = float(penalty)
+        self.mode = f"es:{type(self.strategy).__name__}"
+
+    def rule(self, state: ESState) -> AbstractRule:
+        mean = self.strategy.get_mean(state.es_state)
+        return eqx.combine(mean, self.static)
+
+    def init(self, rule: AbstractRule, key: PRNGKeyArray) -> ESState:
+        params, _ = eqx.partition(rule, eqx.is_inexact_array)
+        es_state = self.strategy.init(key, params, self.es_params)
+        return ESState(
+            es_state=es_state,
+            key=jax.random.key_data(jax.random.fold_in(key, 1)),
+            step=jnp.array(0, jnp.int32),
+            skipped=jnp.array(0, jnp.int32),
+            diverged_members=jnp.array(0, jnp.int32),
+        )
+
+    def fitness(self, population, keys):
+        """Meta-loss and query accuracy of every member on the same episodes."""
+
+        def one(p):
+            loss, aux = self.problem.meta_loss(eqx.combine(p, self.static), keys, self.l1)
+            return loss, aux["query_accuracy"]
+
+        return jax.vmap(one)(population)
+
+    @eqx.filter_jit
+    def step(self, state: ESState) -> tuple[ESState, dict]:
+        key, k_ask, k_tell, k_eps = jax.random.split(jax.random.wrap_key_data(state.key), 4)
+        keys = jax.random.split(k_eps, self.meta_batch)
+        population, es_state = self.strategy.ask(k_ask, state.es_state, self.es_params)
+        mean = self.strategy.get_mean(state.es_state)
+        both = jax.tree_util.tree_map(lambda p, m: jnp.concatenate([p, m[None]]), population, mean)
+        loss_all, acc_all = self.fitness(both, keys)
+        raw, mean_loss, mean_acc = loss_all[:-1], loss_all[-1], acc_all[-1]
+        finite = jnp.isfinite(raw)
+        n_bad = jnp.sum(~finite).astype(jnp.int32)
+        worst = jnp.max(jnp.where(finite, raw, -jnp.inf))
+        fallback = jnp.where(jnp.isfinite(worst), worst, 1e6)
+        fill = fallback if self.penalty < 0 else jnp.asarray(self.penalty, raw.dtype)
+        fit = jnp.where(finite, raw, fill)
+        # evosax minimises: fitness = meta-loss (lower is better)
+        es_state, _ = self.strategy.tell(k_tell, population, fit, es_state, self.es_params)
+        all_bad = n_bad == raw.shape[0]
+        sigma = getattr(es_state, "std", jnp.nan)
+        new = ESState(
+            es_state=es_state,
+            key=jax.random.key_data(key),
+            step=state.step + 1,
+            skipped=state.skipped + all_bad.astype(jnp.int32),
+            diverged_members=state.diverged_members + n_bad,
+        )
+        aux = {
+            "loss": mean_loss,
+            "query_loss": mean_loss - self.l1 * self.rule(state).l1(),
+            "query_accuracy": mean_acc,
+            "best_fitness": jnp.min(jnp.where(finite, raw, jnp.inf)),
+            "mean_fitness": jnp.sum(jnp.where(finite, raw, 0.0))
+            / jnp.maximum(1, raw.shape[0] - n_bad),
+            "worst_fitness": worst,
+            "sigma": jnp.mean(jnp.asarray(sigma)),
+            "diverged": n_bad,
+            "grad_finite": ~all_bad,
+        }
+        return new, aux

@@ -1,0 +1,102 @@
+"""Evolution-strategy outer loop (evosax): strategies by name, NaN members, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from metaplastic._config import build_config
+from metaplastic._errors import MetaplasticError
+from metaplastic._rules import TermPoolRule
+from metaplastic._run import Interrupted, resume_run, train
+from metaplastic.outer._evolution import EvolutionTrainer, is_strategy, make_strategy
+
+from .conftest import POOL_TERMS
+from .test_checkpoint import TASK
+
+
+@pytest.mark.parametrize("name", ["open_es", "cma_es", "snes", "pgpe", "Sep_CMA_ES"])
+def test_strategies_by_name_take_a_generation(small_problem, name):
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.05, 0.0, 0.0])
+    tr = EvolutionTrainer(small_problem, rule, name, population=6, sigma=0.01, meta_batch=2)
+    s0 = tr.init(rule, jax.random.key(0))
+    s1, aux = tr.step(s0)
+    assert int(s1.step) == 1
+    assert np.all(np.isfinite(np.asarray(tr.rule(s1).theta)))
+    assert float(aux["best_fitness"]) <= float(aux["mean_fitness"]) <= float(aux["worst_fitness"])
+    assert abs(float(aux["sigma"]) - 0.01) < 0.01
+
+
+def test_population_members_share_episodes(small_problem):
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.05, 0.0, 0.0])
+    tr = EvolutionTrainer(small_problem, rule, "open_es", population=4, sigma=0.01, meta_batch=3)
+    import equinox as eqx
+
+    params = eqx.partition(rule, eqx.is_inexact_array)[0]
+    pop = jax.tree_util.tree_map(lambda a: np.stack([a, a]), params)
+    keys = jax.random.split(jax.random.key(3), 3)
+    loss, _ = tr.fitness(pop, keys)
+    assert float(loss[0]) == float(loss[1])  # common random numbers: identical members tie
+
+
+def test_nan_for_part_of_the_population_does_not_stop_the_run(small_problem):
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian"], [0.05, 0.0])
+    tr = EvolutionTrainer(small_problem, rule, "open_es", population=16, sigma=300.0, meta_batch=2)
+    state = tr.init(rule, jax.random.key(0))
+    total_bad = 0
+    for _ in range(3):
+        state, aux = tr.step(state)
+        total_bad += int(aux["diverged"])
+        assert np.isfinite(float(aux["worst_fitness"]))
+    assert 0 < total_bad < 48
+    assert int(state.diverged_members) == total_bad
+    assert np.all(np.isfinite(np.asarray(tr.rule(state).theta)))
+
+
+def test_unknown_strategy_and_bad_settings():
+    assert is_strategy("open_es") and is_strategy("CMA_ES") and not is_strategy("adam")
+    with pytest.raises(MetaplasticError, match="did you mean 'open_es'"):
+        make_strategy("open_ess", np.zeros(3), 8, 0.1)
+    with pytest.raises(MetaplasticError, match="must be even"):
+        make_strategy("open_es", np.zeros(3), 7, 0.1)
+    with pytest.raises(MetaplasticError, match="did you mean 'cma_es'"):
+        build_config("pool", "digits", overrides=["train.outer='cma_e'"])
+
+
+def test_es_resume_is_bit_identical(tmp_path, monkeypatch):
+    task = tmp_path / "tiny.toml"
+    task.write_text(TASK)
+    cfg = build_config(
+        "pool", str(task), {"episodes": 12}, ["train.outer='open_es'", "train.population=4"]
+    )
+    ref = tmp_path / "ref"
+    train(cfg, ref, progress=False, evaluate=False)
+    import metaplastic._run as r
+
+    calls = {"n": 0}
+
+    class StopAtThree(r._StopFlag):
+        @property
+        def set(self):
+            calls["n"] += 1
+            return calls["n"] == 3
+
+        @set.setter
+        def set(self, value):
+            pass
+
+    monkeypatch.setattr(r, "_StopFlag", StopAtThree)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(cfg, run, progress=False, evaluate=False)
+    monkeypatch.undo()
+    resume_run(run, progress=False)
+    a = json.loads((ref / "rule.json").read_text())["theta"]
+    b = json.loads((run / "rule.json").read_text())["theta"]
+    assert a == b
+    assert (ref / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"best_fitness", "mean_fitness", "worst_fitness", "sigma", "diverged"} <= set(row)
