@@ -89,6 +89,12 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
 @click.option("--feedback", default=None, help="Credit assignment: fa or backprop.")
 @click.option("--lr", type=float, default=None, help="Outer learning rate.")
 @click.option(
+    "--outer",
+    default=None,
+    help="Outer loop: an optax optimiser (adam, sgd, ...) or an evosax strategy "
+    "(open_es, cma_es, snes, pgpe, or any evosax class name).",
+)
+@click.option(
     "--set",
     "overrides",
     multiple=True,
@@ -102,7 +108,9 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
     help="Continue the run in this directory from its newest valid checkpoint.",
 )
 @_user_errors
-def train_cmd(rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, overrides, resume):
+def train_cmd(
+    rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, outer, overrides, resume
+):
     """Meta-train RULE on TASK and evaluate it on held-out episodes."""
     from ._config import build_config
     from ._report import results_table
@@ -121,6 +129,7 @@ def train_cmd(rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, 
                     ("--meta-batch", meta_batch),
                     ("--feedback", feedback),
                     ("--lr", lr),
+                    ("--outer", outer),
                 )
                 if v is not None
             ]
@@ -143,6 +152,7 @@ def train_cmd(rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, 
                     "meta_batch": meta_batch,
                     "feedback": feedback,
                     "lr": lr,
+                    "outer": outer,
                 },
                 list(overrides),
             )

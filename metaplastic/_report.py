@@ -73,13 +73,15 @@ def plot_meta_test(meta_test: dict[str, dict], out: Path, chance: float | None =
     acc = np.array([meta_test[n]["accuracy"] for n in names])
     lo = np.array([meta_test[n]["ci95"][0] for n in names])
     hi = np.array([meta_test[n]["ci95"][1] for n in names])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 3.8))
     ax.bar(names, acc, yerr=[acc - lo, hi - acc], capsize=6, color="#4c72b0")
     if chance is not None:
         ax.axhline(chance, color="k", ls="--", lw=1, label="chance")
         ax.legend()
     ax.set_ylabel("meta-test query accuracy")
     ax.set_ylim(0, 1)
+    if max(len(n) for n in names) > 10:
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.tight_layout()
     fig.savefig(out / "meta_test.png", dpi=110)
     plt.close(fig)
