@@ -98,6 +98,8 @@ class TrainConfig:
     antithetic: bool = True
     fitness_shaping: str = "default"
     penalty: float = -1.0
+    devices: int = 0
+    vmap_width: int = 0
 
 
 SECTIONS: dict[str, type] = {
@@ -237,6 +239,10 @@ def _validate(obj, where: str) -> None:
                 f"{where}.fitness_shaping",
             )
         _positive(obj, where, "sigma", "sigma_decay")
+        if obj.vmap_width < 0:
+            raise MetaplasticError(f"{where}.vmap_width must be >= 0, got {obj.vmap_width}")
+        if obj.devices < 0:
+            raise MetaplasticError(f"{where}.devices must be >= 0 (0 = all), got {obj.devices}")
         if obj.population < 2:
             raise MetaplasticError(f"{where}.population must be at least 2, got {obj.population}")
         if obj.gradient not in GRADIENT_MODES:

@@ -112,6 +112,8 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule):
             meta_batch=t.meta_batch,
             l1=t.l1,
             mode=t.gradient,
+            devices=t.devices,
+            vmap_width=t.vmap_width,
         )
     return EvolutionTrainer(
         problem,
@@ -126,6 +128,8 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule):
         meta_batch=t.meta_batch,
         l1=t.l1,
         penalty=t.penalty,
+        devices=t.devices,
+        vmap_width=t.vmap_width,
     )
 
 

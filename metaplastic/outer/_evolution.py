@@ -21,6 +21,7 @@ from jaxtyping import Array, PRNGKeyArray
 from .._errors import MetaplasticError, unknown_name
 from .._meta import Problem
 from .._rules import AbstractRule
+from .._sharding import AxisSharding
 
 #: Short names for the common strategies; any evosax algorithm class name also works.
 STRATEGY_ALIASES = {
@@ -132,6 +133,7 @@ class EvolutionTrainer(eqx.Module):
     l1: float = eqx.field(static=True)
     penalty: float = eqx.field(static=True)
     mode: str = eqx.field(static=True)
+    sharding: AxisSharding
 
     def __init__(
         self,
@@ -148,6 +150,8 @@ class EvolutionTrainer(eqx.Module):
         meta_batch=8,
         l1=0.0,
         penalty=-1.0,
+        devices=1,
+        vmap_width=0,
     ):
         params, static = eqx.partition(rule, eqx.is_inexact_array)
         self.problem = problem
@@ -158,6 +162,7 @@ class EvolutionTrainer(eqx.Module):
         self.meta_batch = int(meta_batch)
         self.l1 = float(l1)
         self.penalty = float(penalty)
+        self.sharding = AxisSharding(devices, population, "population", vmap_width)
         self.mode = f"es:{type(self.strategy).__name__}"
 
     def rule(self, state: ESState) -> AbstractRule:
@@ -175,24 +180,25 @@ class EvolutionTrainer(eqx.Module):
             diverged_members=jnp.array(0, jnp.int32),
         )
 
+    def member_fitness(self, p, keys):
+        """Meta-loss and query accuracy of one member on the episodes of ``keys``."""
+        loss, aux = self.problem.meta_loss(eqx.combine(p, self.static), keys, self.l1)
+        return loss, aux["query_accuracy"]
+
     def fitness(self, population, keys):
         """Meta-loss and query accuracy of every member on the same episodes."""
-
-        def one(p):
-            loss, aux = self.problem.meta_loss(eqx.combine(p, self.static), keys, self.l1)
-            return loss, aux["query_accuracy"]
-
-        return jax.vmap(one)(population)
+        return jax.vmap(lambda p: self.member_fitness(p, keys))(population)
 
     @eqx.filter_jit
     def step(self, state: ESState) -> tuple[ESState, dict]:
         key, k_ask, k_tell, k_eps = jax.random.split(jax.random.wrap_key_data(state.key), 4)
         keys = jax.random.split(k_eps, self.meta_batch)
         population, es_state = self.strategy.ask(k_ask, state.es_state, self.es_params)
+        population = self.sharding.gather(population)
         mean = self.strategy.get_mean(state.es_state)
-        both = jax.tree_util.tree_map(lambda p, m: jnp.concatenate([p, m[None]]), population, mean)
-        loss_all, acc_all = self.fitness(both, keys)
-        raw, mean_loss, mean_acc = loss_all[:-1], loss_all[-1], acc_all[-1]
+        raw = self.sharding.map(lambda p: self.member_fitness(p, keys)[0], population)
+        mean_loss, mean_acc = self.fitness(jax.tree_util.tree_map(lambda m: m[None], mean), keys)
+        mean_loss, mean_acc = mean_loss[0], mean_acc[0]
         finite = jnp.isfinite(raw)
         n_bad = jnp.sum(~finite).astype(jnp.int32)
         worst = jnp.max(jnp.where(finite, raw, -jnp.inf))
@@ -200,6 +206,8 @@ class EvolutionTrainer(eqx.Module):
         fill = fallback if self.penalty < 0 else jnp.asarray(self.penalty, raw.dtype)
         fit = jnp.where(finite, raw, fill)
         # evosax minimises: fitness = meta-loss (lower is better)
+        # tell runs on replicated inputs, so its reductions do not depend on the device count
+        population, fit = self.sharding.gather((population, fit))
         es_state, _ = self.strategy.tell(k_tell, population, fit, es_state, self.es_params)
         all_bad = n_bad == raw.shape[0]
         sigma = getattr(es_state, "std", jnp.nan)

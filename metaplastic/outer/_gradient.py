@@ -11,6 +11,7 @@ from jaxtyping import Array, PRNGKeyArray
 from .._errors import MetaplasticError, unknown_name
 from .._meta import Problem
 from .._rules import AbstractRule
+from .._sharding import AxisSharding
 
 OPTIMIZERS = {
     "adam": optax.adam,
@@ -63,8 +64,11 @@ class GradientTrainer(eqx.Module):
     meta_batch: int = eqx.field(static=True)
     l1: float = eqx.field(static=True)
     mode: str = eqx.field(static=True)
+    sharding: AxisSharding
 
-    def __init__(self, problem, rule, optimizer, meta_batch=8, l1=0.0, mode="auto"):
+    def __init__(
+        self, problem, rule, optimizer, meta_batch=8, l1=0.0, mode="auto", devices=1, vmap_width=0
+    ):
         if mode not in GRADIENT_MODES:
             raise unknown_name("gradient mode", mode, GRADIENT_MODES, "train.gradient")
         if meta_batch < 1:
@@ -75,6 +79,7 @@ class GradientTrainer(eqx.Module):
         self.optimizer = optimizer
         self.meta_batch = int(meta_batch)
         self.l1 = float(l1)
+        self.sharding = AxisSharding(devices, self.meta_batch, "meta_batch", vmap_width)
         if mode == "auto":
             n = sum(x.size for x in jax.tree_util.tree_leaves(params))
             mode = "forward" if n <= FORWARD_MODE_MAX_COEFFS else "reverse"
@@ -95,16 +100,35 @@ class GradientTrainer(eqx.Module):
         )
 
     def loss_and_grad(self, params, keys):
-        """``(grads, aux)`` of the meta-loss at ``params`` on the episodes of ``keys``."""
+        """``(grads, aux)`` of the meta-loss at ``params`` on the episodes of ``keys``.
 
-        def f(p):
-            loss, aux = self.problem.meta_loss(eqx.combine(p, self.static), keys, self.l1)
-            return loss, aux
+        Each episode's gradient is computed separately (vmapped, split over the devices),
+        gathered, then averaged, so the result does not depend on the device count.
+        """
 
-        if self.mode == "forward":
-            grads, aux = jax.jacfwd(f, has_aux=True)(params)
-        else:
-            grads, aux = jax.grad(f, has_aux=True)(params)
+        def per_episode(p, key):
+            res = self.problem.episode(eqx.combine(p, self.static), key)
+            return res.query_loss, (res.query_loss, res.query_accuracy, res.diverged)
+
+        grad_fn = (jax.jacfwd if self.mode == "forward" else jax.grad)(per_episode, has_aux=True)
+
+        def one(key_data):
+            return grad_fn(params, jax.random.wrap_key_data(key_data))
+
+        grads_b, (ql, qa, dv) = self.sharding.map(one, jax.random.key_data(keys))
+
+        def penalty(p):
+            return self.l1 * eqx.combine(p, self.static).l1()
+
+        pen, pen_grad = jax.value_and_grad(penalty)(params)
+        grads = jax.tree_util.tree_map(lambda g, h: jnp.mean(g, axis=0) + h, grads_b, pen_grad)
+        qloss = jnp.mean(ql)
+        aux = {
+            "loss": qloss + pen,
+            "query_loss": qloss,
+            "query_accuracy": jnp.mean(qa),
+            "diverged": jnp.sum(dv.astype(jnp.int32)),
+        }
         return grads, aux
 
     @eqx.filter_jit

@@ -1,0 +1,57 @@
+"""Sharding over devices: 1 and 4 (forced host) devices give bit-identical results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from metaplastic._errors import MetaplasticError
+
+from .test_checkpoint import TASK
+
+SCRIPT = r"""
+import json, sys, tempfile
+from pathlib import Path
+import jax
+from metaplastic._config import build_config
+from metaplastic._run import train
+assert len(jax.devices()) == 4, jax.devices()
+tmp = Path(tempfile.mkdtemp())
+(tmp / "t.toml").write_text(sys.argv[1])
+out = {}
+for outer in ("adam", "open_es"):
+    for n in (1, 4):
+        cfg = build_config("pool", str(tmp / "t.toml"), {"episodes": 8},
+                           [f"train.outer='{outer}'", f"train.devices={n}",
+                            "train.population=4", "train.meta_batch=4", "train.vmap_width=1"])
+        train(cfg, tmp / f"{outer}{n}", progress=False, evaluate=False)
+        run = tmp / f"{outer}{n}"
+        out[f"{outer}{n}"] = [json.loads((run / "rule.json").read_text())["theta"],
+                              (run / "metrics.jsonl").read_text()]
+print(json.dumps(out))
+"""
+
+
+def test_one_and_four_devices_agree_bit_for_bit():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, TASK], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["adam1"] == out["adam4"]
+    assert out["open_es1"] == out["open_es4"]
+
+
+def test_device_settings_are_validated():
+    import pytest
+
+    from metaplastic._sharding import AxisSharding
+
+    with pytest.raises(MetaplasticError, match="sees 1 device"):
+        AxisSharding(4, 8, "meta_batch")
+    with pytest.raises(MetaplasticError, match="vmap_width=3 must divide"):
+        AxisSharding(1, 8, "meta_batch", width=3)
+    assert AxisSharding(0, 7, "meta_batch").n == 1
