@@ -34,7 +34,8 @@ def seconds_per_generation(cfg, n: int = 5) -> float:
     rule = build_rule(cfg, setup.net.n_layers)
     tr = make_trainer(cfg, setup, rule)
     state = tr.init(rule, jax.random.key(0))
-    state, _ = tr.step(state)
+    for _ in range(2):  # compile, and make sure no later step recompiles
+        state, _ = tr.step(state)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(n):

@@ -172,6 +172,11 @@ class EvolutionTrainer(eqx.Module):
     def init(self, rule: AbstractRule, key: PRNGKeyArray) -> ESState:
         params, _ = eqx.partition(rule, eqx.is_inexact_array)
         es_state = self.strategy.init(key, params, self.es_params)
+        # strong dtypes: a weakly typed leaf in the initial state would make the second
+        # generation retrace (and recompile) the whole step
+        es_state = jax.tree_util.tree_map(
+            lambda x: jax.lax.convert_element_type(x, jnp.asarray(x).dtype), es_state
+        )
         return ESState(
             es_state=es_state,
             key=jax.random.key_data(jax.random.fold_in(key, 1)),
