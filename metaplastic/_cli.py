@@ -102,6 +102,14 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
     help="Override any config value, e.g. --set train.l1=1e-4 (repeatable).",
 )
 @click.option(
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT",
+    help="Multi-process run: address of process 0 (or METAPLASTIC_COORDINATOR).",
+)
+@click.option("--num-processes", type=int, default=None, help="Multi-process run: how many.")
+@click.option("--process-id", type=int, default=None, help="Multi-process run: this one's id.")
+@click.option(
     "--resume",
     type=click.Path(path_type=Path),
     default=None,
@@ -109,14 +117,30 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
 )
 @_user_errors
 def train_cmd(
-    rule, task, seed, episodes, out, quiet, meta_batch, feedback, lr, outer, overrides, resume
+    rule,
+    task,
+    seed,
+    episodes,
+    out,
+    quiet,
+    meta_batch,
+    feedback,
+    lr,
+    outer,
+    overrides,
+    coordinator,
+    num_processes,
+    process_id,
+    resume,
 ):
     """Meta-train RULE on TASK and evaluate it on held-out episodes."""
     from ._config import build_config
+    from ._distributed import init_distributed
     from ._report import results_table
     from ._run import Interrupted, resume_run, train
 
     try:
+        init_distributed(coordinator, num_processes, process_id)
         if resume is not None:
             given = [
                 n

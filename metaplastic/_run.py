@@ -17,6 +17,7 @@ import tomli_w
 from ._checkpoint import checkpoint_dir, load_latest, save_checkpoint
 from ._config import RunConfig
 from ._data import ImagePool, load_dataset, split_pools
+from ._distributed import process_dir
 from ._errors import MetaplasticError
 from ._export import write_rule_files
 from ._meta import Problem, evaluate_rule, mean_ci95
@@ -198,6 +199,7 @@ def train(
     from tqdm.auto import tqdm
 
     setup = build_setup(cfg)  # validates data and task shapes before anything is written
+    out = process_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
@@ -273,7 +275,7 @@ def train(
                 )
     bar.close()
     train_s = time.perf_counter() - t0
-    learned = trainer.rule(state)
+    learned = jax.tree_util.tree_map(np.asarray, trainer.rule(state))  # host copy
     rule_data = write_rule_files(out, learned, t.prune_threshold)
     plot_training(metrics, out, title=f"{label}: {cfg.rule.name} on {cfg.task.name}")
     summary: dict[str, Any] = {

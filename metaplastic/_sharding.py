@@ -1,4 +1,4 @@
-"""Shard the meta-batch (gradient) or population (ES) axis over local devices."""
+"""Shard the meta-batch (gradient) or population (ES) axis over the devices of the run."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ class AxisSharding(eqx.Module):
     whole: NamedSharding | None = eqx.field(static=True)
 
     def __init__(self, requested: int, axis_size: int, what: str, width: int = 0):
-        available = jax.local_devices()
+        available = jax.devices()  # all processes' devices in a multi-process run
         if requested < 0 or requested > len(available):
             raise MetaplasticError(
-                f"train.devices={requested}: this process sees {len(available)} device(s); "
+                f"train.devices={requested}: the run sees {len(available)} device(s); "
                 f"use 0 (all usable) or a number up to {len(available)}"
             )
         if requested == 0:  # the most devices that divide the axis evenly

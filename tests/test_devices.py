@@ -55,3 +55,97 @@ def test_device_settings_are_validated():
     with pytest.raises(MetaplasticError, match="vmap_width=3 must divide"):
         AxisSharding(1, 8, "meta_batch", width=3)
     assert AxisSharding(0, 7, "meta_batch").n == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_over_loopback_match_a_single_process(tmp_path):
+    from metaplastic._config import build_config
+    from metaplastic._run import train
+
+    task = tmp_path / "t.toml"
+    task.write_text(TASK)
+    common = [
+        "--rule",
+        "pool",
+        "--task",
+        str(task),
+        "--episodes",
+        "8",
+        "--quiet",
+        "--set",
+        "train.vmap_width=1",
+        "--set",
+        "train.meta_batch=4",
+        "--set",
+        "train.population=4",
+    ]
+    for outer in ("adam", "open_es"):
+        single = tmp_path / f"single-{outer}"
+        cfg = build_config(
+            "pool",
+            str(task),
+            {"episodes": 8},
+            [
+                "train.vmap_width=1",
+                "train.meta_batch=4",
+                "train.population=4",
+                f"train.outer='{outer}'",
+                "train.devices=1",
+            ],
+        )
+        train(cfg, single, progress=False, evaluate=False)
+        multi = tmp_path / f"multi-{outer}"
+        port = _free_port()
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "metaplastic._cli",
+                    "train",
+                    *common,
+                    "--set",
+                    f"train.outer='{outer}'",
+                    "--set",
+                    "train.devices=4",
+                    "--out",
+                    str(multi),
+                    "--coordinator",
+                    f"127.0.0.1:{port}",
+                    "--num-processes",
+                    "2",
+                    "--process-id",
+                    str(i),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in (0, 1)
+        ]
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], errs
+        theta = json.loads((single / "rule.json").read_text())["theta"]
+        assert json.loads((multi / "rule.json").read_text())["theta"] == theta
+        assert json.loads((multi / "process-1" / "rule.json").read_text())["theta"] == theta
+
+
+def test_multi_process_settings_are_checked():
+    import pytest
+
+    from metaplastic._distributed import init_distributed
+
+    assert init_distributed(None, None, None) is False
+    with pytest.raises(MetaplasticError, match="needs --num-processes and --process-id"):
+        init_distributed("127.0.0.1:1", None, None)
+    with pytest.raises(MetaplasticError, match="must be in 0..1"):
+        init_distributed("127.0.0.1:1", 2, 5)
