@@ -22,29 +22,18 @@ import equinox as eqx
 import jax
 
 from ._config import build_config
-from ._run import build_rule, build_setup
-from .outer import GradientTrainer, make_optimizer
+from ._run import build_rule, build_setup, make_trainer
 
 UNROLLS = (250, 1000, 4000)
 
 
 def _trainer(rule_spec: str, task_spec: str, mode: str, overrides=(), remat=False):
-    cfg = build_config(rule_spec, task_spec, overrides=list(overrides))
-    if remat:
-        from ._config import apply_overrides
-
-        cfg = apply_overrides(cfg, ["train.remat=true"])
+    """The run's own trainer (via :func:`make_trainer`) with the gradient mode forced."""
+    extra = [f"train.gradient='{mode}'", f"train.remat={'true' if remat else 'false'}"]
+    cfg = build_config(rule_spec, task_spec, overrides=[*overrides, *extra])
     setup = build_setup(cfg)
     rule = build_rule(cfg, setup.net.n_layers)
-    t = cfg.train
-    tr = GradientTrainer(
-        setup.problem(cfg),
-        rule,
-        make_optimizer(t.outer, t.lr, t.clip),
-        meta_batch=t.meta_batch,
-        mode=mode,
-    )
-    return cfg, setup, rule, tr
+    return cfg, setup, rule, make_trainer(cfg, setup, rule)
 
 
 def _time_meta_step(rule_spec, task_spec, mode, repeats, steps):

@@ -73,8 +73,6 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
     raw = bytearray(files[-1].read_bytes())
     raw[-5] ^= 0xFF
     files[-1].write_bytes(bytes(raw))
-    from metaplastic._run import GradientTrainer  # noqa: F401 - same import path as train
-
     like = read_checkpoint(files[0], _like(cfg))[0]
     with pytest.raises(MetaplasticError, match="checksum mismatch"):
         read_checkpoint(files[-1], like)
@@ -96,18 +94,14 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
 
 
 def _like(cfg):
+    """A fresh outer-loop state with the structure the run's checkpoints have."""
     import jax
 
-    from metaplastic._run import build_rule, build_setup
-    from metaplastic.outer import GradientTrainer, make_optimizer
+    from metaplastic._run import build_rule, build_setup, make_trainer
 
     setup = build_setup(cfg)
     rule = build_rule(cfg, setup.net.n_layers)
-    t = cfg.train
-    tr = GradientTrainer(
-        setup.problem(cfg), rule, make_optimizer(t.outer, t.lr, t.clip), meta_batch=t.meta_batch
-    )
-    return tr.init(rule, jax.random.key(0))
+    return make_trainer(cfg, setup, rule).init(rule, jax.random.key(0))
 
 
 def test_sigint_checkpoints_and_stops(tmp_path, monkeypatch):
