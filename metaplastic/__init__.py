@@ -8,9 +8,12 @@ from ._feedback import FEEDBACK_MODES, backward, init_feedback
 from ._inner import Episode, InnerResult, online_step, run_episode
 from ._meta import Problem, evaluate_rule, mean_ci95
 from ._network import NetState, Network
-from ._rules import AbstractRule, TermPoolRule
+from ._pca import PCATask
+from ._rule_kinds import RULE_KINDS, EquationRule, MLPRule, TaylorRule
+from ._rules import AbstractRule, PlasticFeedback, TermPoolRule
 from ._run import discover, evaluate_run, train
-from ._signals import LocalSignals
+from ._signals import LocalSignals, NeuronState
+from ._symbolic import parse_equation
 from ._tasks import ClassificationTask
 from ._terms import (
     TERMS,
@@ -22,12 +25,22 @@ from ._terms import (
     WeightDecay,
     sympy_symbols,
 )
+from ._user_terms import user_term
 from .outer import GradientTrainer, OuterState, make_optimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RULE_KINDS",
     "TERMS",
+    "EquationRule",
+    "MLPRule",
+    "NeuronState",
+    "PCATask",
+    "PlasticFeedback",
+    "TaylorRule",
+    "parse_equation",
+    "user_term",
     "FEEDBACK_MODES",
     "AbstractRule",
     "AbstractTerm",

@@ -86,7 +86,11 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
 @click.option("--task", "task", default=None, help="Task preset name or TOML file.")
 @_train_options
 @click.option("--meta-batch", type=int, default=None, help="Episodes per meta-step.")
-@click.option("--feedback", default=None, help="Credit assignment: fa or backprop.")
+@click.option(
+    "--feedback",
+    default=None,
+    help="Credit assignment: backprop, fa, dfa, sign_symmetric or kolen_pollack.",
+)
 @click.option("--lr", type=float, default=None, help="Outer learning rate.")
 @click.option(
     "--outer",
@@ -201,17 +205,53 @@ def _load_run(run_dir: Path):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--episodes", type=int, default=None, help="Held-out episodes (default: config).")
+@click.option(
+    "--equation",
+    "equations",
+    multiple=True,
+    help="Evaluate this equation instead of a run's rule (repeat once per layer), e.g. "
+    "--equation '-0.03*e*x.T + 0.01*(y*x.T - y*y.T*W)'.",
+)
+@click.option("--task", default=None, help="Task preset or file for --equation (default digits).")
+@click.option("--feedback", default=None, help="Feedback pathway for --equation (default fa).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
 @_user_errors
-def evaluate(run_dir, episodes):
-    """Evaluate a run's learned rule on held-out (meta-test) episodes."""
+def evaluate(run_dir, episodes, equations, task, feedback, overrides):
+    """Evaluate a run's learned rule, or an equation, on held-out (meta-test) episodes."""
+    from ._config import build_config
     from ._report import results_table
-    from ._run import evaluate_run
+    from ._run import build_rule, build_setup, evaluate_run
 
-    cfg, rule = _load_run(run_dir)
     if episodes is not None and episodes < 1:
         raise MetaplasticError("--episodes must be at least 1")
+    if equations:
+        from ._config import RuleConfig, apply_overrides, parse_section
+
+        if run_dir is not None:
+            if task or feedback:
+                raise MetaplasticError("with RUN_DIR the task comes from the run; drop --task")
+            cfg, _ = _load_run(run_dir)
+        else:
+            cfg = build_config("pseudo_gradient", task or "digits", {"feedback": feedback})
+        rule_cfg = parse_section(
+            RuleConfig,
+            {"kind": "equation", "equations": list(equations)},
+            "--equation",
+            RuleConfig(name="equation"),
+        )
+        cfg = apply_overrides(cfg.replace(rule=rule_cfg), overrides)
+        setup = build_setup(cfg)
+        rule = build_rule(cfg, setup.net.n_layers)
+        res = evaluate_run(cfg, rule, setup, episodes=episodes)
+        click.echo(results_table({"equation": res}))
+        return
+    if run_dir is None:
+        raise MetaplasticError("evaluate needs a RUN_DIR or --equation")
+    if task or feedback or overrides:
+        raise MetaplasticError("--task/--feedback/--set go with --equation")
+    cfg, rule = _load_run(run_dir)
     res = evaluate_run(cfg, rule, episodes=episodes)
     (run_dir / "evaluate.json").write_text(json.dumps({"learned": res}, indent=2) + "\n")
     click.echo(results_table({"learned": res}))
@@ -219,23 +259,95 @@ def evaluate(run_dir, episodes):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", default="text", help="text, latex or json.")
+@click.option("--format", "fmt", default="text", help="text, latex, json or python.")
 @click.option(
     "--threshold",
     type=float,
     default=None,
     help="Prune coefficients with |theta| at or below this (default: config).",
 )
+@click.option(
+    "--prune-effect",
+    type=float,
+    default=None,
+    metavar="TOL",
+    help="Also drop each coefficient (smallest first) whose removal costs less than TOL "
+    "accuracy on validation episodes from the meta-train images (default: "
+    "train.prune_effect; 0 = off).",
+)
+@click.option("--prune-episodes", type=int, default=None, help="Validation episodes for pruning.")
+@click.option(
+    "--check/--no-check",
+    default=True,
+    help="Parse the exported equation back and report its held-out accuracy next to the "
+    "learned parameters' (default on).",
+)
+@click.option("--check-episodes", type=int, default=None, help="Held-out episodes for --check.")
 @_user_errors
-def export(run_dir, fmt, threshold):
-    """Print a run's learned rule as an equation."""
-    from ._export import format_rule
+def export(run_dir, fmt, threshold, prune_effect, prune_episodes, check, check_episodes):
+    """Print a run's learned rule as an equation (and check that the equation performs)."""
+    from ._export import export_run
 
     cfg, rule = _load_run(run_dir)
     th = cfg.train.prune_threshold if threshold is None else threshold
     if th < 0:
         raise MetaplasticError("--threshold must be >= 0")
-    click.echo(format_rule(rule, fmt, th))
+    prune_effect = cfg.train.prune_effect if prune_effect is None else prune_effect
+    prune_episodes = cfg.train.prune_episodes if prune_episodes is None else prune_episodes
+    if prune_effect < 0:
+        raise MetaplasticError("--prune-effect must be >= 0")
+    if prune_episodes < 1 or (check_episodes is not None and check_episodes < 1):
+        raise MetaplasticError("--prune-episodes and --check-episodes must be at least 1")
+    text, report = export_run(
+        run_dir,
+        cfg,
+        rule,
+        fmt,
+        th,
+        prune_effect=prune_effect or None,
+        prune_episodes=prune_episodes,
+        check=check,
+        check_episodes=check_episodes,
+    )
+    click.echo(text)
+    if report:
+        click.echo(report, err=fmt in ("latex", "python", "json"))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--episodes", type=int, default=20, help="Meta-train episodes to sample signals from."
+)
+@click.option("--samples", type=int, default=20000, help="Synapse samples for the fit.")
+@click.option("--method", default="stlsq", help="stlsq (thresholded least squares) or lasso.")
+@click.option("--alpha", type=float, default=None, help="Threshold (stlsq) or penalty (lasso).")
+@click.option("--check-episodes", type=int, default=None, help="Held-out episodes for accuracy.")
+@_user_errors
+def distill(run_dir, episodes, samples, method, alpha, check_episodes):
+    """Fit a sparse polynomial to a run's learned rule (e.g. an MLP rule) and evaluate it."""
+    from ._distill import distill_run
+
+    cfg, rule = _load_run(run_dir)
+    if episodes < 1 or samples < 100:
+        raise MetaplasticError("--episodes must be >= 1 and --samples >= 100")
+    summary = distill_run(
+        run_dir,
+        cfg,
+        rule,
+        episodes=episodes,
+        samples=samples,
+        method=method,
+        alpha=alpha,
+        check_episodes=check_episodes,
+    )
+    click.echo(summary["equation"])
+    click.echo(
+        f"fit R^2 = {summary['r2']:.4f} (held-out synapse samples); "
+        f"{summary['n_terms']} of 81 monomials"
+    )
+    click.echo(summary["table"])
+    click.echo(f"written: {run_dir / 'distilled.json'}")
 
 
 @main.command()
@@ -286,13 +398,16 @@ def list_cmd(what):
     elif what == "rules":
         for name in list_presets("rules"):
             r = load_rule(name)
-            click.echo(f"{name:18s} {', '.join(r.terms)}  {r.description}")
+            what = ", ".join(r.terms) if r.kind == "term_pool" else f"[{r.kind}]"
+            click.echo(f"{name:18s} {what}  {r.description}")
     else:
         for name in list_presets("tasks"):
             t, n, _ = load_task(name)
             click.echo(
                 f"{name:18s} {t.dataset} {t.n_way}-way K={t.k_shot} Q={t.q_query} "
                 f"hidden={list(n.hidden)}  {t.description}"
+                if t.kind == "classification"
+                else f"{name:18s} [{t.kind}] dim={t.dim} steps={t.steps}  {t.description}"
             )
 
 

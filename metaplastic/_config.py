@@ -35,7 +35,14 @@ def list_presets(kind: str) -> list[str]:
 
 @dataclass(frozen=True)
 class RuleConfig:
-    """``[rule]``: which search space and where its coefficients start."""
+    """``[rule]``: which search space and where its coefficients start.
+
+    ``kind`` picks the family: ``term_pool`` (``terms``, ``init``, ``mask``), ``taylor``
+    (``monomials``, ``init``), ``mlp`` (``mlp_hidden``, ``mlp_scale``, ``mlp_seed``) or
+    ``equation`` (``equations``: one for all layers or one per layer). ``state_rate`` and
+    ``scaling_target`` set the per-neuron state of stateful terms; ``feedback_init`` starts
+    the two feedback-plasticity coefficients used with ``train.feedback = "kolen_pollack"``.
+    """
 
     name: str = "rule"
     kind: str = "term_pool"
@@ -43,14 +50,29 @@ class RuleConfig:
     init: tuple[float, ...] = ()
     mask: tuple[bool, ...] = ()
     shared: bool = True
+    monomials: tuple[str, ...] = ()
+    mlp_hidden: tuple[int, ...] = (16,)
+    mlp_scale: float = 0.01
+    mlp_seed: int = 0
+    equations: tuple[str, ...] = ()
+    state_rate: float = 0.1
+    scaling_target: float = 0.1
+    feedback_init: tuple[float, ...] = (0.03, 0.0)
     description: str = ""
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """``[task]``: N-way K-shot online classification on a data set."""
+    """``[task]``: N-way K-shot online classification on a data set (``kind =
+    "classification"``), or principal-component extraction by one linear neuron (``kind =
+    "pca"``: ``dim`` inputs, ``steps`` online samples, covariance eigenvalues
+    ``eig_decay**k``)."""
 
     name: str = "task"
+    kind: str = "classification"
+    dim: int = 5
+    steps: int = 300
+    eig_decay: float = 0.5
     dataset: str = "digits"
     n_way: int = 5
     k_shot: int = 20
@@ -90,6 +112,8 @@ class TrainConfig:
     eval_episodes: int = 500
     log_every: int = 1
     prune_threshold: float = 1e-4
+    prune_effect: float = 0.0
+    prune_episodes: int = 200
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     population: int = 16
@@ -187,29 +211,21 @@ def _positive(obj, where: str, *names: str) -> None:
 def _validate(obj, where: str) -> None:
     from ._feedback import FEEDBACK_MODES
     from ._network import ACTIVATIONS
-    from ._terms import TERMS
     from .outer import GRADIENT_MODES, OPTIMIZERS
     from .outer._evolution import FITNESS_SHAPING, is_strategy, strategy_names
 
     if isinstance(obj, RuleConfig):
-        if obj.kind != "term_pool":
-            raise unknown_name("rule kind", obj.kind, ["term_pool"], f"{where}.kind")
-        if not obj.terms:
-            raise MetaplasticError(f"{where}.terms: give at least one term name")
-        for t in obj.terms:
-            if t not in TERMS:
-                raise unknown_name("term", t, TERMS, f"{where}.terms")
-        if len(set(obj.terms)) != len(obj.terms):
-            raise MetaplasticError(f"{where}.terms: a term is listed twice; list each once")
-        for key in ("init", "mask"):
-            n = len(getattr(obj, key))
-            if n not in (0, len(obj.terms)):
-                raise MetaplasticError(
-                    f"{where}.{key} has {n} entries for {len(obj.terms)} terms; give one per term"
-                )
+        _validate_rule(obj, where)
     elif isinstance(obj, TaskConfig):
         from ._data import DATASETS
 
+        if obj.kind not in TASK_KINDS:
+            raise unknown_name("task kind", obj.kind, TASK_KINDS, f"{where}.kind")
+        _positive(obj, where, "dim", "steps", "eig_decay")
+        if obj.eig_decay >= 1.0:
+            raise MetaplasticError(
+                f"{where}.eig_decay must be below 1 (a unique top component), got {obj.eig_decay}"
+            )
         if obj.dataset not in DATASETS:
             raise unknown_name("data set", obj.dataset, DATASETS, f"{where}.dataset")
         _positive(obj, where, "n_way", "k_shot", "q_query")
@@ -256,15 +272,69 @@ def _validate(obj, where: str) -> None:
             "eval_episodes",
             "log_every",
             "keep_checkpoints",
+            "prune_episodes",
         )
         if obj.episodes < obj.meta_batch:
             raise MetaplasticError(
                 f"{where}.episodes ({obj.episodes}) is smaller than {where}.meta_batch "
                 f"({obj.meta_batch}); raise episodes or lower meta_batch"
             )
-        for n in ("l1", "clip", "prune_threshold", "checkpoint_every"):
+        for n in ("l1", "clip", "prune_threshold", "prune_effect", "checkpoint_every"):
             if getattr(obj, n) < 0:
                 raise MetaplasticError(f"{where}.{n} must be >= 0, got {getattr(obj, n)}")
+
+
+TASK_KINDS = ("classification", "pca")
+
+
+def _validate_rule(obj: RuleConfig, where: str) -> None:
+    from ._rule_kinds import RULE_KINDS, monomial_index
+    from ._terms import TERMS
+
+    kinds = [k for k in RULE_KINDS if k != "plastic_feedback"]
+    if obj.kind not in kinds:
+        raise unknown_name("rule kind", obj.kind, kinds, f"{where}.kind")
+    _positive(obj, where, "state_rate")
+    if obj.state_rate > 1.0:
+        raise MetaplasticError(f"{where}.state_rate must be at most 1, got {obj.state_rate}")
+    if len(obj.feedback_init) != 2:
+        raise MetaplasticError(
+            f"{where}.feedback_init needs 2 numbers (step, decay), got {len(obj.feedback_init)}"
+        )
+    if obj.kind == "term_pool":
+        if not obj.terms:
+            raise MetaplasticError(f"{where}.terms: give at least one term name")
+        for t in obj.terms:
+            if t not in TERMS and ":" not in t:
+                raise unknown_name("term", t, TERMS, f"{where}.terms")
+        if len(set(obj.terms)) != len(obj.terms):
+            raise MetaplasticError(f"{where}.terms: a term is listed twice; list each once")
+        for key in ("init", "mask"):
+            n = len(getattr(obj, key))
+            if n not in (0, len(obj.terms)):
+                raise MetaplasticError(
+                    f"{where}.{key} has {n} entries for {len(obj.terms)} terms; give one per term"
+                )
+    elif obj.kind == "taylor":
+        idx = [monomial_index(m) for m in obj.monomials]
+        if len(set(idx)) != len(idx):
+            raise MetaplasticError(f"{where}.monomials: a monomial is listed twice")
+        n = len(idx) or 81
+        if len(obj.init) not in (0, n):
+            raise MetaplasticError(
+                f"{where}.init has {len(obj.init)} entries for {n} monomials; give one each"
+            )
+    elif obj.kind == "mlp":
+        if not obj.mlp_hidden or any(h < 1 for h in obj.mlp_hidden):
+            raise MetaplasticError(f"{where}.mlp_hidden: give positive widths, e.g. [16]")
+        _positive(obj, where, "mlp_scale")
+    elif obj.kind == "equation":
+        from ._symbolic import parse_equation
+
+        if not obj.equations:
+            raise MetaplasticError(f"{where}.equations: give at least one equation")
+        for eq in obj.equations:
+            parse_equation(eq)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

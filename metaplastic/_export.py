@@ -1,4 +1,10 @@
-"""Export a learned rule as an equation: pruned, simplified, as text, LaTeX and JSON."""
+"""Export a learned rule as an equation: pruned, simplified, as text, LaTeX, JSON, Python.
+
+Works for every rule kind (:data:`metaplastic._rule_kinds.RULE_KINDS`). Pruning is by
+magnitude (``threshold``) here and by effect in :func:`prune_by_effect`; the round trip
+(:func:`round_trip`) parses the exported text back into a rule and evaluates it next to the
+learned parameters.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import sympy as sp
 
-from ._errors import MetaplasticError
-from ._rules import AbstractRule, TermPoolRule
+from ._errors import MetaplasticError, unknown_name
+from ._rules import AbstractRule, PlasticFeedback
+from ._symbolic import is_matrix, to_python
 
-FORMATS = ("text", "latex", "json")
-RULE_JSON_VERSION = 1
+FORMATS = ("text", "latex", "json", "python")
+RULE_JSON_VERSION = 2
+#: Above this many operations an expression is expanded but not run through sp.simplify.
+SIMPLIFY_MAX_OPS = 80
 
 
 def _round_floats(expr: sp.Basic, digits: int) -> sp.Basic:
@@ -21,17 +33,34 @@ def _round_floats(expr: sp.Basic, digits: int) -> sp.Basic:
 
 
 def simplify(expr: sp.Basic) -> sp.Basic:
-    """Expand and collect the expression (sympy's ``simplify`` for scalar expressions)."""
+    """Expand matrix expressions; expand and (when small) simplify scalar ones."""
     if isinstance(expr, sp.MatrixExpr):
         return sp.expand(expr).doit()
-    return sp.simplify(expr)
+    expr = sp.expand(expr)
+    if sp.count_ops(expr) <= SIMPLIFY_MAX_OPS:
+        simple = sp.collect(expr, sorted(expr.free_symbols, key=str))
+        return simple if sp.count_ops(simple) <= sp.count_ops(expr) else expr
+    return expr
+
+
+def _base(rule: AbstractRule) -> AbstractRule:
+    return rule.rule if isinstance(rule, PlasticFeedback) else rule
+
+
+def layer_indices(rule: AbstractRule) -> list[int | None]:
+    """``[None]`` for a rule shared by all layers, else one index per layer."""
+    r = _base(rule)
+    if getattr(r, "shared", True):
+        return [None]
+    n = len(r.exprs) if hasattr(r, "exprs") else int(r.theta.shape[0])
+    return list(range(n))
 
 
 def rule_expression(
     rule: AbstractRule, threshold: float = 0.0, digits: int = 4, layer: int | None = None
 ) -> sp.Basic:
-    """The rule as a sympy expression: terms with ``|theta| <= threshold`` pruned,
-    coefficients rounded to ``digits`` significant digits, simplified."""
+    """The rule as a sympy expression: coefficients with ``|theta| <= threshold`` pruned,
+    rounded to ``digits`` significant digits, simplified."""
     expr = rule.to_sympy(layer=layer, threshold=threshold)
     return simplify(_round_floats(expr, digits))
 
@@ -44,70 +73,82 @@ def equation_latex(expr: sp.Basic) -> str:
     return rf"\Delta W = {sp.latex(expr)}"
 
 
-def _layer_indices(rule: TermPoolRule) -> list[int | None]:
-    return [None] if rule.shared else list(range(rule.theta.shape[0]))
-
-
-def equations(rule: TermPoolRule, threshold: float) -> dict[str, dict[str, str]]:
-    """Text and LaTeX for the shared rule (key ``all``) or for each layer (``layer0``...)."""
+def equations(rule: AbstractRule, threshold: float) -> dict[str, dict[str, str]]:
+    """Text and LaTeX for the shared rule (key ``all``) or each layer (``layer0``...);
+    with plastic feedback also the feedback update (key ``feedback``)."""
     out = {}
-    for layer in _layer_indices(rule):
+    for layer in layer_indices(rule):
         expr = rule_expression(rule, threshold, layer=layer)
         key = "all" if layer is None else f"layer{layer}"
-        out[key] = {"text": equation_text(expr), "latex": equation_latex(expr)}
+        out[key] = {
+            "text": equation_text(expr),
+            "latex": equation_latex(expr),
+            "form": "matrix" if is_matrix(expr) else "elementwise",
+        }
+    if isinstance(rule, PlasticFeedback):
+        fb = _round_floats(rule.feedback_sympy(), 4)
+        out["feedback"] = {
+            "text": f"dB = {sp.sstr(fb)}",
+            "latex": rf"\Delta B = {sp.latex(fb)}",
+            "form": "matrix",
+        }
     return out
 
 
-def pruned_terms(rule: TermPoolRule, threshold: float) -> list[str]:
+def pruned_terms(rule: AbstractRule, threshold: float) -> list[str]:
     """Coefficient names whose magnitude is at or below the threshold."""
+    if _base(rule).kind == "mlp":
+        return []
     return [k for k, v in rule.coefficients().items() if abs(v) <= threshold]
 
 
-def rule_to_json(rule: TermPoolRule, threshold: float) -> dict[str, Any]:
-    """Everything needed to rebuild the rule, plus its equation."""
+def rule_to_json(rule: AbstractRule, threshold: float) -> dict[str, Any]:
+    """Everything needed to rebuild the rule, plus its equation(s)."""
     eqs = equations(rule, threshold)
     main = eqs.get("all") or next(iter(eqs.values()))
-    return {
-        "format_version": RULE_JSON_VERSION,
-        "kind": "term_pool",
-        "terms": list(rule.names),
-        "mask": list(rule.mask),
-        "shared": rule.shared,
-        "theta": np.asarray(rule.theta).tolist(),
-        "coefficients": rule.coefficients(),
-        "prune_threshold": threshold,
-        "pruned": pruned_terms(rule, threshold),
-        "equation": main["text"],
-        "latex": main["latex"],
-        "equations": eqs,
-    }
+    data = {"format_version": RULE_JSON_VERSION, **rule.to_json_data(threshold)}
+    data.update(
+        {
+            "coefficients": rule.coefficients(),
+            "prune_threshold": threshold,
+            "pruned": pruned_terms(rule, threshold),
+            "equation": main["text"],
+            "latex": main["latex"],
+            "equations": eqs,
+        }
+    )
+    return data
 
 
-def rule_from_json(data: Any, where: str = "rule.json") -> TermPoolRule:
+def rule_from_json(data: Any, where: str = "rule.json") -> AbstractRule:
     """Rebuild a rule from :func:`rule_to_json` output (validated)."""
-    if not isinstance(data, dict) or data.get("kind") != "term_pool":
-        raise MetaplasticError(f"{where}: not a metaplastic rule file (kind 'term_pool' expected)")
+    from ._rule_kinds import RULE_KINDS, rule_from_data
+
+    if not isinstance(data, dict) or data.get("kind") not in RULE_KINDS:
+        raise MetaplasticError(
+            f"{where}: not a metaplastic rule file (kind one of {', '.join(RULE_KINDS)})"
+        )
     try:
-        theta = np.asarray(data["theta"], dtype=np.float32)
-        terms = [str(t) for t in data["terms"]]
-        mask = [bool(m) for m in data["mask"]]
-    except (KeyError, TypeError, ValueError) as err:
+        rule = rule_from_data(data)
+    except MetaplasticError as err:
+        raise MetaplasticError(f"{where}: {err}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as err:
         raise MetaplasticError(f"{where}: malformed rule file ({err}); re-export the run") from None
-    if not np.all(np.isfinite(theta)):
+    leaves = jax.tree_util.tree_leaves(eqx.filter(rule, eqx.is_inexact_array))
+    if not all(bool(np.all(np.isfinite(np.asarray(v)))) for v in leaves):
         raise MetaplasticError(f"{where}: coefficients are not finite; the run diverged")
-    rule = TermPoolRule.from_names(terms)
-    return TermPoolRule(rule.terms, theta, mask)
+    return rule
 
 
-def write_rule_files(run_dir: Path, rule: TermPoolRule, threshold: float) -> dict[str, Any]:
+def write_rule_files(run_dir: Path, rule: AbstractRule, threshold: float) -> dict[str, Any]:
     data = rule_to_json(rule, threshold)
     (run_dir / "rule.json").write_text(json.dumps(data, indent=2) + "\n")
     (run_dir / "rule.tex").write_text(data["latex"] + "\n")
     return data
 
 
-def read_rule_file(run_dir: Path) -> TermPoolRule:
-    path = run_dir / "rule.json"
+def read_rule_file(run_dir: Path, name: str = "rule.json") -> AbstractRule:
+    path = run_dir / name
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -119,11 +160,21 @@ def read_rule_file(run_dir: Path) -> TermPoolRule:
     return rule_from_json(data, str(path))
 
 
-def format_rule(rule: TermPoolRule, fmt: str, threshold: float) -> str:
-    if fmt not in FORMATS:
-        from ._errors import unknown_name
+def python_source(rule: AbstractRule, threshold: float) -> str:
+    """A stand-alone JAX module with one ``delta_w`` function (or one per layer)."""
+    parts = []
+    for layer in layer_indices(rule):
+        name = "delta_w" if layer is None else f"delta_w_layer{layer}"
+        src = to_python(rule_expression(rule, threshold, layer=layer), name)
+        parts.append(src if not parts else src.split("\n", 3)[3])
+    return "\n\n".join(parts)
 
+
+def format_rule(rule: AbstractRule, fmt: str, threshold: float) -> str:
+    if fmt not in FORMATS:
         raise unknown_name("format", fmt, FORMATS, "--format")
+    if fmt == "python":
+        return python_source(rule, threshold)
     data = rule_to_json(rule, threshold)
     if fmt == "json":
         return json.dumps(data, indent=2)
@@ -131,3 +182,155 @@ def format_rule(rule: TermPoolRule, fmt: str, threshold: float) -> str:
     if len(data["equations"]) == 1:
         return next(iter(data["equations"].values()))[key]
     return "\n".join(f"{k}: {v[key]}" for k, v in data["equations"].items())
+
+
+def exported_texts(rule: AbstractRule, threshold: float) -> list[str]:
+    """The exported weight-update equation(s) as text, one for all layers or one each."""
+    return [sp.sstr(rule_expression(rule, threshold, layer=layer)) for layer in layer_indices(rule)]
+
+
+def equation_rule_from_export(rule: AbstractRule, threshold: float):
+    """Parse the exported text back into an :class:`EquationRule` (what a reader of the
+    paper would re-implement), keeping feedback plasticity if the rule has it."""
+    from ._rule_kinds import EquationRule
+
+    eq = EquationRule.from_text(exported_texts(rule, threshold), _base(rule).state_rate())
+    if isinstance(rule, PlasticFeedback):
+        fb = jnp.asarray(np.round(np.asarray(rule.theta_fb, np.float64), 4), jnp.float32)
+        return PlasticFeedback(eq, fb)
+    return eq
+
+
+def coefficient_getter(rule: AbstractRule):
+    """``where(rule) -> theta``: the coefficient array that pruning by effect may zero."""
+    base = _base(rule)
+    if not hasattr(base, "theta"):
+        raise MetaplasticError(
+            f"pruning by effect needs a rule with coefficients; the {base.kind} rule has none "
+            "(distil it first: metaplastic distill RUN)"
+        )
+
+    def where(r):
+        return r.rule.theta if isinstance(r, PlasticFeedback) else r.theta
+
+    return where
+
+
+def prune_by_effect(
+    rule: AbstractRule,
+    accuracy,
+    tolerance: float,
+    progress=None,
+    max_passes: int = 3,
+) -> tuple[AbstractRule, list[dict[str, Any]]]:
+    """Greedily zero coefficients, smallest first, while the score stays within
+    ``tolerance`` of the unpruned rule's; sweep again (at most ``max_passes`` times) while a
+    sweep still removes something, since a term may only become removable once the terms it
+    compensated for are gone.
+
+    ``accuracy(rule) -> float`` must measure on validation episodes (meta-train images, not
+    the meta-test set); :func:`export_run` passes the mean query accuracy (classification)
+    or ``1 - meta-loss`` (pca, where the alignment alone would not see the weight norm).
+    Returns the pruned rule and one record per tried coefficient.
+    """
+    where = coefficient_getter(rule)
+    theta = np.asarray(where(rule), np.float32)
+    mask = np.asarray(getattr(_base(rule), "mask", [True] * theta.shape[-1]), bool)
+    live = [idx for idx in np.ndindex(theta.shape) if theta[idx] != 0.0 and mask[idx[-1]]]
+    live.sort(key=lambda idx: abs(theta[idx]))
+    full = float(accuracy(rule))
+    current = theta.copy()
+    names = list(rule.coefficients())
+    report = [{"pass": 0, "coefficient": "(none)", "score": full, "pruned": False}]
+    for sweep in range(1, max_passes + 1):
+        changed = False
+        for idx in [i for i in live if current[i] != 0.0]:
+            trial = current.copy()
+            trial[idx] = 0.0
+            score = float(accuracy(eqx.tree_at(where, rule, jnp.asarray(trial))))
+            drop = full - score < tolerance
+            report.append(
+                {
+                    "pass": sweep,
+                    "coefficient": _coef_label(names, theta.shape, idx, mask),
+                    "value": float(theta[idx]),
+                    "score": score,
+                    "pruned": drop,
+                }
+            )
+            if drop:
+                current, changed = trial, True
+            if progress:
+                progress(len(report) - 1)
+        if not changed:
+            break
+    return eqx.tree_at(where, rule, jnp.asarray(current)), report
+
+
+def _coef_label(names: list[str], shape, idx, mask) -> str:
+    live_cols = [k for k in range(shape[-1]) if mask[k]]
+    col = live_cols.index(idx[-1]) if idx[-1] in live_cols else None
+    if col is None:
+        return str(idx)
+    pos = col if len(shape) == 1 else idx[0] * len(live_cols) + col
+    return names[pos] if pos < len(names) else str(idx)
+
+
+def export_run(
+    run_dir: Path,
+    cfg,
+    rule: AbstractRule,
+    fmt: str,
+    threshold: float,
+    *,
+    prune_effect: float | None = None,
+    prune_episodes: int = 200,
+    check: bool = True,
+    check_episodes: int | None = None,
+) -> tuple[str, str]:
+    """Prune (by magnitude, optionally by effect), format, and check the round trip.
+
+    The round trip parses the exported equation text back into a rule
+    (:func:`equation_rule_from_export`) and evaluates it on the run's meta-test episodes
+    next to the learned parameters. Writes ``export.json`` in ``run_dir``. Returns the
+    formatted rule and a report (empty when there is nothing to report).
+    """
+    from ._meta import evaluate_rule
+    from ._report import results_table
+    from ._run import build_setup, evaluate_run, validation_key
+
+    if fmt not in FORMATS:
+        raise unknown_name("format", fmt, FORMATS, "--format")
+    setup = None
+    record: dict[str, Any] = {"threshold": threshold, "prune_effect": prune_effect}
+    exported = rule
+    if prune_effect is not None:
+        setup = build_setup(cfg)
+        problem = setup.problem(cfg, "train")
+        key = validation_key(cfg)
+
+        def accuracy(r):
+            scores = evaluate_rule(problem, r, key, prune_episodes, metric="score")
+            return float(np.mean(np.where(np.isfinite(scores), scores, -1.0)))
+
+        exported, steps = prune_by_effect(rule, accuracy, prune_effect)
+        record["prune_by_effect"] = {"episodes": prune_episodes, "steps": steps}
+    text = format_rule(exported, fmt, threshold)
+    record["equations"] = exported_texts(exported, threshold)
+    report = ""
+    if check:
+        setup = setup or build_setup(cfg)
+        eq_rule = equation_rule_from_export(exported, threshold)
+        res = {
+            "learned": evaluate_run(cfg, rule, setup, episodes=check_episodes),
+            "exported equation": evaluate_run(cfg, eq_rule, setup, episodes=check_episodes),
+        }
+        gap = res["exported equation"]["accuracy"] - res["learned"]["accuracy"]
+        record["round_trip"] = dict(res, difference=gap)
+        report = (
+            results_table(res)
+            + f"\nround trip: the exported equation scores {gap:+.4f} against the learned "
+            "parameters on the same held-out episodes"
+        )
+    (run_dir / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+    return text, report

@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ._feedback import backward, init_feedback
 from ._network import NetState, Network
 from ._rules import AbstractRule
-from ._signals import LocalSignals
+from ._signals import LocalSignals, NeuronState
 
 
 class Episode(eqx.Module):
@@ -38,27 +38,76 @@ class InnerResult(eqx.Module):
     diverged: Array
 
 
-def online_step(rule: AbstractRule, net: Network, B, state: NetState, x, label):
-    """One online update on one sample; returns the new state, the loss and correctness."""
-    hs = net.forward(state, x)
+class Carry(eqx.Module):
+    """What changes during an episode: the network's weights, the feedback matrices (``None``
+    when derived from ``W``) and the per-neuron state (``None`` when the rule reads none)."""
+
+    net: NetState
+    B: tuple[Array, ...] | None
+    neurons: tuple[NeuronState, ...] | None
+
+
+def start_carry(rule: AbstractRule, net: Network, feedback: str, key: PRNGKeyArray) -> Carry:
+    """Fresh network weights and feedback matrices drawn from ``key``."""
+    k_net, k_fb = jax.random.split(key)
+    state0 = net.init(k_net)
+    B = init_feedback(feedback, net, k_fb)
+    neurons = tuple(NeuronState.start(w) for w in state0.W) if rule.uses_state() else None
+    return Carry(state0, B, neurons)
+
+
+def apply_rule(rule: AbstractRule, carry: Carry, pres, posts, errs, feedback: str = "fa") -> Carry:
+    """Apply the rule at every layer given its pre/post activities and the errors
+    ``errs = [e_0, ..., e_L]``; advance the per-neuron state and plastic feedback."""
+    state = carry.net
+    rate = rule.state_rate()
+    new_W, new_b, new_n, new_B = [], [], [], []
+    for layer, W in enumerate(state.W):
+        extra = {}
+        if carry.neurons is not None:
+            ns = carry.neurons[layer].advance(posts[layer], rate)
+            ybar, theta_m = ns.averages(rate)
+            extra = {"ybar": ybar, "theta_M": theta_m, "nrm0": ns.nrm0}
+            new_n.append(ns)
+        s = LocalSignals(
+            x=pres[layer], y=posts[layer], e=errs[layer + 1], e_pre=errs[layer], W=W, **extra
+        )
+        new_W.append(W + rule(layer, s))
+        if state.b is not None:
+            new_b.append(state.b[layer] + rule.bias(layer, s))
+        if feedback == "kolen_pollack":
+            new_B.append(carry.B[layer] + rule.feedback_delta(layer, s, carry.B[layer]))
+    net_state = NetState(W=tuple(new_W), b=tuple(new_b) if state.b is not None else None)
+    return Carry(
+        net_state,
+        tuple(new_B) if feedback == "kolen_pollack" else carry.B,
+        tuple(new_n) if carry.neurons is not None else None,
+    )
+
+
+def forward_backward(net: Network, feedback: str, carry: Carry, x, label):
+    """Activities and errors for one labelled sample.
+
+    Returns ``(pres, posts, errs, loss, correct)``: each layer's pre-synaptic activity,
+    post-synaptic activity (softmax at the output), the errors ``[e_0, ..., e_L]``, the
+    cross-entropy and whether the prediction was right.
+    """
+    hs = net.forward(carry.net, x)
     logits = hs[-1]
     p = jax.nn.softmax(logits)
     loss = -jax.nn.log_softmax(logits)[label]
     correct = (jnp.argmax(logits) == label).astype(logits.dtype)
     e_out = p - jax.nn.one_hot(label, logits.shape[-1], dtype=p.dtype)
-    errs = backward(net, state, B, hs, e_out)
+    errs = backward(net, carry.net, carry.B, hs, e_out, feedback)
     L = net.n_layers
-    new_W, new_b = [], []
-    for layer in range(L):
-        post = hs[layer + 1] if layer < L - 1 else p
-        s = LocalSignals(
-            x=hs[layer], y=post, e=errs[layer + 1], e_pre=errs[layer], W=state.W[layer]
-        )
-        new_W.append(state.W[layer] + rule(layer, s))
-        if state.b is not None:
-            new_b.append(state.b[layer] + rule.bias(layer, s))
-    new_state = NetState(W=tuple(new_W), b=tuple(new_b) if state.b is not None else None)
-    return new_state, loss, correct
+    posts = [hs[layer + 1] if layer < L - 1 else p for layer in range(L)]
+    return hs[:L], posts, errs, loss, correct
+
+
+def online_step(rule: AbstractRule, net: Network, feedback: str, carry: Carry, x, label):
+    """One online update on one sample; returns the new carry, the loss and correctness."""
+    pres, posts, errs, loss, correct = forward_backward(net, feedback, carry, x, label)
+    return apply_rule(rule, carry, pres, posts, errs, feedback), loss, correct
 
 
 def query_metrics(net: Network, state: NetState, qx, qy):
@@ -84,18 +133,17 @@ def run_episode(
     ``remat=True`` wraps each step in ``jax.checkpoint`` (less memory for reverse-mode
     meta-gradients, at the cost of recomputing the forward pass).
     """
-    k_net, k_fb = jax.random.split(key)
-    state0 = net.init(k_net)
-    B = init_feedback(feedback, net, k_fb)
+    carry0 = start_carry(rule, net, feedback, key)
 
-    def body(state, xy):
+    def body(carry, xy):
         x, label = xy
-        new_state, loss, correct = online_step(rule, net, B, state, x, label)
-        return new_state, (loss, correct)
+        carry, loss, correct = online_step(rule, net, feedback, carry, x, label)
+        return carry, (loss, correct)
 
     if remat:
         body = jax.checkpoint(body)
-    state, (losses, corrects) = jax.lax.scan(body, state0, (episode.train_x, episode.train_y))
+    carry, (losses, corrects) = jax.lax.scan(body, carry0, (episode.train_x, episode.train_y))
+    state = carry.net
     qloss, qacc = query_metrics(net, state, episode.query_x, episode.query_y)
     leaves = jax.tree_util.tree_leaves(state)
     diverged = ~jnp.all(jnp.array([jnp.all(jnp.isfinite(w)) for w in leaves]))

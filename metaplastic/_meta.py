@@ -12,6 +12,7 @@ from scipy import stats
 from ._data import ImagePool
 from ._inner import run_episode
 from ._network import Network
+from ._pca import PCATask
 from ._rules import AbstractRule
 from ._tasks import ClassificationTask
 
@@ -21,12 +22,14 @@ class Problem(eqx.Module):
 
     net: Network
     feedback: str = eqx.field(static=True)
-    task: ClassificationTask
-    pool: ImagePool
+    task: ClassificationTask | PCATask
+    pool: ImagePool | None
     remat: bool = eqx.field(static=True, default=False)
 
     def episode(self, rule: AbstractRule, key: PRNGKeyArray):
         """Sample one episode and learn it online; returns the :class:`InnerResult`."""
+        if isinstance(self.task, PCATask):
+            return self.task.run(rule, self.net, self.feedback, key, remat=self.remat)
         k_task, k_net = jax.random.split(key)
         ep = self.task.sample(k_task, self.pool)
         return run_episode(rule, self.net, self.feedback, k_net, ep, remat=self.remat)
@@ -52,16 +55,34 @@ class Problem(eqx.Module):
         """Query accuracy of each episode (one per key)."""
         return jax.vmap(lambda k: self.episode(rule, k).query_accuracy)(keys)
 
+    def scores(self, rule: AbstractRule, keys: PRNGKeyArray) -> Array:
+        """What decisions after training maximise: the query accuracy for classification,
+        ``1 - meta-loss`` for pca (its accuracy, the alignment, ignores the weight norm)."""
+        if isinstance(self.task, PCATask):
+            return jax.vmap(lambda k: 1.0 - self.episode(rule, k).query_loss)(keys)
+        return self.accuracies(rule, keys)
+
 
 @eqx.filter_jit
 def _accuracies(problem: Problem, rule: AbstractRule, keys):
     return problem.accuracies(rule, keys)
 
 
+@eqx.filter_jit
+def _scores(problem: Problem, rule: AbstractRule, keys):
+    return problem.scores(rule, keys)
+
+
 def evaluate_rule(
-    problem: Problem, rule: AbstractRule, key: PRNGKeyArray, episodes: int, chunk: int = 256
+    problem: Problem,
+    rule: AbstractRule,
+    key: PRNGKeyArray,
+    episodes: int,
+    chunk: int = 256,
+    metric: str = "accuracy",
 ):
-    """Query accuracies on ``episodes`` episodes drawn from ``key`` (numpy array).
+    """Query accuracies (or ``metric="score"``: :meth:`Problem.scores`) on ``episodes``
+    episodes drawn from ``key`` (numpy array).
 
     Episodes run ``chunk`` at a time (vmapped); the last chunk is padded to the same size so
     that one compiled function serves every chunk.
@@ -70,9 +91,9 @@ def evaluate_rule(
     n_chunks = -(-episodes // chunk)
     keys = jax.random.split(key, episodes)
     keys = jnp.concatenate([keys, keys[: n_chunks * chunk - episodes]])  # pad; dropped below
+    fn = _scores if metric == "score" else _accuracies
     out = [
-        np.asarray(_accuracies(problem, rule, keys[i * chunk : (i + 1) * chunk]))
-        for i in range(n_chunks)
+        np.asarray(fn(problem, rule, keys[i * chunk : (i + 1) * chunk])) for i in range(n_chunks)
     ]
     return np.concatenate(out)[:episodes]
 

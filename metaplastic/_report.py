@@ -51,19 +51,26 @@ def plot_training(metrics: list[dict], out: Path, title: str = "") -> list[str]:
         plt.close(fig)
         written.append(fname)
     names = list(metrics[0]["coefficients"])
+    shown = sorted(names, key=lambda n: -abs(metrics[-1]["coefficients"][n] or 0.0))
+    shown = [n for n in names if n in shown[:MAX_COEFF_CURVES]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for n in names:
+    for n in shown:
         ax.plot(ep, [m["coefficients"][n] for m in metrics], label=n)
     ax.axhline(0.0, color="k", lw=0.5)
     ax.set_xlabel("meta-training episodes")
     ax.set_ylabel("coefficient")
-    ax.set_title(title or "rule coefficients")
+    extra = f" (largest {len(shown)} of {len(names)})" if len(shown) < len(names) else ""
+    ax.set_title((title or "rule coefficients") + extra, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "coefficients.png", dpi=110)
     plt.close(fig)
     written.append("coefficients.png")
     return written
+
+
+#: The coefficient plot shows at most this many curves (the largest at the end of training).
+MAX_COEFF_CURVES = 10
 
 
 def plot_meta_test(meta_test: dict[str, dict], out: Path, chance: float | None = None) -> str:

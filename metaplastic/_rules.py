@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -16,7 +17,34 @@ from ._terms import TERMS, AbstractTerm, sympy_symbols
 
 
 class AbstractRule(eqx.Module):
-    """A plasticity rule: maps one layer's local signals to its weight (and bias) change."""
+    """A plasticity rule: maps one layer's local signals to its weight (and bias) change.
+
+    Subclasses define the update, the L1 penalty, named coefficients, a sympy form and a
+    JSON form (:meth:`to_json_data` / ``from_json_data``). A rule that reads per-neuron
+    state (``ybar``, ``theta_M``, ``nrm0``) returns ``True`` from :meth:`uses_state`; the
+    inner loop then keeps that state with running-average rate :meth:`state_rate`.
+    """
+
+    kind: ClassVar[str] = "abstract"
+
+    def uses_state(self) -> bool:
+        """Whether the update reads ``ybar``, ``theta_M`` or ``nrm0``."""
+        return False
+
+    def state_rate(self) -> float:
+        """Rate of the running averages ``ybar`` and ``theta_M`` (per online step)."""
+        return 0.1
+
+    def feedback_delta(self, layer: int, s: LocalSignals, B: Array) -> Array:
+        """Change of the feedback matrix ``B`` of ``layer`` (only for plastic feedback)."""
+        raise MetaplasticError(
+            f"the {self.kind} rule has no feedback plasticity; plastic feedback "
+            "(kolen_pollack) needs the rule wrapped in PlasticFeedback"
+        )
+
+    def to_json_data(self, threshold: float) -> dict:
+        """Everything needed to rebuild the rule (``kind`` plus the kind's fields)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def __call__(self, layer: int, s: LocalSignals) -> Float[Array, "n_out n_in"]:
@@ -52,11 +80,14 @@ class TermPoolRule(AbstractRule):
         mask: one bool per term; ``False`` removes the term.
     """
 
+    kind: ClassVar[str] = "term_pool"
     terms: tuple[AbstractTerm, ...] = eqx.field(static=True)
     theta: Float[Array, "*layers K"]
     mask: tuple[bool, ...] = eqx.field(static=True)
+    rate: float = eqx.field(static=True)
 
-    def __init__(self, terms, theta, mask=None):
+    def __init__(self, terms, theta, mask=None, rate: float = 0.1):
+        self.rate = float(rate)
         self.terms = tuple(terms)
         theta = jnp.asarray(theta)
         if not jnp.issubdtype(theta.dtype, jnp.floating):
@@ -74,17 +105,57 @@ class TermPoolRule(AbstractRule):
             )
 
     @classmethod
-    def from_names(cls, names, init=None, mask=None, n_layers: int | None = None):
-        """Build a pool from term names; ``n_layers`` gives per-layer coefficients."""
-        terms = []
-        for n in names:
-            if n not in TERMS:
-                raise unknown_name("term", n, TERMS, where="rule.terms")
-            terms.append(TERMS[n]())
+    def from_names(
+        cls,
+        names,
+        init=None,
+        mask=None,
+        n_layers: int | None = None,
+        *,
+        rate: float = 0.1,
+        target: float = 0.1,
+    ):
+        """Build a pool from term names; ``n_layers`` gives per-layer coefficients.
+
+        A name is a built-in term (:data:`TERMS`) or a user term ``module:function`` (see
+        :func:`metaplastic.user_term`). ``rate`` is the running-average rate of the
+        per-neuron state and ``target`` the activity target of ``scaling_fixed``.
+        """
+        terms = [make_term(n, target=target) for n in names]
         init = np.zeros(len(terms)) if init is None else np.asarray(init, dtype=float)
         if n_layers is not None and init.ndim == 1:
             init = np.tile(init, (n_layers, 1))
-        return cls(terms, jnp.asarray(init), mask)
+        return cls(terms, jnp.asarray(init), mask, rate=rate)
+
+    def uses_state(self) -> bool:
+        return any(t.stateful for t, m in zip(self.terms, self.mask, strict=True) if m)
+
+    def state_rate(self) -> float:
+        return self.rate
+
+    def to_json_data(self, threshold: float) -> dict:
+        target = [getattr(t, "target", None) for t in self.terms]
+        return {
+            "kind": self.kind,
+            "terms": list(self.names),
+            "mask": list(self.mask),
+            "shared": self.shared,
+            "theta": np.asarray(self.theta).tolist(),
+            "state_rate": self.rate,
+            "scaling_target": next((v for v in target if v is not None), 0.1),
+        }
+
+    @classmethod
+    def from_json_data(cls, data: dict) -> TermPoolRule:
+        theta = np.asarray(data["theta"], dtype=np.float32)
+        terms = [str(t) for t in data["terms"]]
+        mask = [bool(m) for m in data["mask"]]
+        rule = cls.from_names(
+            terms,
+            rate=float(data.get("state_rate", 0.1)),
+            target=float(data.get("scaling_target", 0.1)),
+        )
+        return cls(rule.terms, theta, mask, rate=rule.rate)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -115,7 +186,7 @@ class TermPoolRule(AbstractRule):
         return out
 
     def l1(self) -> Float[Array, ""]:
-        return jnp.sum(jnp.abs(self.theta * jnp.asarray(self.mask, self.theta.dtype)))
+        return l1_norm(self.theta * jnp.asarray(self.mask, self.theta.dtype))
 
     def coefficients(self) -> dict[str, float]:
         th = np.asarray(self.theta)
@@ -149,3 +220,88 @@ class TermPoolRule(AbstractRule):
             S = sympy_symbols()
             return sp.ZeroMatrix(S["n_out"], S["n_in"])
         return sp.MatAdd(*parts).doit()
+
+
+def l1_norm(theta: Array) -> Array:
+    """``sum |theta|`` with subgradient 0 at 0 (``jnp.abs`` has slope 1 there, which would
+    push coefficients that are exactly zero away from zero)."""
+    return jnp.sum(jnp.where(theta == 0, 0.0, jnp.abs(theta)))
+
+
+def make_term(name: str, *, target: float = 0.1) -> AbstractTerm:
+    """A term instance from a built-in name or a ``module:function`` user-term reference."""
+    if ":" in name:
+        from ._user_terms import load_user_term
+
+        return load_user_term(name)
+    if name not in TERMS:
+        raise unknown_name("term", name, TERMS, where="rule.terms")
+    cls = TERMS[name]
+    if "target" in getattr(cls, "__dataclass_fields__", {}):
+        return cls(target=float(target))
+    return cls()
+
+
+class PlasticFeedback(AbstractRule):
+    """A rule plus the plasticity of the feedback pathway (Kolen & Pollack 1994).
+
+    The feedback matrices ``B`` (same shapes as ``W``; errors travel as ``B^T e``) change
+    after every sample by ``dB = theta_fb[0] * (-e x^T) - theta_fb[1] * B``: the same
+    pseudo-gradient step the forward weights get, plus decay. With equal steps and decay on
+    both, ``W`` and ``B`` converge (Akrout et al. 2019). Both coefficients are meta-learned
+    with the rule's own.
+    """
+
+    kind: ClassVar[str] = "plastic_feedback"
+    rule: AbstractRule
+    theta_fb: Float[Array, " 2"]
+
+    def __call__(self, layer, s):
+        return self.rule(layer, s)
+
+    def bias(self, layer, s):
+        return self.rule.bias(layer, s)
+
+    def uses_state(self) -> bool:
+        return self.rule.uses_state()
+
+    def state_rate(self) -> float:
+        return self.rule.state_rate()
+
+    def feedback_delta(self, layer: int, s: LocalSignals, B: Array) -> Array:
+        return -self.theta_fb[0] * jnp.outer(s.e, s.x) - self.theta_fb[1] * B
+
+    def l1(self):
+        return self.rule.l1()
+
+    def coefficients(self) -> dict[str, float]:
+        out = dict(self.rule.coefficients())
+        fb = np.asarray(self.theta_fb)
+        out["feedback:pseudo_gradient"] = float(fb[0])
+        out["feedback:decay"] = float(fb[1])
+        return out
+
+    def to_sympy(self, layer=None, threshold=0.0):
+        return self.rule.to_sympy(layer=layer, threshold=threshold)
+
+    def feedback_sympy(self) -> sp.Basic:
+        S = sympy_symbols()
+        B = sp.MatrixSymbol("B", S["n_out"], S["n_in"])
+        fb = np.asarray(self.theta_fb)
+        return (-sp.Float(float(fb[0])) * S["e"] * S["x"].T - sp.Float(float(fb[1])) * B).doit()
+
+    def to_json_data(self, threshold: float) -> dict:
+        return {
+            "kind": self.kind,
+            "rule": self.rule.to_json_data(threshold),
+            "theta_fb": np.asarray(self.theta_fb).tolist(),
+        }
+
+    @classmethod
+    def from_json_data(cls, data: dict) -> PlasticFeedback:
+        from ._rule_kinds import rule_from_data
+
+        fb = np.asarray(data["theta_fb"], dtype=np.float32)
+        if fb.shape != (2,):
+            raise ValueError("theta_fb must have two entries")
+        return cls(rule_from_data(data["rule"]), jnp.asarray(fb))

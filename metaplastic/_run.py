@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tomli_w
 
@@ -22,8 +23,10 @@ from ._errors import MetaplasticError
 from ._export import write_rule_files
 from ._meta import Problem, evaluate_rule, mean_ci95
 from ._network import Network
+from ._pca import PCATask
 from ._report import plot_training
-from ._rules import TermPoolRule
+from ._rule_kinds import EquationRule, MLPRule, TaylorRule
+from ._rules import AbstractRule, PlasticFeedback, TermPoolRule
 from ._tasks import ClassificationTask
 from .outer import GradientTrainer, make_optimizer
 
@@ -36,9 +39,9 @@ class Setup:
     """The objects a config resolves to."""
 
     net: Network
-    task: ClassificationTask
-    meta_train: ImagePool
-    meta_test: ImagePool
+    task: ClassificationTask | PCATask
+    meta_train: ImagePool | None
+    meta_test: ImagePool | None
 
     def problem(self, cfg: RunConfig, pool: str = "train") -> Problem:
         return Problem(
@@ -54,6 +57,14 @@ _DATA_CACHE: dict[str, Any] = {}
 
 
 def build_setup(cfg: RunConfig) -> Setup:
+    if cfg.task.kind == "pca":
+        if cfg.network.hidden:
+            raise MetaplasticError(
+                f"task {cfg.task.name}: a pca task is one linear neuron; set network.hidden = []"
+            )
+        task = PCATask(cfg.task.dim, cfg.task.steps, cfg.task.eig_decay)
+        net = Network(sizes=(cfg.task.dim, 1), activation="linear", bias=False)
+        return Setup(net, task, None, None)
     key = (cfg.task.dataset, cfg.task.data_dir, cfg.task.emnist_split)
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = load_dataset(*key)
@@ -71,16 +82,42 @@ def build_setup(cfg: RunConfig) -> Setup:
     return Setup(net, task, meta_train, meta_test)
 
 
-def build_rule(cfg: RunConfig, n_layers: int) -> TermPoolRule:
+def build_rule(cfg: RunConfig, n_layers: int) -> AbstractRule:
+    """The rule ``cfg.rule`` describes, wrapped with feedback plasticity for
+    ``kolen_pollack``."""
     r = cfg.rule
-    init = list(r.init) if r.init else [0.0] * len(r.terms)
-    mask = list(r.mask) if r.mask else None
-    return TermPoolRule.from_names(r.terms, init, mask, None if r.shared else n_layers)
+    per_layer = None if r.shared else n_layers
+    if r.kind == "taylor":
+        rule = TaylorRule.from_monomials(r.monomials, r.init, per_layer)
+    elif r.kind == "mlp":
+        rule = MLPRule.init(r.mlp_hidden, r.mlp_scale, r.mlp_seed)
+    elif r.kind == "equation":
+        rule = EquationRule.from_text(list(r.equations), r.state_rate)
+        if len(rule.exprs) not in (1, n_layers):
+            raise MetaplasticError(
+                f"rule {r.name}: {len(rule.exprs)} equations for a {n_layers}-layer network; "
+                "give one for all layers or one per layer"
+            )
+    else:
+        init = list(r.init) if r.init else [0.0] * len(r.terms)
+        mask = list(r.mask) if r.mask else None
+        rule = TermPoolRule.from_names(
+            r.terms, init, mask, per_layer, rate=r.state_rate, target=r.scaling_target
+        )
+    if cfg.train.feedback == "kolen_pollack":
+        rule = PlasticFeedback(rule, jnp.asarray(r.feedback_init, jnp.float32))
+    return rule
 
 
 def eval_key(cfg: RunConfig) -> jax.Array:
     """Meta-test episodes depend only on the seed, so methods are compared on the same ones."""
     return jax.random.fold_in(jax.random.key(cfg.train.seed), 2**20)
+
+
+def validation_key(cfg: RunConfig) -> jax.Array:
+    """Episodes for decisions made after training (pruning by effect, distillation): drawn
+    from the meta-train images with a key the outer loop never uses."""
+    return jax.random.fold_in(jax.random.key(cfg.train.seed), 2**21)
 
 
 def _to_float(x) -> float | None:

@@ -27,8 +27,10 @@ def sympy_symbols() -> dict[str, sp.Basic]:
 
     ``x`` (pre, ``n_in x 1``), ``y`` (post, ``n_out x 1``), ``e`` (post error,
     ``n_out x 1``), ``e_pre`` (pre error, ``n_in x 1``), ``W`` (``n_out x n_in``), the
-    all-ones vectors ``one_in`` (``n_in x 1``) and ``one_out`` (``n_out x 1``), and the
-    dimension symbols ``n_in``, ``n_out``.
+    all-ones vectors ``one_in`` (``n_in x 1``) and ``one_out`` (``n_out x 1``), the
+    per-neuron state ``ybar``, ``theta_M`` and ``nrm0`` (``n_out x 1``, see
+    :class:`~metaplastic._signals.LocalSignals`), and the dimension symbols ``n_in``,
+    ``n_out``.
     """
     n_in, n_out = sp.symbols("n_in n_out", integer=True, positive=True)
     return {
@@ -39,6 +41,9 @@ def sympy_symbols() -> dict[str, sp.Basic]:
         "W": sp.MatrixSymbol("W", n_out, n_in),
         "one_in": sp.MatrixSymbol("one_in", n_in, 1),
         "one_out": sp.MatrixSymbol("one_out", n_out, 1),
+        "ybar": sp.MatrixSymbol("ybar", n_out, 1),
+        "theta_M": sp.MatrixSymbol("theta_M", n_out, 1),
+        "nrm0": sp.MatrixSymbol("nrm0", n_out, 1),
         "n_in": n_in,
         "n_out": n_out,
     }
@@ -49,6 +54,8 @@ class AbstractTerm(eqx.Module):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    #: Reads the per-neuron state (``ybar``, ``theta_M``, ``nrm0``) of the signals.
+    stateful: ClassVar[bool] = False
 
     @abc.abstractmethod
     def __call__(self, s: LocalSignals) -> Float[Array, "n_out n_in"]:
@@ -267,6 +274,98 @@ class ErrorOja(AbstractTerm):
         return S["e"] * S["e_pre"].T - S["e"] * S["e"].T * S["W"]
 
 
+def _row_scale(v: Array, W: Array) -> Array:
+    return v[:, None] * W
+
+
+def _sympy_row_scale(v: sp.Basic, W: sp.Basic) -> sp.Basic:
+    """``diag(v) W`` written as ``hadamard(v 1_in^T, W)`` (sympy's DiagMatrix is slow)."""
+    return sp.HadamardProduct(v * sympy_symbols()["one_in"].T, W)
+
+
+class ScalingFixed(AbstractTerm):
+    """Synaptic scaling to a fixed target: ``dW_i: = (rho - ybar_i) W_i:``.
+
+    Each neuron scales all its incoming weights multiplicatively so that its running-average
+    activity ``ybar`` moves toward ``rho`` (``target``). DESIGN.md 4.3 (after Shen, Wang &
+    Navlakha 2021, whose exact update was not available to us).
+    """
+
+    name: ClassVar[str] = "scaling_fixed"
+    description: ClassVar[str] = "diag(rho - ybar) W: multiplicative scaling to a target"
+    stateful: ClassVar[bool] = True
+    target: float = eqx.field(static=True, default=0.1)
+
+    def __call__(self, s: LocalSignals) -> Float[Array, "n_out n_in"]:
+        return _row_scale(self.target - s.ybar, s.W)
+
+    def to_sympy(self) -> sp.Basic:
+        S = sympy_symbols()
+        return _sympy_row_scale(sp.Float(self.target) * S["one_out"] - S["ybar"], S["W"])
+
+
+class ScalingLayerMean(AbstractTerm):
+    """Load-balancing scaling: ``dW_i: = (mean_k ybar_k - ybar_i) W_i:``.
+
+    The fixed target of :class:`ScalingFixed` is replaced by the layer's mean running
+    activity, which pushes the layer toward using all its neurons equally. DESIGN.md 4.3.
+    """
+
+    name: ClassVar[str] = "scaling_layer_mean"
+    description: ClassVar[str] = "diag(mean(ybar) - ybar) W: scaling toward the layer mean"
+    stateful: ClassVar[bool] = True
+
+    def __call__(self, s: LocalSignals) -> Float[Array, "n_out n_in"]:
+        return _row_scale(jnp.mean(s.ybar) - s.ybar, s.W)
+
+    def to_sympy(self) -> sp.Basic:
+        S = sympy_symbols()
+        mean = S["one_out"] * (S["one_out"].T * S["ybar"]) / S["n_out"]
+        return _sympy_row_scale(mean - S["ybar"], S["W"])
+
+
+class ScalingNorm(AbstractTerm):
+    """Norm-preserving row scaling: ``dW_i: = (nrm0_i / ||W_i:|| - 1) W_i:``.
+
+    With coefficient 1 this rescales every row back to the norm it had at the start of the
+    episode (a weight-normalisation analogue); smaller coefficients move part of the way.
+    DESIGN.md 4.3.
+    """
+
+    name: ClassVar[str] = "scaling_norm"
+    description: ClassVar[str] = "diag(nrm0 / ||W_i:|| - 1) W: pull row norms back to nrm0"
+    stateful: ClassVar[bool] = True
+
+    def __call__(self, s: LocalSignals) -> Float[Array, "n_out n_in"]:
+        nrm = jnp.sqrt(jnp.sum(s.W * s.W, axis=1))
+        return _row_scale(s.nrm0 / nrm - 1.0, s.W)
+
+    def to_sympy(self) -> sp.Basic:
+        S = sympy_symbols()
+        inv_nrm = sp.HadamardPower(sp.HadamardProduct(S["W"], S["W"]) * S["one_in"], -sp.S.Half)
+        return _sympy_row_scale(sp.HadamardProduct(S["nrm0"], inv_nrm) - S["one_out"], S["W"])
+
+
+class BCM(AbstractTerm):
+    """BCM rule with a sliding threshold: ``dW = (y * (y - theta_M)) x^T``.
+
+    ``theta_M`` is the running average of ``y**2`` (Bienenstock, Cooper & Munro 1982;
+    Intrator & Cooper 1992): activity above the threshold potentiates, below depresses,
+    and the threshold rises with activity.
+    """
+
+    name: ClassVar[str] = "bcm"
+    description: ClassVar[str] = "(y * (y - theta_M)) x^T: BCM with a sliding threshold"
+    stateful: ClassVar[bool] = True
+
+    def __call__(self, s: LocalSignals) -> Float[Array, "n_out n_in"]:
+        return jnp.outer(s.y * (s.y - s.theta_M), s.x)
+
+    def to_sympy(self) -> sp.Basic:
+        S = sympy_symbols()
+        return sp.HadamardProduct(S["y"], S["y"] - S["theta_M"]) * S["x"].T
+
+
 #: Name -> term class. Add a term by subclassing :class:`AbstractTerm` and registering it here.
 TERMS: dict[str, type[AbstractTerm]] = {
     cls.name: cls
@@ -283,5 +382,9 @@ TERMS: dict[str, type[AbstractTerm]] = {
         PostErrorDecay,
         PreErrorDecay,
         ErrorOja,
+        ScalingFixed,
+        ScalingLayerMean,
+        ScalingNorm,
+        BCM,
     )
 }

@@ -48,6 +48,9 @@ def random_signals(seed: int, n_out: int = 4, n_in: int = 3, dtype=np.float32) -
         e=rng.normal(size=n_out).astype(dtype),
         e_pre=rng.normal(size=n_in).astype(dtype),
         W=rng.normal(size=(n_out, n_in)).astype(dtype),
+        ybar=rng.uniform(0.0, 1.0, size=n_out).astype(dtype),
+        theta_M=rng.uniform(0.0, 1.0, size=n_out).astype(dtype),
+        nrm0=rng.uniform(0.5, 2.0, size=n_out).astype(dtype),
     )
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaplastic._feedback import backward, init_feedback
-from metaplastic._inner import Episode, online_step, run_episode
+from metaplastic._inner import Carry, Episode, online_step, run_episode
 from metaplastic._network import Network
 from metaplastic._rules import TermPoolRule
 
@@ -43,7 +43,8 @@ def test_backprop_errors_are_exact_gradients(key):
     np.testing.assert_allclose(errs[0], gx, rtol=1e-4, atol=1e-6)  # input-layer error e_0
     # one online step with the pseudo-gradient rule and backprop feedback is one SGD step
     rule = TermPoolRule.from_names(["pseudo_gradient"], [0.5])
-    new, loss, _ = online_step(rule, net, None, state, x, label)
+    new, loss, _ = online_step(rule, net, "backprop", Carry(state, None, None), x, label)
+    new = new.net
     for layer in range(net.n_layers):
         np.testing.assert_allclose(
             new.W[layer], state.W[layer] - 0.5 * gW[layer], rtol=1e-4, atol=1e-6
@@ -77,7 +78,8 @@ def test_output_activity_for_rules_is_softmax(key):
     state = net.init(key)
     x = jnp.ones(4)
     rule = TermPoolRule.from_names(["hebbian"], [1.0])
-    new, _, _ = online_step(rule, net, None, state, x, 0)
+    new, _, _ = online_step(rule, net, "backprop", Carry(state, None, None), x, 0)
+    new = new.net
     p = jax.nn.softmax(state.W[0] @ x)
     np.testing.assert_allclose(new.W[0] - state.W[0], jnp.outer(p, x), rtol=1e-5)
 
@@ -88,11 +90,12 @@ def test_scan_equals_python_loop(small_net, small_task, pools, key):
     res = run_episode(rule, small_net, "fa", jax.random.key(3), ep)
     k_net, k_fb = jax.random.split(jax.random.key(3))
     state = small_net.init(k_net)
-    B = init_feedback("fa", small_net, k_fb)
+    carry = Carry(state, init_feedback("fa", small_net, k_fb), None)
     losses = []
     for t in range(ep.train_x.shape[0]):
-        state, loss, _ = online_step(rule, small_net, B, state, ep.train_x[t], ep.train_y[t])
+        carry, loss, _ = online_step(rule, small_net, "fa", carry, ep.train_x[t], ep.train_y[t])
         losses.append(loss)
+    state = carry.net
     for a, b in zip(res.state.W, state.W, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(res.train_loss, np.array(losses), rtol=1e-4)

@@ -17,6 +17,7 @@ from .conftest import random_signals
 
 def hand(name, s):
     x, y, e, ep, W = (np.asarray(a, np.float64) for a in (s.x, s.y, s.e, s.e_pre, s.W))
+    ybar, thm, nrm0 = (np.asarray(a, np.float64) for a in (s.ybar, s.theta_M, s.nrm0))
     return {
         "pseudo_gradient": -np.outer(e, x),
         "hebbian": np.outer(y, x),
@@ -30,12 +31,16 @@ def hand(name, s):
         "post_error_decay": np.outer(e, e) @ W,  # literal forms, not the cheap ones
         "pre_error_decay": W @ np.outer(ep, ep),
         "error_oja": np.outer(e, ep) - np.outer(e, e) @ W,
+        "scaling_fixed": np.diag(0.1 - ybar) @ W,
+        "scaling_layer_mean": np.diag(ybar.mean() - ybar) @ W,
+        "scaling_norm": np.diag(nrm0 / np.linalg.norm(W, axis=1) - 1.0) @ W,
+        "bcm": np.outer(y * (y - thm), x),
     }[name]
 
 
 def test_every_term_has_a_hand_value():
     s = random_signals(0)
-    assert len(TERMS) == 12
+    assert len(TERMS) == 16
     for name in TERMS:
         assert hand(name, s).shape == (4, 3)
 
@@ -48,13 +53,28 @@ def test_term_matches_numpy(name):
 
 
 def _sympy_numeric(expr, s):
+    """Evaluate a matrix expression on the signals with sympy's own lambdify (an evaluation
+    path independent of metaplastic's tree walker), after expanding the matrix helpers."""
     S = sympy_symbols()
-    args = [S[k] for k in ("x", "y", "e", "e_pre", "W", "one_in", "one_out")]
-    f = sp.lambdify(args, expr, modules="numpy")
+    names = ("x", "y", "e", "e_pre", "W", "one_in", "one_out", "ybar", "theta_M", "nrm0")
     col = lambda v: np.asarray(v, np.float64)[:, None]  # noqa: E731
-    ones_in, ones_out = np.ones((len(s.x), 1)), np.ones((len(s.y), 1))
-    W = np.asarray(s.W, np.float64)
-    return np.asarray(f(col(s.x), col(s.y), col(s.e), col(s.e_pre), W, ones_in, ones_out))
+    vals = {
+        "x": col(s.x),
+        "y": col(s.y),
+        "e": col(s.e),
+        "e_pre": col(s.e_pre),
+        "W": np.asarray(s.W, np.float64),
+        "one_in": np.ones((len(s.x), 1)),
+        "one_out": np.ones((len(s.y), 1)),
+        "ybar": col(s.ybar),
+        "theta_M": col(s.theta_M),
+        "nrm0": col(s.nrm0),
+    }
+    n_out, n_in = len(s.y), len(s.x)
+    subs = {S[k]: sp.Matrix(vals[k]) for k in names}
+    subs.update({S["n_out"]: n_out, S["n_in"]: n_in})
+    out = expr.subs(subs).doit()
+    return np.asarray(sp.Matrix(out).evalf(), dtype=np.float64)
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))

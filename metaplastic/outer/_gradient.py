@@ -54,8 +54,9 @@ class GradientTrainer(eqx.Module):
     One call of :meth:`step` is one jitted meta-step: sample ``meta_batch`` episodes, run
     them online (vmapped), differentiate ``mean query CE + l1 * sum|theta|`` with respect to
     the coefficients (forward mode via ``jax.jacfwd`` or reverse mode via ``jax.grad``), and
-    apply the optax update. A non-finite meta-gradient leaves coefficients and optimiser
-    state untouched and is counted in ``state.skipped``.
+    apply the optax update. Episodes that blew up (non-finite loss or gradient) are dropped
+    from the average and counted in ``diverged``; when every episode blew up the meta-step
+    is skipped (coefficients and optimiser state untouched) and counted in ``state.skipped``.
     """
 
     problem: Problem
@@ -121,13 +122,27 @@ class GradientTrainer(eqx.Module):
             return self.l1 * eqx.combine(p, self.static).l1()
 
         pen, pen_grad = jax.value_and_grad(penalty)(params)
-        grads = jax.tree_util.tree_map(lambda g, h: jnp.mean(g, axis=0) + h, grads_b, pen_grad)
-        qloss = jnp.mean(ql)
+        # Episodes whose loss or gradient is not finite (the rule blew up there) are left out
+        # of the average; when every episode is finite this is exactly the plain mean.
+        ok = jnp.isfinite(ql)
+        for g in jax.tree_util.tree_leaves(grads_b):
+            ok = ok & jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)
+        n_ok = jnp.sum(ok.astype(jnp.int32))
+        all_ok = n_ok == ok.shape[0]
+
+        def average(g):
+            okb = ok.reshape((-1,) + (1,) * (g.ndim - 1))
+            partial = jnp.sum(jnp.where(okb, g, 0.0), axis=0) / n_ok  # NaN when n_ok == 0
+            return jnp.where(all_ok, jnp.mean(g, axis=0), partial)
+
+        grads = jax.tree_util.tree_map(lambda g, h: average(g) + h, grads_b, pen_grad)
+        qloss = jnp.where(all_ok, jnp.mean(ql), jnp.sum(jnp.where(ok, ql, 0.0)) / n_ok)
+        qacc = jnp.where(all_ok, jnp.mean(qa), jnp.sum(jnp.where(ok, qa, 0.0)) / n_ok)
         aux = {
             "loss": qloss + pen,
             "query_loss": qloss,
-            "query_accuracy": jnp.mean(qa),
-            "diverged": jnp.sum(dv.astype(jnp.int32)),
+            "query_accuracy": qacc,
+            "diverged": jnp.sum((dv | ~ok).astype(jnp.int32)),
         }
         return grads, aux
 

@@ -1,0 +1,183 @@
+"""Distillation: fit a sparse polynomial (the 81-monomial Taylor library) to a learned rule.
+
+The rule's outputs are sampled on the signals the network actually produced while learning
+meta-train episodes with that rule (random synapses at every online step of every layer);
+a sparse linear regression over the monomials ``x^a y^b W^c e^d`` (a,b,c,d in 0..2) is fitted
+by sequentially thresholded least squares (``stlsq``, as in SINDy) or scikit-learn's
+``Lasso``; R^2 is reported on held-out samples, and the polynomial becomes a
+:class:`~metaplastic._rule_kinds.TaylorRule` that is evaluated next to the original rule.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import MetaplasticError, unknown_name
+from ._inner import apply_rule, forward_backward, start_carry
+from ._rule_kinds import MONOMIALS, TaylorRule
+from ._rules import AbstractRule
+from ._signals import LocalSignals
+
+METHODS = ("stlsq", "lasso")
+DEFAULT_ALPHA = {"stlsq": 0.05, "lasso": 1e-3}
+
+
+def collect_synapses(problem, rule: AbstractRule, key, episodes: int, per_layer_step: int):
+    """``(features, targets)``: rows ``[x_j, y_i, W_ij, e_i]`` and the rule's ``dW_ij`` at
+    ``per_layer_step`` random synapses of every layer at every online step."""
+    net, feedback = problem.net, problem.feedback
+
+    def episode(k):
+        k_task, k_net, k_pick = jax.random.split(k, 3)
+        ep = problem.task.sample(k_task, problem.pool)
+        carry0 = start_carry(rule, net, feedback, k_net)
+        T = ep.train_x.shape[0]
+
+        def body(carry, inp):
+            x, label, kk = inp
+            pres, posts, errs, _, _ = forward_backward(net, feedback, carry, x, label)
+            rows = []
+            for layer, W in enumerate(carry.net.W):
+                s = LocalSignals(
+                    x=pres[layer], y=posts[layer], e=errs[layer + 1], e_pre=errs[layer], W=W
+                )
+                dW = rule(layer, s)
+                ki, kj = jax.random.split(jax.random.fold_in(kk, layer))
+                i = jax.random.randint(ki, (per_layer_step,), 0, W.shape[0])
+                j = jax.random.randint(kj, (per_layer_step,), 0, W.shape[1])
+                f = jnp.stack([s.x[j], s.y[i], W[i, j], s.e[i], dW[i, j]], axis=1)
+                rows.append(f)
+            new = apply_rule(rule, carry, pres, posts, errs, feedback)
+            return new, jnp.concatenate(rows)
+
+        keys = jax.random.split(k_pick, T)
+        _, rows = jax.lax.scan(body, carry0, (ep.train_x, ep.train_y, keys))
+        return rows.reshape(-1, 5)
+
+    rows = jax.jit(jax.vmap(episode))(jax.random.split(key, episodes))
+    rows = np.asarray(rows, np.float64).reshape(-1, 5)
+    rows = rows[np.all(np.isfinite(rows), axis=1)]
+    return rows[:, :4], rows[:, 4]
+
+
+def library(features: np.ndarray) -> np.ndarray:
+    """The 81 monomials of each feature row, in :data:`MONOMIALS` order."""
+    x, y, w, e = (features[:, k] for k in range(4))
+    cols = [x**a * y**b * w**c * e**d for a, b, c, d in MONOMIALS]
+    return np.stack(cols, axis=1)
+
+
+def _r2(y, pred) -> float:
+    ss = float(np.sum((y - y.mean()) ** 2))
+    return 1.0 - float(np.sum((y - pred) ** 2)) / ss if ss > 0 else float("nan")
+
+
+def fit_sparse(phi: np.ndarray, y: np.ndarray, method: str, alpha: float) -> np.ndarray:
+    """Sparse coefficients ``theta`` with ``phi @ theta ~ y`` (columns standardised
+    internally; ``alpha`` is in standardised units)."""
+    if method not in METHODS:
+        raise unknown_name("distillation method", method, METHODS, "--method")
+    scale = phi.std(axis=0)
+    const = scale < 1e-12
+    scale[const] = 1.0
+    z = phi / scale
+    ys = y.std() or 1.0
+    t = y / ys
+    if method == "lasso":
+        from sklearn.linear_model import Lasso
+
+        model = Lasso(alpha=alpha, fit_intercept=False, max_iter=20000)
+        model.fit(z, t)
+        coef = model.coef_
+    else:
+        live = np.ones(z.shape[1], bool)
+        coef = np.zeros(z.shape[1])
+        for _ in range(20):
+            sol, *_ = np.linalg.lstsq(z[:, live], t, rcond=None)
+            coef = np.zeros(z.shape[1])
+            coef[live] = sol
+            keep = np.abs(coef) >= alpha
+            if np.array_equal(keep, live):
+                break
+            live = keep
+            if not live.any():
+                break
+    return coef * ys / scale
+
+
+def distill(problem, rule, key, episodes: int, samples: int, method: str, alpha: float | None):
+    """Fit the library to ``rule``; returns ``(taylor_rule, info)``."""
+    if rule.uses_state():
+        raise MetaplasticError(
+            "distillation fits x, y, W, e monomials; this rule reads per-neuron state, which "
+            "the library does not have"
+        )
+    alpha = DEFAULT_ALPHA.get(method, 0.0) if alpha is None else alpha
+    if not alpha >= 0:
+        raise MetaplasticError("--alpha must be >= 0")
+    steps = problem.task.n_way * problem.task.k_shot
+    per = max(1, -(-samples // (episodes * steps * problem.net.n_layers)))
+    feats, target = collect_synapses(problem, rule, key, episodes, per)
+    if len(target) < 100:
+        raise MetaplasticError("fewer than 100 finite synapse samples; the rule diverges")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(target))[: max(samples, 100)]
+    feats, target = feats[order], target[order]
+    n_fit = int(0.8 * len(target))
+    phi = library(feats)
+    theta = fit_sparse(phi[:n_fit], target[:n_fit], method, alpha)
+    r2 = _r2(target[n_fit:], phi[n_fit:] @ theta)
+    poly = TaylorRule(theta.astype(np.float32), mask=(theta != 0).tolist())
+    info = {
+        "method": method,
+        "alpha": alpha,
+        "samples": int(len(target)),
+        "fit_samples": n_fit,
+        "r2": r2,
+        "n_terms": int(np.count_nonzero(theta)),
+    }
+    return poly, info
+
+
+def distill_run(
+    run_dir: Path,
+    cfg,
+    rule: AbstractRule,
+    *,
+    episodes: int = 20,
+    samples: int = 20000,
+    method: str = "stlsq",
+    alpha: float | None = None,
+    check_episodes: int | None = None,
+) -> dict[str, Any]:
+    """Distil a run's rule, evaluate both on held-out episodes, write ``distilled.json``."""
+    from ._export import rule_expression, rule_to_json
+    from ._report import results_table
+    from ._run import build_setup, evaluate_run, validation_key
+
+    if cfg.task.kind != "classification":
+        raise MetaplasticError("distill samples signals from classification tasks only")
+    if method not in METHODS:
+        raise unknown_name("distillation method", method, METHODS, "--method")
+    setup = build_setup(cfg)
+    problem = setup.problem(cfg, "train")
+    poly, info = distill(problem, rule, validation_key(cfg), episodes, samples, method, alpha)
+    res = {
+        "learned": evaluate_run(cfg, rule, setup, episodes=check_episodes),
+        "distilled polynomial": evaluate_run(cfg, poly, setup, episodes=check_episodes),
+    }
+    data = rule_to_json(poly, 0.0)
+    data["distillation"] = dict(
+        info,
+        meta_test=res,
+        difference=res["distilled polynomial"]["accuracy"] - res["learned"]["accuracy"],
+    )
+    (run_dir / "distilled.json").write_text(json.dumps(data, indent=2) + "\n")
+    eq = "dW = " + str(rule_expression(poly, 0.0))
+    return dict(info, equation=eq, table=results_table(res), meta_test=res)

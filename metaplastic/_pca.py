@@ -1,0 +1,84 @@
+"""Ground-truth task: principal-component extraction by one linear neuron (DESIGN.md 4.2).
+
+Each episode draws a random orthonormal basis ``Q`` and a covariance
+``C = Q diag(lambda) Q^T`` with ``lambda_k = eig_decay**k`` (so ``lambda_1 = 1``), then
+presents ``steps`` Gaussian inputs ``x ~ N(0, C)`` online to one linear neuron ``y = w.x``
+whose weights change by the rule after every sample (``e = e_pre = 0``: no error signal).
+
+Meta-loss: the PCA reconstruction error of the final ``w``, in closed form,
+``E||x - w w^T x||^2 = tr C - 2 w^T C w + ||w||^2 w^T C w``, minus its minimum
+``tr C - lambda_1`` and divided by ``tr C``. It is zero exactly at ``w = +-v_1`` with
+``||w|| = 1``, the fixed point of Oja's rule ``dw = eta (x y - y^2 w)``; a Hebbian rule
+without the decay term grows ``||w||`` and pays for it. The reported "accuracy" is the
+alignment ``|cos(w, v_1)|``.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
+
+from ._inner import Carry, InnerResult, apply_rule
+from ._network import NetState, Network
+from ._rules import AbstractRule
+
+
+class PCATask(eqx.Module):
+    """One linear neuron learning the top principal component online (see module doc)."""
+
+    dim: int = eqx.field(static=True)
+    steps: int = eqx.field(static=True)
+    eig_decay: float = eqx.field(static=True)
+    init_scale: float = eqx.field(static=True, default=0.5)
+
+    def eigenvalues(self):
+        return self.eig_decay ** jnp.arange(self.dim, dtype=jnp.float32)
+
+    def sample(self, key: PRNGKeyArray):
+        """``(x, C, v1, w0)``: inputs ``(steps, dim)``, covariance, top eigenvector, start."""
+        k_q, k_x, k_w = jax.random.split(key, 3)
+        q, r = jnp.linalg.qr(jax.random.normal(k_q, (self.dim, self.dim)))
+        q = q * jnp.sign(jnp.diag(r))[None, :]
+        lam = self.eigenvalues()
+        C = (q * lam[None, :]) @ q.T
+        z = jax.random.normal(k_x, (self.steps, self.dim))
+        x = (z * jnp.sqrt(lam)[None, :]) @ q.T
+        w0 = jax.random.normal(k_w, (1, self.dim)) * self.init_scale / jnp.sqrt(self.dim)
+        return x, C, q[:, 0], w0
+
+    def loss(self, w, C):
+        lam = self.eigenvalues()
+        tr = jnp.sum(lam)
+        wCw = w @ C @ w
+        recon = tr - 2.0 * wCw + (w @ w) * wCw
+        return (recon - (tr - lam[0])) / tr
+
+    def run(
+        self, rule: AbstractRule, net: Network, feedback: str, key: PRNGKeyArray, remat=False
+    ) -> InnerResult:
+        x, C, v1, w0 = self.sample(key)
+        state0 = NetState(W=(w0,), b=None)
+        neurons = None
+        if rule.uses_state():
+            from ._signals import NeuronState
+
+            neurons = (NeuronState.start(w0),)
+        zero = jnp.zeros(1, w0.dtype)
+        zero_in = jnp.zeros(self.dim, w0.dtype)
+
+        def body(carry: Carry, xt):
+            y = carry.net.W[0] @ xt
+            new = apply_rule(rule, carry, [xt], [y], [zero_in, zero], "backprop")
+            err = jnp.sum((xt - carry.net.W[0][0] * y[0]) ** 2)
+            return new, err
+
+        if remat:
+            body = jax.checkpoint(body)
+        carry, errs = jax.lax.scan(body, Carry(state0, None, neurons), x)
+        w = carry.net.W[0][0]
+        loss = self.loss(w, C)
+        align = jnp.abs(w @ v1) / (jnp.linalg.norm(w) + 1e-12)
+        diverged = ~jnp.all(jnp.isfinite(w))
+        return InnerResult(carry.net, errs, jnp.zeros_like(errs), loss, align, diverged)

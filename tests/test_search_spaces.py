@@ -1,0 +1,352 @@
+"""Rule search spaces: every rule kind's sympy form equals its JAX update, Taylor/MLP/
+equation rules, stateful terms, feedback pathways, user terms, safe parse-back, export
+formats, pruning by effect, distillation and the PCA ground truth."""
+
+from __future__ import annotations
+
+import textwrap
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sympy as sp
+
+from metaplastic._errors import MetaplasticError
+from metaplastic._export import (
+    equation_rule_from_export,
+    format_rule,
+    prune_by_effect,
+    rule_from_json,
+    rule_to_json,
+)
+from metaplastic._feedback import backward, init_feedback
+from metaplastic._inner import Carry, online_step, run_episode
+from metaplastic._network import Network
+from metaplastic._rule_kinds import (
+    MONOMIALS,
+    EquationRule,
+    MLPRule,
+    TaylorRule,
+    monomial_index,
+)
+from metaplastic._rules import PlasticFeedback, TermPoolRule
+from metaplastic._signals import NeuronState
+from metaplastic._symbolic import is_matrix, parse_equation, scalar_symbols
+from metaplastic._terms import TERMS, sympy_symbols
+
+from .conftest import random_signals
+
+
+def _numeric(expr, s):
+    """Evaluate a rule's sympy form with sympy itself (not metaplastic's evaluator)."""
+    n_out, n_in = np.asarray(s.W).shape
+    if is_matrix(expr):
+        S = sympy_symbols()
+        vals = {
+            "x": s.x[:, None],
+            "y": s.y[:, None],
+            "e": s.e[:, None],
+            "e_pre": s.e_pre[:, None],
+            "W": s.W,
+            "one_in": np.ones((n_in, 1)),
+            "one_out": np.ones((n_out, 1)),
+            "ybar": s.ybar[:, None],
+            "theta_M": s.theta_M[:, None],
+            "nrm0": s.nrm0[:, None],
+        }
+        subs = {S[k]: sp.Matrix(np.asarray(v, np.float64)) for k, v in vals.items()}
+        subs.update({S["n_out"]: n_out, S["n_in"]: n_in})
+        return np.asarray(sp.Matrix(expr.subs(subs).doit()).evalf(), np.float64)
+    Z = scalar_symbols()
+    names = ("x", "y", "W", "e", "e_pre")
+    f = sp.lambdify([Z[n] for n in names], expr, modules="numpy")
+    arr = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    out = f(arr(s.x)[None, :], arr(s.y)[:, None], arr(s.W), arr(s.e)[:, None], arr(s.e_pre)[None])
+    return np.broadcast_to(out, (n_out, n_in))
+
+
+def _rules():
+    rng = np.random.default_rng(0)
+    taylor = TaylorRule(rng.normal(size=81) * 0.1, mask=(rng.random(81) < 0.5).tolist())
+    mlp = MLPRule.init((5,), 0.3, seed=1)
+    mlp = eqx.tree_at(lambda r: r.weights[-1], mlp, jnp.asarray(rng.normal(size=(5, 1))))
+    return {
+        "term_pool": TermPoolRule.from_names(sorted(TERMS), rng.normal(size=len(TERMS))),
+        "taylor": taylor,
+        "mlp": mlp,
+        "equation_matrix": EquationRule.from_text("-0.3*e*x.T + 0.2*(y*x.T - y*y.T*W)"),
+        "equation_elementwise": EquationRule.from_text("0.5*x*y - 0.25*W*y**2 + tanh(e)*x"),
+        "plastic_feedback": PlasticFeedback(
+            TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.1, 0.2]),
+            jnp.asarray([0.1, 0.01]),
+        ),
+    }
+
+
+RULES = _rules()
+
+
+@pytest.mark.parametrize("kind", sorted(RULES))
+def test_every_rule_kind_sympy_equals_jax(kind):
+    rule = RULES[kind]
+    for seed in range(2):
+        s = random_signals(40 + seed, n_out=4, n_in=3)
+        want = np.asarray(rule(0, s), np.float64)
+        got = _numeric(rule.to_sympy(), s)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(RULES))
+def test_every_rule_kind_json_round_trip(kind):
+    rule = RULES[kind]
+    data = rule_to_json(rule, 0.0)
+    back = rule_from_json(data)
+    s = random_signals(3)
+    np.testing.assert_allclose(np.asarray(back(0, s)), np.asarray(rule(0, s)), rtol=1e-5, atol=1e-6)
+    assert back.coefficients().keys() == rule.coefficients().keys()
+
+
+@pytest.mark.parametrize("kind", ["term_pool", "taylor", "equation_matrix", "mlp"])
+def test_exported_text_parses_back_to_the_same_update(kind):
+    rule = RULES[kind]
+    eq = equation_rule_from_export(rule, 0.0)
+    s = random_signals(7)
+    np.testing.assert_allclose(np.asarray(eq(0, s)), np.asarray(rule(0, s)), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["term_pool", "taylor", "equation_elementwise"])
+def test_python_export_runs(kind):
+    rule = RULES[kind]
+    src = format_rule(rule, "python", 0.0)
+    namespace: dict = {}
+    exec(compile(src, "<export>", "exec"), namespace)  # our own generated code
+    s = random_signals(9)
+    col = lambda v: jnp.asarray(v)[:, None]  # noqa: E731
+    if is_matrix(rule.to_sympy()):
+        args = (col(s.x), col(s.y), col(s.e), col(s.e_pre), s.W, col(s.ybar), col(s.theta_M))
+        out = namespace["delta_w"](*args, col(s.nrm0))
+    else:
+        row = lambda v: jnp.asarray(v)[None, :]  # noqa: E731
+        out = namespace["delta_w"](row(s.x), col(s.y), col(s.e), row(s.e_pre), s.W)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(rule(0, s)), rtol=1e-3, atol=1e-4)
+
+
+def test_taylor_oja_is_the_single_neuron_oja_term():
+    theta = np.zeros(81)
+    theta[monomial_index("x*y")] = 1.0
+    theta[monomial_index("W*y**2")] = -1.0
+    assert monomial_index("1100") == monomial_index("x*y")
+    rule = TaylorRule(theta)
+    s = random_signals(1, n_out=1, n_in=5)
+    np.testing.assert_allclose(
+        np.asarray(rule(0, s)), np.asarray(TERMS["oja"]()(s)), rtol=1e-5, atol=1e-6
+    )
+    assert str(rule.to_sympy()) == "-1.0*W*y**2 + 1.0*x*y"
+    with pytest.raises(MetaplasticError, match="not a monomial"):
+        monomial_index("x**3")
+    assert len(MONOMIALS) == 81
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "__import__('os').system('true')",
+        "().__class__.__bases__[0]",
+        "x.__class__",
+        "lambda: 1",
+        "eval('1')",
+        "x; import os",
+        "open('/etc/passwd')",
+        "9**9**9**9",
+        "x if y else W",
+        "getattr(x, 'T')",
+    ],
+)
+def test_parse_back_refuses_code(text):
+    with pytest.raises(MetaplasticError) as err:
+        parse_equation(text)
+    assert "\n" not in str(err.value)
+
+
+def test_parse_back_shapes_and_forms():
+    assert is_matrix(parse_equation("dW = -e*x.T"))
+    assert not is_matrix(parse_equation("x*y - y^2*W"))
+    with pytest.raises(MetaplasticError, match="shape"):
+        parse_equation("x*y.T")
+    with pytest.raises(MetaplasticError, match="empty"):
+        parse_equation("  ")
+    rule = EquationRule.from_text("0.5*x*y - 0.25*W*y**2")
+    assert sorted(rule.coefficients().values()) == [-0.25, 0.5]
+    g = jax.grad(lambda r: jnp.sum(r(0, random_signals(2))))(rule)
+    assert np.all(np.isfinite(np.asarray(g.theta))) and np.any(np.asarray(g.theta) != 0)
+
+
+def test_neuron_state_bias_correction_and_norm_scaling():
+    W = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+    ns = NeuronState.start(W).advance(jnp.asarray([1.0, 2.0, 3.0]), 0.1)
+    ybar, thm = ns.averages(0.1)
+    np.testing.assert_allclose(ybar, [1.0, 2.0, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(thm, [1.0, 4.0, 9.0], rtol=1e-6)
+    # coefficient 1 on scaling_norm restores every row to its starting norm
+    net = Network((4, 3), beta=10.0)
+    rule = TermPoolRule.from_names(["hebbian", "scaling_norm"], [0.5, 1.0])
+    assert rule.uses_state()
+    W2 = W * 3.0
+    carry = Carry(net.init(jax.random.key(0)), None, (NeuronState.start(W),))
+    carry = eqx.tree_at(lambda c: c.net.W, carry, (W2,))
+    new, _, _ = online_step(rule, net, "backprop", carry, jnp.ones(4), 0)
+    # the scaling term acts on the pre-update W: W + 0.5 hebb + (nrm0/|W| - 1) W
+    rows = np.linalg.norm(
+        np.asarray(W2 + (new.net.W[0] - W2))
+        - 0.5 * np.outer(np.asarray(jax.nn.softmax(W2 @ jnp.ones(4))), np.ones(4)),
+        axis=1,
+    )
+    np.testing.assert_allclose(rows, np.linalg.norm(np.asarray(W), axis=1), rtol=1e-5)
+
+
+def test_dfa_and_sign_symmetric_errors(key):
+    net = Network((5, 4, 3, 2), beta=10.0)
+    state = net.init(key)
+    x = jax.random.uniform(jax.random.key(1), (5,))
+    hs = net.forward(state, x)
+    e_out = jax.nn.softmax(hs[-1]) - jax.nn.one_hot(1, 2)
+    D = init_feedback("dfa", net, jax.random.key(2))
+    assert [d.shape for d in D] == [(2, 5), (2, 4), (2, 3)]
+    errs = backward(net, state, D, hs, e_out, "dfa")
+    deriv = lambda h: 1 - np.exp(-10.0 * np.asarray(h))  # noqa: E731
+    tol = {"rtol": 1e-4, "atol": 1e-6}
+    np.testing.assert_allclose(errs[2], (D[2].T @ e_out) * deriv(hs[2]), **tol)
+    np.testing.assert_allclose(errs[1], (D[1].T @ e_out) * deriv(hs[1]), **tol)
+    np.testing.assert_allclose(errs[0], D[0].T @ e_out, **tol)
+    assert init_feedback("sign_symmetric", net, key) is None
+    errs = backward(net, state, None, hs, e_out, "sign_symmetric")
+    B2 = np.sign(np.asarray(state.W[2])) * np.mean(np.abs(np.asarray(state.W[2])))
+    np.testing.assert_allclose(errs[2], (B2.T @ e_out) * deriv(hs[2]), **tol)
+
+
+def test_kolen_pollack_feedback_is_plastic_and_meta_learnable(small_net, small_task, pools):
+    inner = TermPoolRule.from_names(["pseudo_gradient"], [0.1])
+    rule = PlasticFeedback(inner, jnp.asarray([0.1, 0.05]))
+    ep = small_task.sample(jax.random.key(0), pools[0])
+    B0 = init_feedback("kolen_pollack", small_net, jax.random.split(jax.random.key(3))[1])
+    res = run_episode(rule, small_net, "kolen_pollack", jax.random.key(3), ep)
+    assert np.isfinite(float(res.query_loss))
+
+    def loss(r):
+        return run_episode(r, small_net, "kolen_pollack", jax.random.key(3), ep).query_loss
+
+    g = jax.grad(loss)(rule)
+    assert float(jnp.abs(g.theta_fb).sum()) > 0  # the feedback coefficients get gradients
+    # one step: dB = -theta_fb[0] e x^T - theta_fb[1] B
+    carry = Carry(small_net.init(jax.random.key(5)), B0, None)
+    new, _, _ = online_step(rule, small_net, "kolen_pollack", carry, ep.train_x[0], 0)
+    assert not np.allclose(np.asarray(new.B[0]), np.asarray(B0[0]))
+    with pytest.raises(MetaplasticError, match="feedback plasticity"):
+        online_step(inner, small_net, "kolen_pollack", carry, ep.train_x[0], 0)
+
+
+def test_user_term_from_a_file(tmp_path):
+    f = tmp_path / "my_terms.py"
+    f.write_text(
+        textwrap.dedent(
+            """
+            import jax.numpy as jnp
+            from metaplastic import user_term
+
+            @user_term(sympy=lambda S: -S["y"] * S["x"].T, description="anti-Hebbian")
+            def anti_hebbian(s):
+                return -jnp.outer(s.y, s.x)
+
+            def undecorated(s):
+                return s.W
+            """
+        )
+    )
+    ref = f"{f}:anti_hebbian"
+    rule = TermPoolRule.from_names(["pseudo_gradient", ref], [0.1, 0.5])
+    s = random_signals(4)
+    want = -0.1 * np.outer(s.e, s.x) - 0.5 * np.outer(s.y, s.x)
+    np.testing.assert_allclose(np.asarray(rule(0, s)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_numeric(rule.to_sympy(), s), want, rtol=1e-5, atol=1e-6)
+    back = rule_from_json(rule_to_json(rule, 0.0))
+    assert back.names == rule.names
+    for bad, msg in [
+        (f"{f}:undecorated", "decorate"),
+        (f"{f}:missing", "has no function"),
+        (f"{tmp_path}/nope.py:f", "not found"),
+        ("no_such_module_xyz:f", "cannot import"),
+    ]:
+        with pytest.raises(MetaplasticError, match=msg):
+            TermPoolRule.from_names([bad])
+
+
+def test_prune_by_effect_keeps_what_matters():
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian", "oja"], [0.5, 0.001, 0.2])
+
+    def score(r):  # only the pseudo-gradient coefficient matters
+        return 1.0 - abs(float(r.theta[0]) - 0.5)
+
+    pruned, report = prune_by_effect(rule, score, tolerance=0.01)
+    np.testing.assert_allclose(np.asarray(pruned.theta), [0.5, 0.0, 0.0])
+    assert [r["coefficient"] for r in report if r.get("pruned")] == ["hebbian", "oja"]
+    with pytest.raises(MetaplasticError, match="distil"):
+        prune_by_effect(RULES["mlp"], score, 0.01)
+
+
+def test_distillation_recovers_a_known_polynomial(small_problem):
+    from metaplastic._distill import distill
+
+    theta = np.zeros(81, np.float32)
+    theta[monomial_index("e*x")] = -0.1
+    theta[monomial_index("x*y")] = 0.02
+    theta[monomial_index("W*y**2")] = -0.02
+    teacher = TaylorRule(theta)
+    poly, info = distill(small_problem, teacher, jax.random.key(0), 4, 3000, "stlsq", 0.01)
+    assert info["r2"] > 0.999
+    assert set(np.flatnonzero(np.asarray(poly.theta))) == set(np.flatnonzero(theta))
+    np.testing.assert_allclose(np.asarray(poly.theta), theta, rtol=1e-3, atol=1e-6)
+
+
+def test_pca_meta_learning_recovers_oja():
+    """Small instance of the ground-truth acceptance: Taylor basis on the pca task."""
+    from metaplastic._config import build_config
+    from metaplastic._export import export_run
+    from metaplastic._run import build_rule, build_setup, make_trainer
+
+    cfg = build_config(
+        "taylor",
+        "pca",
+        {"episodes": 2400, "meta_batch": 8, "eval_episodes": 64},
+        ["task.steps=200", "task.dim=4"],
+    )
+    setup = build_setup(cfg)
+    rule = build_rule(cfg, 1)
+    trainer = make_trainer(cfg, setup, rule)
+    state = trainer.init(rule, jax.random.key(0))
+    for _ in range(cfg.train.episodes // cfg.train.meta_batch):
+        state, _ = trainer.step(state)
+    learned = jax.tree_util.tree_map(np.asarray, trainer.rule(state))
+    c = learned.coefficients()
+    assert c["x*y"] > 0.01 and c["W*y**2"] < -0.01
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        text, _ = export_run(
+            Path(d),
+            cfg,
+            learned,
+            "json",
+            cfg.train.prune_threshold,
+            prune_effect=cfg.train.prune_effect,
+            prune_episodes=64,
+            check=False,
+        )
+    import json
+
+    coefs = json.loads(text)["coefficients"]
+    kept = {k: v for k, v in coefs.items() if abs(v) > cfg.train.prune_threshold}
+    assert set(kept) == {"x*y", "W*y**2"}, kept
+    assert abs(-kept["W*y**2"] / kept["x*y"] - 1.0) < 0.1
