@@ -319,7 +319,7 @@ def export(run_dir, fmt, threshold, prune_effect, prune_episodes, check, check_e
 @click.option(
     "--episodes", type=int, default=20, help="Meta-train episodes to sample signals from."
 )
-@click.option("--samples", type=int, default=20000, help="Synapse samples for the fit.")
+@click.option("--samples", type=int, default=50000, help="Synapse samples for the fit.")
 @click.option("--method", default="stlsq", help="stlsq (thresholded least squares) or lasso.")
 @click.option("--alpha", type=float, default=None, help="Threshold (stlsq) or penalty (lasso).")
 @click.option("--check-episodes", type=int, default=None, help="Held-out episodes for accuracy.")

@@ -54,6 +54,7 @@ class RuleConfig:
     mlp_hidden: tuple[int, ...] = (16,)
     mlp_scale: float = 0.01
     mlp_seed: int = 0
+    mlp_pseudo_gradient: float = 0.0
     equations: tuple[str, ...] = ()
     state_rate: float = 0.1
     scaling_target: float = 0.1

@@ -25,7 +25,7 @@ from ._rules import AbstractRule
 from ._signals import LocalSignals
 
 METHODS = ("stlsq", "lasso")
-DEFAULT_ALPHA = {"stlsq": 0.05, "lasso": 1e-3}
+DEFAULT_ALPHA = {"stlsq": 0.01, "lasso": 1e-3}
 
 
 def collect_synapses(problem, rule: AbstractRule, key, episodes: int, per_layer_step: int):

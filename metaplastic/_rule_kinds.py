@@ -176,25 +176,33 @@ MLP_INPUTS = ("x", "y", "W", "e")
 
 
 class MLPRule(AbstractRule):
-    """A small MLP per synapse: ``dW_ij = scale * f([x_j, y_i, W_ij, e_i])``.
+    """A small MLP per synapse: ``dW_ij = theta_pg (-e_i x_j) + scale * f([x_j, y_i, W_ij, e_i])``.
 
     ``f`` has ``tanh`` hidden layers and a linear output; its last layer starts at zero, so
-    the initial rule is "no plasticity", and ``scale`` is learnable. Usable with both outer
-    loops (its parameters are ordinary inexact arrays). Biases do not change.
+    the initial rule is the pseudo-gradient step ``theta_pg (-e x^T)`` alone (``theta_pg =
+    0`` gives a pure MLP rule that starts as "no plasticity"). A tanh MLP cannot form the
+    product ``e x`` from a zero start easily, so the residual form lets it learn a
+    correction to the feedback-alignment update. ``scale`` and ``theta_pg`` are learnable.
+    Usable with both outer loops (all parameters are ordinary inexact arrays). Biases do
+    not change.
     """
 
     kind: ClassVar[str] = "mlp"
     weights: tuple[Array, ...]
     biases: tuple[Array, ...]
     scale: Float[Array, ""]
+    theta_pg: Float[Array, ""]
 
-    def __init__(self, weights, biases, scale):
+    def __init__(self, weights, biases, scale, theta_pg=0.0):
         self.weights = tuple(jnp.asarray(w, jnp.float32) for w in weights)
         self.biases = tuple(jnp.asarray(b, jnp.float32) for b in biases)
         self.scale = jnp.asarray(scale, jnp.float32)
+        self.theta_pg = jnp.asarray(theta_pg, jnp.float32)
 
     @classmethod
-    def init(cls, hidden=(16,), scale: float = 0.01, seed: int = 0) -> MLPRule:
+    def init(
+        cls, hidden=(16,), scale: float = 0.01, seed: int = 0, theta_pg: float = 0.0
+    ) -> MLPRule:
         sizes = (len(MLP_INPUTS), *hidden, 1)
         keys = jax.random.split(jax.random.key(seed), len(sizes) - 1)
         ws, bs = [], []
@@ -204,7 +212,7 @@ class MLPRule(AbstractRule):
             w = jnp.zeros((n_in, n_out)) if last else jax.random.normal(k, (n_in, n_out))
             ws.append(w / np.sqrt(n_in))
             bs.append(jnp.zeros(n_out))
-        return cls(ws, bs, scale)
+        return cls(ws, bs, scale, theta_pg)
 
     @property
     def hidden(self) -> tuple[int, ...]:
@@ -228,20 +236,25 @@ class MLPRule(AbstractRule):
         return self.scale * (h @ self.weights[-1] + self.biases[-1])[..., 0]
 
     def __call__(self, layer: int, s: LocalSignals):
-        return self.apply_features(self.features(s))
+        return self.apply_features(self.features(s)) - self.theta_pg * jnp.outer(s.e, s.x)
 
     def bias(self, layer: int, s: LocalSignals):
         return jnp.zeros_like(s.e)
 
     def l1(self):
-        return jnp.sum(jnp.abs(self.weights[-1])) * jnp.abs(self.scale)
+        return l1_norm(self.weights[-1]) * jnp.abs(self.scale)
 
     def coefficients(self) -> dict[str, float]:
         n = sum(int(np.size(w)) + int(np.size(b)) for w, b in zip(self.weights, self.biases))
         norms = {
             f"|w{i}|": float(np.linalg.norm(np.asarray(w))) for i, w in enumerate(self.weights)
         }
-        return {"scale": float(self.scale), "parameters": float(n), **norms}
+        return {
+            "pseudo_gradient": float(self.theta_pg),
+            "scale": float(self.scale),
+            "parameters": float(n),
+            **norms,
+        }
 
     def to_sympy(self, layer: int | None = None, threshold: float = 0.0) -> sp.Basic:
         """The exact network as an elementwise expression (large; distil it to read it)."""
@@ -255,7 +268,8 @@ class MLPRule(AbstractRule):
             ]
         w, b = np.asarray(self.weights[-1]), np.asarray(self.biases[-1])
         out = sum(sp.Float(float(w[i, 0])) * h[i] for i in range(len(h))) + float(b[0])
-        return sp.Float(float(self.scale)) * out
+        pg = -sp.Float(float(self.theta_pg)) * S["e"] * S["x"]
+        return sp.Float(float(self.scale)) * out + pg
 
     def to_json_data(self, threshold: float) -> dict:
         return {
@@ -264,6 +278,7 @@ class MLPRule(AbstractRule):
             "weights": [np.asarray(w).tolist() for w in self.weights],
             "biases": [np.asarray(b).tolist() for b in self.biases],
             "scale": float(self.scale),
+            "theta_pg": float(self.theta_pg),
         }
 
     @classmethod
@@ -278,7 +293,7 @@ class MLPRule(AbstractRule):
         for a, b_ in itertools.pairwise(ws):
             if a.shape[1] != b_.shape[0]:
                 raise ValueError("MLP layer widths do not chain")
-        return cls(ws, bs, float(data["scale"]))
+        return cls(ws, bs, float(data["scale"]), float(data.get("theta_pg", 0.0)))
 
 
 def _parametrise(expr: sp.Basic, start: int) -> tuple[sp.Basic, list[float]]:

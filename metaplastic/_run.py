@@ -90,7 +90,7 @@ def build_rule(cfg: RunConfig, n_layers: int) -> AbstractRule:
     if r.kind == "taylor":
         rule = TaylorRule.from_monomials(r.monomials, r.init, per_layer)
     elif r.kind == "mlp":
-        rule = MLPRule.init(r.mlp_hidden, r.mlp_scale, r.mlp_seed)
+        rule = MLPRule.init(r.mlp_hidden, r.mlp_scale, r.mlp_seed, r.mlp_pseudo_gradient)
     elif r.kind == "equation":
         rule = EquationRule.from_text(list(r.equations), r.state_rate)
         if len(rule.exprs) not in (1, n_layers):
