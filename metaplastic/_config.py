@@ -93,6 +93,7 @@ class NetworkConfig:
     activation: str = "softplus"
     beta: float = 10.0
     bias: bool = False
+    init_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class TrainConfig:
     antithetic: bool = True
     fitness_shaping: str = "default"
     penalty: float = -1.0
+    es_fitness: str = "loss"
     devices: int = 0
     vmap_width: int = 0
 
@@ -213,7 +215,7 @@ def _validate(obj, where: str) -> None:
     from ._feedback import FEEDBACK_MODES
     from ._network import ACTIVATIONS
     from .outer import GRADIENT_MODES, OPTIMIZERS
-    from .outer._evolution import FITNESS_SHAPING, is_strategy, strategy_names
+    from .outer._evolution import ES_OBJECTIVES, FITNESS_SHAPING, is_strategy, strategy_names
 
     if isinstance(obj, RuleConfig):
         _validate_rule(obj, where)
@@ -241,13 +243,20 @@ def _validate(obj, where: str) -> None:
             raise MetaplasticError(f"{where}.hidden: widths must be positive, got {obj.hidden}")
         if obj.activation not in ACTIVATIONS:
             raise unknown_name("activation", obj.activation, ACTIVATIONS, f"{where}.activation")
-        _positive(obj, where, "beta")
+        _positive(obj, where, "beta", "init_scale")
     elif isinstance(obj, TrainConfig):
         if obj.feedback not in FEEDBACK_MODES:
             raise unknown_name("feedback mode", obj.feedback, FEEDBACK_MODES, f"{where}.feedback")
         if obj.outer not in OPTIMIZERS and not is_strategy(obj.outer):
             choices = list(OPTIMIZERS) + strategy_names()
             raise unknown_name("outer loop", obj.outer, choices, f"{where}.outer")
+        if obj.es_fitness not in ES_OBJECTIVES:
+            raise unknown_name("ES fitness", obj.es_fitness, ES_OBJECTIVES, f"{where}.es_fitness")
+        if obj.es_fitness != "loss" and obj.outer in OPTIMIZERS:
+            raise MetaplasticError(
+                f"{where}.es_fitness = {obj.es_fitness!r} needs an evolution strategy (the "
+                "error rate has no gradient); use train.outer = 'open_es' or similar"
+            )
         if obj.fitness_shaping not in FITNESS_SHAPING:
             raise unknown_name(
                 "fitness shaping",

@@ -31,12 +31,14 @@ class Network(eqx.Module):
         beta: softplus sharpness.
         bias: whether layers have biases.
         activation: hidden activation, one of ``softplus``, ``relu``, ``tanh``, ``linear``.
+        init_scale: multiplies the Xavier-uniform initial weights (poor initialisation studies).
     """
 
     sizes: tuple[int, ...] = eqx.field(static=True)
     beta: float = eqx.field(static=True, default=10.0)
     bias: bool = eqx.field(static=True, default=False)
     activation: str = eqx.field(static=True, default="softplus")
+    init_scale: float = eqx.field(static=True, default=1.0)
 
     def __check_init__(self):
         if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
@@ -48,6 +50,8 @@ class Network(eqx.Module):
             raise unknown_name("activation", self.activation, ACTIVATIONS, "network.activation")
         if not self.beta > 0:
             raise MetaplasticError(f"network.beta must be positive, got {self.beta}")
+        if not self.init_scale > 0:
+            raise MetaplasticError(f"network.init_scale must be positive, got {self.init_scale}")
 
     @property
     def n_layers(self) -> int:
@@ -61,6 +65,8 @@ class Network(eqx.Module):
         """Xavier-uniform weights, zero biases."""
         keys = jax.random.split(key, self.n_layers)
         W = tuple(xavier_uniform(k, s) for k, s in zip(keys, self.shapes, strict=True))
+        if self.init_scale != 1.0:
+            W = tuple(self.init_scale * w for w in W)
         b = tuple(jnp.zeros(s[0]) for s in self.shapes) if self.bias else None
         return NetState(W=W, b=b)
 

@@ -78,6 +78,7 @@ def build_setup(cfg: RunConfig) -> Setup:
         beta=cfg.network.beta,
         bias=cfg.network.bias,
         activation=cfg.network.activation,
+        init_scale=cfg.network.init_scale,
     )
     return Setup(net, task, meta_train, meta_test)
 
@@ -168,6 +169,7 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule):
         penalty=t.penalty,
         devices=t.devices,
         vmap_width=t.vmap_width,
+        objective=t.es_fitness,
     )
 
 

@@ -1,13 +1,15 @@
 """Gradient vs evolution-strategy outer loops at an equal wall-clock budget (digits).
 
 Usage: python scripts/compare_outer.py [--seed 0] [--strategies open_es cma_es]
+                                       [--es-fitness loss error]
                                        [--out results/outer]
 
 1. Meta-trains the pool rule under FA with the gradient outer loop (Adam, task defaults)
    and records its training wall time W (compilation excluded).
-2. For each strategy: times a few generations, then meta-trains for as many generations as
-   fit in W (population 16, 8 episodes per generation shared by all members, sigma 0.01,
-   Adam lr 3e-3 on the mean where the strategy uses an optimiser).
+2. For each strategy and each ES fitness (meta-loss, error rate): times a few generations,
+   then meta-trains for as many generations as fit in W (population 16, 8 episodes per
+   generation shared by all members, sigma 0.01, Adam lr 3e-3 on the mean where the
+   strategy uses an optimiser).
 3. Meta-trains the FA baseline (learning rate only, gradient, task defaults).
 All are tested on the same 500 held-out episodes; writes `table.md` and `meta_test.png`.
 """
@@ -48,6 +50,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strategies", nargs="+", default=["open_es", "cma_es"])
+    ap.add_argument(
+        "--es-fitness",
+        nargs="+",
+        default=["loss", "error"],
+        help="ES fitness: meta-loss and/or query error rate (train.es_fitness)",
+    )
     ap.add_argument("--out", type=Path, default=Path("results/outer"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -58,18 +66,22 @@ def main() -> None:
     meta_test["pool, adam (gradient)"] = s["meta_test"]["adam"]
     budget["pool, adam (gradient)"] = (s["train"]["steps"], wall)
     for name in args.strategies:
-        over = [f"train.{k}={v}" for k, v in ES_SETTINGS.items()] + [f"train.outer='{name}'"]
-        probe = build_config("pool", "digits", {"seed": args.seed}, over)
-        gens = max(1, math.floor(wall / seconds_per_generation(probe)))
-        cfg = build_config(
-            "pool",
-            "digits",
-            {"seed": args.seed, "episodes": gens * ES_SETTINGS["meta_batch"]},
-            over,
-        )
-        s = train(cfg, args.out / name, label=name)
-        meta_test[f"pool, {name} (ES)"] = s["meta_test"][name]
-        budget[f"pool, {name} (ES)"] = (gens, s["train"]["train_s"] - s["train"]["compile_s"])
+        for fitness in args.es_fitness:
+            over = [f"train.{k}={v}" for k, v in ES_SETTINGS.items()]
+            over += [f"train.outer='{name}'", f"train.es_fitness='{fitness}'"]
+            probe = build_config("pool", "digits", {"seed": args.seed}, over)
+            gens = max(1, math.floor(wall / seconds_per_generation(probe)))
+            cfg = build_config(
+                "pool",
+                "digits",
+                {"seed": args.seed, "episodes": gens * ES_SETTINGS["meta_batch"]},
+                over,
+            )
+            label = f"{name}-{fitness}"
+            s = train(cfg, args.out / label, label=label)
+            key = f"pool, {name} (ES, fitness = {fitness})"
+            meta_test[key] = s["meta_test"][label]
+            budget[key] = (gens, s["train"]["train_s"] - s["train"]["compile_s"])
     fa_cfg = build_config("pseudo_gradient", "digits", {"seed": args.seed})
     s = train(fa_cfg, args.out / "fa", label="fa")
     meta_test["FA baseline (lr only, gradient)"] = s["meta_test"]["fa"]

@@ -100,3 +100,21 @@ def test_es_resume_is_bit_identical(tmp_path, monkeypatch):
     assert (ref / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"best_fitness", "mean_fitness", "worst_fitness", "sigma", "diverged"} <= set(row)
+
+
+def test_error_rate_fitness(small_problem):
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.05, 0.0, 0.0])
+    tr = EvolutionTrainer(
+        small_problem, rule, "open_es", population=4, sigma=0.01, meta_batch=2, objective="error"
+    )
+    import equinox as eqx
+
+    params = eqx.partition(rule, eqx.is_inexact_array)[0]
+    pop = jax.tree_util.tree_map(lambda a: np.stack([a]), params)
+    keys = jax.random.split(jax.random.key(1), 2)
+    fit, acc = tr.fitness(pop, keys)
+    np.testing.assert_allclose(float(fit[0]), 1.0 - float(acc[0]), rtol=1e-6)
+    with pytest.raises(MetaplasticError, match="ES fitness"):
+        EvolutionTrainer(small_problem, rule, "open_es", objective="accuracy")
+    with pytest.raises(MetaplasticError, match="needs an evolution strategy"):
+        build_config("pool", "digits", {"outer": "adam"}, ["train.es_fitness=error"])

@@ -106,6 +106,14 @@ def make_strategy(
     return strategy, params
 
 
+#: What an ES member's fitness is (evosax minimises it): ``loss`` = the meta-loss (query
+#: cross-entropy + L1), ``error`` = query error rate (1 - accuracy) + L1. Cross-entropy
+#: rewards hedging: a rule that makes every output uniform scores ln(N), better than a
+#: rule that learns a little but is confidently wrong sometimes, and noisy ES estimates can
+#: drift into that no-learning optimum; the error rate does not reward it.
+ES_OBJECTIVES = ("loss", "error")
+
+
 class ESState(eqx.Module):
     """Outer-loop state of an evolution strategy (checkpointable: arrays only)."""
 
@@ -133,6 +141,7 @@ class EvolutionTrainer(eqx.Module):
     l1: float = eqx.field(static=True)
     penalty: float = eqx.field(static=True)
     mode: str = eqx.field(static=True)
+    objective: str = eqx.field(static=True)
     sharding: AxisSharding
 
     def __init__(
@@ -152,7 +161,11 @@ class EvolutionTrainer(eqx.Module):
         penalty=-1.0,
         devices=1,
         vmap_width=0,
+        objective="loss",
     ):
+        if objective not in ES_OBJECTIVES:
+            raise unknown_name("ES fitness", objective, ES_OBJECTIVES, "train.es_fitness")
+        self.objective = objective
         params, static = eqx.partition(rule, eqx.is_inexact_array)
         self.problem = problem
         self.static = static
@@ -186,8 +199,11 @@ class EvolutionTrainer(eqx.Module):
         )
 
     def member_fitness(self, p, keys):
-        """Meta-loss and query accuracy of one member on the episodes of ``keys``."""
+        """Fitness (see ``objective``) and query accuracy of one member on ``keys``."""
         loss, aux = self.problem.meta_loss(eqx.combine(p, self.static), keys, self.l1)
+        if self.objective == "error":
+            err = 1.0 - aux["query_accuracy"] + (loss - aux["query_loss"])  # + l1 penalty
+            return jnp.where(jnp.isfinite(loss), err, jnp.nan), aux["query_accuracy"]
         return loss, aux["query_accuracy"]
 
     def fitness(self, population, keys):
@@ -210,7 +226,7 @@ class EvolutionTrainer(eqx.Module):
         fallback = jnp.where(jnp.isfinite(worst), worst, 1e6)
         fill = fallback if self.penalty < 0 else jnp.asarray(self.penalty, raw.dtype)
         fit = jnp.where(finite, raw, fill)
-        # evosax minimises: fitness = meta-loss (lower is better)
+        # evosax minimises: fitness = meta-loss, or the error rate (lower is better)
         # tell runs on replicated inputs, so its reductions do not depend on the device count
         population, fit = self.sharding.gather((population, fit))
         es_state, _ = self.strategy.tell(k_tell, population, fit, es_state, self.es_params)

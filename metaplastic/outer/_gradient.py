@@ -130,14 +130,20 @@ class GradientTrainer(eqx.Module):
         n_ok = jnp.sum(ok.astype(jnp.int32))
         all_ok = n_ok == ok.shape[0]
 
-        def average(g):
-            okb = ok.reshape((-1,) + (1,) * (g.ndim - 1))
-            partial = jnp.sum(jnp.where(okb, g, 0.0), axis=0) / n_ok  # NaN when n_ok == 0
-            return jnp.where(all_ok, jnp.mean(g, axis=0), partial)
+        def plain(args):
+            g, l_, a_ = args
+            return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), (g, l_, a_))
 
-        grads = jax.tree_util.tree_map(lambda g, h: average(g) + h, grads_b, pen_grad)
-        qloss = jnp.where(all_ok, jnp.mean(ql), jnp.sum(jnp.where(ok, ql, 0.0)) / n_ok)
-        qacc = jnp.where(all_ok, jnp.mean(qa), jnp.sum(jnp.where(ok, qa, 0.0)) / n_ok)
+        def finite_only(args):  # NaN when n_ok == 0: the step is then skipped
+            def avg(x):
+                okb = ok.reshape((-1,) + (1,) * (x.ndim - 1))
+                return jnp.sum(jnp.where(okb, x, 0.0), axis=0) / n_ok
+
+            return jax.tree_util.tree_map(avg, args)
+
+        # lax.cond keeps the all-finite branch exactly the plain mean (same compiled reduction)
+        g_mean, qloss, qacc = jax.lax.cond(all_ok, plain, finite_only, (grads_b, ql, qa))
+        grads = jax.tree_util.tree_map(lambda g, h: g + h, g_mean, pen_grad)
         aux = {
             "loss": qloss + pen,
             "query_loss": qloss,

@@ -1,0 +1,37 @@
+"""The seed-paper study scripts run end to end in their --quick form."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_oja_constraints_quick(tmp_path):
+    out = tmp_path / "oja"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "oja_constraints.py"),
+        "--quick",
+        "--episodes",
+        "16",
+        "--eval-episodes",
+        "8",
+        "--out",
+        str(out),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in rows} == {"backprop", "backprop + Oja", "FA", "FA + Oja"}
+    assert {r["condition"] for r in rows} == {"standard", "deep"}
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert np.isfinite(r["effective_rank"]) and 1.0 <= r["effective_rank"] <= r["width"]
+    assert (out / "results.md").read_text().count("\n| ") >= 8
+    assert (out / "accuracy.png").stat().st_size > 0
