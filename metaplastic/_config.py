@@ -326,7 +326,10 @@ def _validate_rule(obj: RuleConfig, where: str) -> None:
                     f"{where}.{key} has {n} entries for {len(obj.terms)} terms; give one per term"
                 )
     elif obj.kind == "taylor":
-        idx = [monomial_index(m) for m in obj.monomials]
+        try:
+            idx = [monomial_index(m) for m in obj.monomials]
+        except MetaplasticError as err:
+            raise MetaplasticError(f"{where}: {err}") from None
         if len(set(idx)) != len(idx):
             raise MetaplasticError(f"{where}.monomials: a monomial is listed twice")
         n = len(idx) or 81
@@ -344,7 +347,10 @@ def _validate_rule(obj: RuleConfig, where: str) -> None:
         if not obj.equations:
             raise MetaplasticError(f"{where}.equations: give at least one equation")
         for eq in obj.equations:
-            parse_equation(eq)
+            try:
+                parse_equation(eq)
+            except MetaplasticError as err:
+                raise MetaplasticError(f"{where}.equations: {err}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

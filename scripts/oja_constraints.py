@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--episodes", type=int, default=None, help="meta-training episodes")
     ap.add_argument("--eval-episodes", type=int, default=None)
+    ap.add_argument("--conditions", nargs="+", default=None, help="subset of the conditions")
     args = ap.parse_args()
     out = args.out or Path("results/oja_constraints" + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,13 @@ def main() -> None:
     task = str(task_file(out, args.quick))
     rows = []
     t_start = time.perf_counter()
-    for cname, cond in conditions(args.quick).items():
+    conds = conditions(args.quick)
+    if args.conditions:
+        unknown = set(args.conditions) - set(conds)
+        if unknown:
+            ap.error(f"unknown condition(s) {sorted(unknown)}; choose from {sorted(conds)}")
+        conds = {k: v for k, v in conds.items() if k in args.conditions}
+    for cname, cond in conds.items():
         for mname, (rule, feedback) in METHODS.items():
             cfg = build_config(
                 rules[rule],

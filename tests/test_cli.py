@@ -92,13 +92,20 @@ def test_evaluate_and_export(tiny_run):
     summary = json.loads((out / "summary.json").read_text())
     # same seed and episodes: evaluation reproduces the run's own meta-test number
     assert ev["learned"]["accuracy"] == pytest.approx(summary["meta_test"]["learned"]["accuracy"])
-    res = runner.invoke(main, ["export", str(out), "--format", "latex"])
-    assert res.exit_code == 0 and res.output.startswith(r"\Delta W =")
-    res = runner.invoke(main, ["export", str(out), "--format", "json"])
-    data = json.loads(res.output)
+    res = runner.invoke(main, ["export", str(out), "--format", "latex", "--no-check"])
+    assert res.exit_code == 0 and res.stdout.startswith(r"\Delta W =")
+    res = runner.invoke(main, ["export", str(out), "--format", "json", "--check-episodes", "8"])
+    data = json.loads(res.stdout)  # the round-trip report goes to stderr for json
     assert data["terms"] == ["pseudo_gradient", "error_hebbian", "oja"]
-    res = runner.invoke(main, ["export", str(out), "--threshold", "10"])
-    assert res.output.strip() == "dW = 0"
+    rt = json.loads((out / "export.json").read_text())["round_trip"]
+    # the exported equation (4 significant digits) performs like the learned parameters
+    assert abs(rt["difference"]) < 0.05
+    res = runner.invoke(main, ["export", str(out), "--threshold", "10", "--no-check"])
+    assert res.stdout.strip() == "dW = 0"
+    res = runner.invoke(main, ["export", str(out), "--python", "--no-check"])
+    assert res.exit_code == 2
+    res = runner.invoke(main, ["export", str(out), "--format", "python", "--no-check"])
+    assert res.exit_code == 0 and "def delta_w(" in res.stdout
 
 
 def test_list_commands():

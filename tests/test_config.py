@@ -48,7 +48,11 @@ BAD_RULES = [
     ("[rule\nterms = ['oja']\n", "invalid TOML"),
     ("[rules]\nterms = ['oja']\n", "unknown table 'rules'"),
     ("terms = ['oja']\n", "unknown table 'terms'"),
-    ("[rule]\nkind = 'mlp'\nterms = ['oja']\n", "unknown rule kind"),
+    ("[rule]\nkind = 'banana'\nterms = ['oja']\n", "unknown rule kind"),
+    ("[rule]\nkind = 'taylor'\nmonomials = ['x**3']\n", "not a monomial"),
+    ("[rule]\nkind = 'equation'\nequations = []\n", "at least one equation"),
+    ("[rule]\nkind = 'equation'\nequations = ['os.system(1)']\n", "not allowed"),
+    ("[rule]\nkind = 'mlp'\nmlp_hidden = [0]\n", "positive widths"),
 ]
 
 
