@@ -37,3 +37,40 @@ def test_oja_constraints_quick(tmp_path):
         assert np.isfinite(r["effective_rank"]) and 1.0 <= r["effective_rank"] <= r["width"]
     assert (out / "results.md").read_text().count("\n| ") >= 4
     assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_scaling_normalization_quick(tmp_path):
+    out = tmp_path / "scaling"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "scaling_normalization.py"),
+        "--quick",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--conditions",
+        "none",
+        "batch_norm",
+        "scaling_layer_mean",
+        "scaling_norm",
+        "--out",
+        str(out),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["condition"] for r in rows] == [
+        "none",
+        "batch_norm",
+        "scaling_layer_mean",
+        "scaling_norm",
+    ]
+    for r in rows:
+        assert len(r["test_accuracy"]["per_seed"]) == 2
+        assert 0.0 <= r["test_accuracy"]["mean"] <= 1.0
+        assert r["activity_cv"]["mean"] >= 0.0
+    # the scaling step changes training (it is applied, not silently skipped)
+    none = rows[0]["test_accuracy"]["per_seed"]
+    assert rows[2]["test_accuracy"]["per_seed"] != none
+    assert (out / "accuracy.png").stat().st_size > 0
