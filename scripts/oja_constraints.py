@@ -103,8 +103,15 @@ def _final_hidden(problem, rule, keys):
 
 
 def effective_rank(h: np.ndarray) -> float:
+    """Participation ratio of the covariance eigenvalues (NaN if the activity blew up)."""
+    h = np.asarray(h, np.float64)
+    if not np.all(np.isfinite(h)):
+        return float("nan")
     h = h - h.mean(axis=0, keepdims=True)
-    lam = np.clip(np.linalg.eigvalsh(h.T @ h / max(1, h.shape[0] - 1)), 0.0, None)
+    try:
+        lam = np.clip(np.linalg.eigvalsh(h.T @ h / max(1, h.shape[0] - 1)), 0.0, None)
+    except np.linalg.LinAlgError:
+        return float("nan")
     return float(lam.sum() ** 2 / (np.sum(lam**2) + 1e-30))
 
 
@@ -161,7 +168,8 @@ def main() -> None:
             acc = np.asarray(acc)
             ok = np.isfinite(acc)
             m, lo, hi = mean_ci95(np.where(ok, acc, 0.0))
-            ranks = [effective_rank(np.asarray(h)) for h, o in zip(hid, ok, strict=True) if o]
+            ranks = [effective_rank(h) for h, o in zip(np.asarray(hid), ok, strict=True) if o]
+            ranks = [r for r in ranks if np.isfinite(r)]
             r_m, r_lo, r_hi = mean_ci95(ranks) if ranks else (float("nan"),) * 3
             row = {
                 "condition": cname,
@@ -173,6 +181,7 @@ def main() -> None:
                 "width": cond["hidden"][-1],
                 "coefficients": s["coefficients"],
                 "diverged_episodes": int((~ok).sum()),
+                "rank_episodes": len(ranks),
                 "train_s": round(time.perf_counter() - t0, 1),
             }
             rows.append(row)

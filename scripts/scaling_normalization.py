@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--gamma", type=float, default=0.1, help="scaling step strength")
+    ap.add_argument("--gamma", type=float, default=0.01, help="scaling step strength")
     ap.add_argument("--tau", type=float, default=0.01, help="running-average rate of ybar")
     args = ap.parse_args()
     args.seeds = args.seeds or (3 if args.quick else 5)
