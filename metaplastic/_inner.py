@@ -46,14 +46,17 @@ class Carry(eqx.Module):
     B: tuple[Array, ...] | None
     neurons: tuple[NeuronState, ...] | None
 
+    @classmethod
+    def start(cls, rule: AbstractRule, state0: NetState, B) -> Carry:
+        """Per-neuron state only when the rule reads it."""
+        neurons = tuple(NeuronState.start(w) for w in state0.W) if rule.uses_state() else None
+        return cls(state0, B, neurons)
+
 
 def start_carry(rule: AbstractRule, net: Network, feedback: str, key: PRNGKeyArray) -> Carry:
     """Fresh network weights and feedback matrices drawn from ``key``."""
     k_net, k_fb = jax.random.split(key)
-    state0 = net.init(k_net)
-    B = init_feedback(feedback, net, k_fb)
-    neurons = tuple(NeuronState.start(w) for w in state0.W) if rule.uses_state() else None
-    return Carry(state0, B, neurons)
+    return Carry.start(rule, net.init(k_net), init_feedback(feedback, net, k_fb))
 
 
 def apply_rule(rule: AbstractRule, carry: Carry, pres, posts, errs, feedback: str = "fa") -> Carry:

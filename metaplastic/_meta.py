@@ -10,7 +10,6 @@ from jaxtyping import Array, PRNGKeyArray
 from scipy import stats
 
 from ._data import ImagePool
-from ._inner import run_episode
 from ._network import Network
 from ._pca import PCATask
 from ._rules import AbstractRule
@@ -28,11 +27,7 @@ class Problem(eqx.Module):
 
     def episode(self, rule: AbstractRule, key: PRNGKeyArray):
         """Sample one episode and learn it online; returns the :class:`InnerResult`."""
-        if isinstance(self.task, PCATask):
-            return self.task.run(rule, self.net, self.feedback, key, remat=self.remat)
-        k_task, k_net = jax.random.split(key)
-        ep = self.task.sample(k_task, self.pool)
-        return run_episode(rule, self.net, self.feedback, k_net, ep, remat=self.remat)
+        return self.task.run(rule, self.net, self.feedback, key, self.pool, remat=self.remat)
 
     def meta_loss(self, rule: AbstractRule, keys: PRNGKeyArray, l1: float):
         """``mean_episodes(query cross-entropy) + l1 * sum|theta|`` and its parts.
@@ -56,11 +51,8 @@ class Problem(eqx.Module):
         return jax.vmap(lambda k: self.episode(rule, k).query_accuracy)(keys)
 
     def scores(self, rule: AbstractRule, keys: PRNGKeyArray) -> Array:
-        """What decisions after training maximise: the query accuracy for classification,
-        ``1 - meta-loss`` for pca (its accuracy, the alignment, ignores the weight norm)."""
-        if isinstance(self.task, PCATask):
-            return jax.vmap(lambda k: 1.0 - self.episode(rule, k).query_loss)(keys)
-        return self.accuracies(rule, keys)
+        """What decisions after training maximise (the task's :meth:`score` per episode)."""
+        return jax.vmap(lambda k: self.task.score(self.episode(rule, k)))(keys)
 
 
 @eqx.filter_jit

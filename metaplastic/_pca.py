@@ -56,15 +56,17 @@ class PCATask(eqx.Module):
         return (recon - (tr - lam[0])) / tr
 
     def run(
-        self, rule: AbstractRule, net: Network, feedback: str, key: PRNGKeyArray, remat=False
+        self,
+        rule: AbstractRule,
+        net: Network,
+        feedback: str,
+        key: PRNGKeyArray,
+        pool=None,
+        remat=False,
     ) -> InnerResult:
+        """One episode (``pool`` is unused: the inputs are generated)."""
         x, C, v1, w0 = self.sample(key)
-        state0 = NetState(W=(w0,), b=None)
-        neurons = None
-        if rule.uses_state():
-            from ._signals import NeuronState
-
-            neurons = (NeuronState.start(w0),)
+        carry0 = Carry.start(rule, NetState(W=(w0,), b=None), None)
         zero = jnp.zeros(1, w0.dtype)
         zero_in = jnp.zeros(self.dim, w0.dtype)
 
@@ -76,9 +78,14 @@ class PCATask(eqx.Module):
 
         if remat:
             body = jax.checkpoint(body)
-        carry, errs = jax.lax.scan(body, Carry(state0, None, neurons), x)
+        carry, errs = jax.lax.scan(body, carry0, x)
         w = carry.net.W[0][0]
         loss = self.loss(w, C)
         align = jnp.abs(w @ v1) / (jnp.linalg.norm(w) + 1e-12)
         diverged = ~jnp.all(jnp.isfinite(w))
         return InnerResult(carry.net, errs, jnp.zeros_like(errs), loss, align, diverged)
+
+    @staticmethod
+    def score(result):
+        """``1 - meta-loss``: the alignment alone would not see the weight norm."""
+        return 1.0 - result.query_loss

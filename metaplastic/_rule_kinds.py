@@ -245,16 +245,10 @@ class MLPRule(AbstractRule):
         return l1_norm(self.weights[-1]) * jnp.abs(self.scale)
 
     def coefficients(self) -> dict[str, float]:
-        n = sum(int(np.size(w)) + int(np.size(b)) for w, b in zip(self.weights, self.biases))
         norms = {
             f"|w{i}|": float(np.linalg.norm(np.asarray(w))) for i, w in enumerate(self.weights)
         }
-        return {
-            "pseudo_gradient": float(self.theta_pg),
-            "scale": float(self.scale),
-            "parameters": float(n),
-            **norms,
-        }
+        return {"pseudo_gradient": float(self.theta_pg), "scale": float(self.scale), **norms}
 
     def to_sympy(self, layer: int | None = None, threshold: float = 0.0) -> sp.Basic:
         """The exact network as an elementwise expression (large; distil it to read it)."""

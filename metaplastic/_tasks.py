@@ -5,11 +5,11 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, PRNGKeyArray
 
 from ._data import ImagePool
 from ._errors import MetaplasticError
-from ._inner import Episode
+from ._inner import Episode, run_episode
 
 
 class ClassificationTask(eqx.Module):
@@ -38,6 +38,17 @@ class ClassificationTask(eqx.Module):
                 f"{pool.per_class} images per class on each side of the split; lower "
                 "task.k_shot or task.q_query"
             )
+
+    def run(self, rule, net, feedback: str, key: PRNGKeyArray, pool: ImagePool, remat=False):
+        """Sample one episode from ``pool`` and learn it online (:func:`run_episode`)."""
+        k_task, k_net = jax.random.split(key)
+        ep = self.sample(k_task, pool)
+        return run_episode(rule, net, feedback, k_net, ep, remat=remat)
+
+    @staticmethod
+    def score(result) -> Array:
+        """Query accuracy: what pruning by effect keeps within tolerance."""
+        return result.query_accuracy
 
     def sample(self, key: PRNGKeyArray, pool: ImagePool) -> Episode:
         k_cls, k_img, k_order = jax.random.split(key, 3)

@@ -12,11 +12,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_script(name: str, *args: str) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / name), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 def test_oja_constraints_quick(tmp_path):
     out = tmp_path / "oja"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "oja_constraints.py"),
+    run_script(
+        "oja_constraints.py",
         "--quick",
         "--episodes",
         "16",
@@ -26,9 +31,7 @@ def test_oja_constraints_quick(tmp_path):
         "deep",
         "--out",
         str(out),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert res.returncode == 0, res.stderr[-2000:]
+    )
     rows = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in rows} == {"backprop", "backprop + Oja", "FA", "FA + Oja"}
     assert {r["condition"] for r in rows} == {"deep"}
@@ -41,9 +44,8 @@ def test_oja_constraints_quick(tmp_path):
 
 def test_scaling_normalization_quick(tmp_path):
     out = tmp_path / "scaling"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "scaling_normalization.py"),
+    run_script(
+        "scaling_normalization.py",
         "--quick",
         "--seeds",
         "2",
@@ -56,9 +58,7 @@ def test_scaling_normalization_quick(tmp_path):
         "scaling_norm",
         "--out",
         str(out),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert res.returncode == 0, res.stderr[-2000:]
+    )
     rows = json.loads((out / "results.json").read_text())
     assert [r["condition"] for r in rows] == [
         "none",
