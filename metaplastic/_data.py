@@ -192,6 +192,19 @@ def load_dataset(name: str, data_dir: str = "", emnist_split: str = "balanced") 
     raise unknown_name("data set", name, DATASETS, "task.dataset")
 
 
+def train_test_arrays(ds: Dataset, seed: int = 0, test_fraction: float = 0.3):
+    """``(train_x, train_y, test_x, test_y)`` for supervised studies.
+
+    The official test split where the data set has one, else a seeded random split with
+    ``test_fraction`` of the rows held out.
+    """
+    if ds.test_x is not None:
+        return ds.x, ds.y, ds.test_x, ds.test_y
+    perm = np.random.default_rng(seed).permutation(len(ds.y))
+    cut = int((1.0 - test_fraction) * len(perm))
+    return ds.x[perm[:cut]], ds.y[perm[:cut]], ds.x[perm[cut:]], ds.y[perm[cut:]]
+
+
 class ImagePool(eqx.Module):
     """Images a task samples from, indexed per class: ``class_index[c]`` lists class c's rows.
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaplastic._data import load_dataset
+from metaplastic._data import load_dataset, train_test_arrays
 from metaplastic._meta import mean_ci95
 from metaplastic._signals import LocalSignals
 from metaplastic._terms import TERMS
@@ -175,13 +175,7 @@ def main() -> None:
     out = args.out or Path("results/scaling_normalization" + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset("digits" if args.quick else "fashion_mnist")
-    if ds.test_x is None:  # digits: a seeded 70/30 split
-        rng = np.random.default_rng(0)
-        perm = rng.permutation(len(ds.y))
-        cut = int(0.7 * len(perm))
-        data = (ds.x[perm[:cut]], ds.y[perm[:cut]], ds.x[perm[cut:]], ds.y[perm[cut:]])
-    else:
-        data = (ds.x, ds.y, ds.test_x, ds.test_y)
+    data = train_test_arrays(ds)  # digits: a seeded 70/30 split
     args.n_classes = int(np.max(data[1])) + 1
     data = tuple(jnp.asarray(a) for a in data)
     rows = []

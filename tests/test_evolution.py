@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -118,3 +119,28 @@ def test_error_rate_fitness(small_problem):
         EvolutionTrainer(small_problem, rule, "open_es", objective="accuracy")
     with pytest.raises(MetaplasticError, match="needs an evolution strategy"):
         build_config("pool", "digits", {"outer": "adam"}, ["train.es_fitness=error"])
+
+
+def test_evolve_minimises_a_plain_function():
+    """The generic ES loop (used by the study scripts) finds a quadratic's minimum, ignores
+    non-finite members, and records one history row per generation."""
+    from metaplastic.outer import evolve
+
+    target = jnp.array([1.0, -2.0, 0.5])
+
+    def fitness(p, key):
+        f = jnp.sum((p - target) ** 2) + 0.01 * jax.random.normal(key)
+        return jnp.where(p[0] > 3.0, jnp.nan, f)  # a diverging region
+
+    res = evolve(
+        fitness,
+        jnp.zeros(3),
+        jax.random.key(0),
+        generations=120,
+        sigma=0.2,
+        lr=0.05,
+        progress=False,
+    )
+    assert np.allclose(np.asarray(res.params), np.asarray(target), atol=0.1)
+    assert len(res.history) == 120 and res.history[-1]["mean_fitness"] < 0.05
+    assert res.best_fitness < 0.05

@@ -74,3 +74,49 @@ def test_scaling_normalization_quick(tmp_path):
     none = rows[0]["test_accuracy"]["per_seed"]
     assert rows[2]["test_accuracy"]["per_seed"] != none
     assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_inhibitory_normalization_quick(tmp_path):
+    out = tmp_path / "inhib"
+    run_script(
+        "inhibitory_normalization.py",
+        "--quick",
+        "--seeds",
+        "2",
+        "--epochs",
+        "2",
+        "--eps",
+        "0",
+        "0.75",
+        "--conditions",
+        "ei",
+        "inorm_gradnorm",
+        "--meta",
+        "--meta-generations",
+        "2",
+        "--out",
+        str(out),
+    )
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert {(r["condition"], r["eps"]) for r in rows} == {
+        (c, e) for c in ("ei", "inorm_gradnorm", "inorm_meta") for e in (0.0, 0.75)
+    }
+    for r in rows:
+        assert len(r["test_accuracy"]["per_seed"]) == 2
+        assert 0.0 <= r["test_accuracy"]["mean"] <= 1.0
+        if r["condition"] == "ei":
+            assert r["grad_cos_ln"] is None
+        else:  # alignment with layer norm is a cosine
+            assert -1.0 <= r["grad_cos_ln"]["mean"] <= 1.0
+            assert -1.0 <= r["output_cos_ln"]["mean"] <= 1.0
+    # the luminosity shift is applied: the two eps values give different runs
+    ei = [r["test_accuracy"]["per_seed"] for r in rows if r["condition"] == "ei"]
+    assert ei[0] != ei[1]
+    assert len(res["meta"]["history"]) == 2 and set(res["meta"]["learned"]) == {
+        "log10_lam_mean",
+        "log10_lam_var",
+        "alpha",
+        "beta",
+    }
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "meta.png").stat().st_size > 0

@@ -114,6 +114,21 @@ def make_strategy(
 ES_OBJECTIVES = ("loss", "error")
 
 
+def finite_fitness(raw: Array, penalty: float = -1.0):
+    """Replace non-finite fitness values for ``tell``.
+
+    Returns ``(fitness, finite_mask, n_bad, worst)``: non-finite entries become the worst
+    finite fitness of the generation (``1e6`` if none is finite), or ``penalty`` if it is
+    >= 0; ``worst`` is the worst finite raw fitness (``-inf`` if none).
+    """
+    finite = jnp.isfinite(raw)
+    n_bad = jnp.sum(~finite).astype(jnp.int32)
+    worst = jnp.max(jnp.where(finite, raw, -jnp.inf))
+    fallback = jnp.where(jnp.isfinite(worst), worst, 1e6)
+    fill = fallback if penalty < 0 else jnp.asarray(penalty, raw.dtype)
+    return jnp.where(finite, raw, fill), finite, n_bad, worst
+
+
 class ESState(eqx.Module):
     """Outer-loop state of an evolution strategy (checkpointable: arrays only)."""
 
@@ -220,12 +235,7 @@ class EvolutionTrainer(eqx.Module):
         raw = self.sharding.map(lambda p: self.member_fitness(p, keys)[0], population)
         mean_loss, mean_acc = self.fitness(jax.tree_util.tree_map(lambda m: m[None], mean), keys)
         mean_loss, mean_acc = mean_loss[0], mean_acc[0]
-        finite = jnp.isfinite(raw)
-        n_bad = jnp.sum(~finite).astype(jnp.int32)
-        worst = jnp.max(jnp.where(finite, raw, -jnp.inf))
-        fallback = jnp.where(jnp.isfinite(worst), worst, 1e6)
-        fill = fallback if self.penalty < 0 else jnp.asarray(self.penalty, raw.dtype)
-        fit = jnp.where(finite, raw, fill)
+        fit, finite, n_bad, worst = finite_fitness(raw, self.penalty)
         # evosax minimises: fitness = meta-loss, or the error rate (lower is better)
         # tell runs on replicated inputs, so its reductions do not depend on the device count
         population, fit = self.sharding.gather((population, fit))
