@@ -122,3 +122,28 @@ def plot_curves(runs: dict[str, list[dict]], key: str, ylabel: str, out_file: Pa
     fig.tight_layout()
     fig.savefig(out_file, dpi=110)
     plt.close(fig)
+
+
+def plot_evolution(
+    history: list[dict], names: list[str], out_file: Path, ylabel: str = "fitness"
+) -> None:
+    """An :func:`metaplastic.outer.evolve` run: fitness of the search mean and the median
+    member per generation (left), and the mean's parameters, one line per ``names`` entry
+    (right)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    g = [h["generation"] for h in history]
+    axes[0].plot(g, [h["mean_fitness"] for h in history], label="search mean")
+    axes[0].plot(g, [h["median_member"] for h in history], label="median member")
+    axes[0].set_xlabel("generation")
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend(fontsize=8)
+    p = np.array([np.ravel(h["params"]) for h in history])
+    for i, name in enumerate(names):
+        axes[1].plot(g, p[:, i], label=name)
+    axes[1].set_xlabel("generation")
+    axes[1].set_ylabel("parameter")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=110)
+    plt.close(fig)

@@ -40,7 +40,7 @@ normalisation coefficients of an I-Norm network, starting from plain I-Norm: the
 the local loss's mean and variance terms (``log10``) and ``alpha, beta`` of the generalised
 backward transform ``(d - alpha mean(d) - beta zh mean(d zh)) / sqrt(var(z) + 1e-5)``
 (``alpha = beta = 1`` is GradNorm). Fitness: the error on held-out *training* images after a
-short training run at the largest ``eps``; the learned coefficients are then trained and
+short training run, averaged over the ``eps`` values; the learned coefficients are then trained and
 tested like the other conditions (test images never enter the search).
 
 Writes ``results.md``, ``results.json``, ``accuracy.png`` (and ``meta.png`` with ``--meta``)
@@ -66,6 +66,7 @@ import optax
 
 from metaplastic._data import load_dataset, train_test_arrays
 from metaplastic._meta import mean_ci95
+from metaplastic._report import plot_evolution
 from metaplastic.outer import evolve
 
 CONDITIONS = ("ei", "ei_ln", "inorm", "inorm_gradnorm", "inorm_center")
@@ -313,7 +314,7 @@ def meta_learn(data, args):
     xv, yv = x[-n_val:], y[-n_val:]  # held-out training images: the fitness never sees test
     xt, yt = x[:-n_val], y[:-n_val]
     n_train = min(args.meta_train, xt.shape[0])
-    eps = max(args.eps)
+    eps_values = jnp.asarray(args.eps, jnp.float32)
 
     def coefs(p):
         return hyper("inorm", 0.0, back=(p[2], p[3], 1.0)) | {
@@ -321,12 +322,15 @@ def meta_learn(data, args):
             "lam_var": 10.0 ** p[1],
         }
 
-    def fitness(p, key):
+    def error(p, key, eps):
         k_train, k_val = jax.random.split(key)
         layers, _ = train(k_train, eps, xt, yt, "inorm", coefs(p), args, 1, n_train)
         logits, _, _ = forward(layers, shift(k_val, xv, eps), "inorm", coefs(p))
         err = 1.0 - jnp.mean(jnp.argmax(logits, 1) == yv)
         return jnp.where(jnp.all(jnp.isfinite(logits)), err, jnp.nan)
+
+    def fitness(p, key):  # mean over the luminosity shifts studied
+        return jnp.mean(jax.vmap(lambda e: error(p, key, e))(eps_values))
 
     start = jnp.array([2.0, 2.0, 0.0, 0.0], jnp.float32)  # plain I-Norm, lambda = 100
     res = evolve(
@@ -390,7 +394,7 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=100.0, help="local inhibitory loss weight")
     ap.add_argument("--n-align", type=int, default=500, help="test images for gradient cosines")
     ap.add_argument("--meta", action="store_true", help="add the meta-learned I-Norm condition")
-    ap.add_argument("--meta-generations", type=int, default=None, help="default 24 (quick: 4)")
+    ap.add_argument("--meta-generations", type=int, default=None, help="default 40 (quick: 4)")
     ap.add_argument("--meta-population", type=int, default=None, help="default 12 (quick: 4)")
     ap.add_argument("--meta-train", type=int, default=None, help="default 10000 (quick: 600)")
     ap.add_argument("--meta-val", type=int, default=None, help="default 5000 (quick: 300)")
@@ -400,7 +404,7 @@ def main() -> None:
     args.epochs = args.epochs or (10 if q else 3)
     h = args.hidden or (30 if q else 100)
     args.hidden = (h, h)
-    args.meta_generations = args.meta_generations or (4 if q else 24)
+    args.meta_generations = args.meta_generations or (4 if q else 40)
     args.meta_population = args.meta_population or (4 if q else 12)
     args.meta_train = args.meta_train or (600 if q else 10_000)
     args.meta_val = args.meta_val or (300 if q else 5_000)
@@ -421,7 +425,7 @@ def main() -> None:
             "history": history,
             "train_images": n_train,
             "val_images": n_val,
-            "eps": max(args.eps),
+            "eps": list(args.eps),
             "generations": args.meta_generations,
             "population": args.meta_population,
             "seconds": round(time.perf_counter() - t0, 1),
@@ -486,14 +490,27 @@ def write(out: Path, rows, meta, args, data: str, total: float) -> None:
             f"{fmt(r['drive_std'], 3)} | {fmt(r['output_cos_ln'], 3)} | "
             f"{fmt(r['grad_cos_ln'], 3)} |"
         )
+    inorm = [c for c in conds if c.startswith("inorm")]
+    if inorm:
+        lines += [
+            "",
+            "Cosine alignment with layer norm of the task-loss gradient of the hidden W_EX "
+            "(I-Norm conditions; 1 = the gradient layer norm would give), per eps:",
+            "",
+            "| condition | " + " | ".join(f"eps = {e:g}" for e in eps_values) + " |",
+            "|---|" + "---|" * len(eps_values),
+        ]
+        for c in inorm:
+            cells = [fmt(by[(c, e)]["grad_cos_ln"], 3) if (c, e) in by else "—" for e in eps_values]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     if meta is not None:
         lr = meta["learned"]
         lines += [
             "",
             f"Meta-learned I-Norm (`inorm_meta`): OpenAI-ES, {meta['generations']} generations "
             f"x {meta['population']} members, fitness = error on {meta['val_images']} held-out "
-            f"training images after 1 epoch on {meta['train_images']} images at eps = "
-            f"{meta['eps']:g} ({meta['seconds'] / 60:.1f} min). Learned: local-loss weights "
+            f"training images after 1 epoch on {meta['train_images']} images, averaged over "
+            f"eps in {meta['eps']} ({meta['seconds'] / 60:.1f} min). Learned: local-loss weights "
             f"lambda_mean = {10 ** lr['log10_lam_mean']:.3g}, lambda_var = "
             f"{10 ** lr['log10_lam_var']:.3g}; error transform alpha = {lr['alpha']:.3f}, "
             f"beta = {lr['beta']:.3f} (GradNorm: 1, 1; plain I-Norm: 0, 0).",
@@ -530,22 +547,8 @@ def plot(out, rows, conds, eps_values, meta):
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
     if meta is not None:
-        hist = meta["history"]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        g = [h["generation"] for h in hist]
-        axes[0].plot(g, [h["mean_fitness"] for h in hist], label="search mean")
-        axes[0].plot(g, [h["median_member"] for h in hist], label="median member")
-        axes[0].set_xlabel("generation")
-        axes[0].set_ylabel("held-out training error")
-        axes[0].legend(fontsize=8)
-        p = np.array([h["params"] for h in hist])
-        for i, name in enumerate(("log10 lambda_mean", "log10 lambda_var", "alpha", "beta")):
-            axes[1].plot(g, p[:, i], label=name)
-        axes[1].set_xlabel("generation")
-        axes[1].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "meta.png", dpi=110)
-        plt.close(fig)
+        names = ["log10 lambda_mean", "log10 lambda_var", "alpha", "beta"]
+        plot_evolution(meta["history"], names, out / "meta.png", "held-out training error")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,14 @@ of variation of their mean activities (lower = more even use) and the fraction o
 
 Usage (repository root)::
 
-    python scripts/scaling_normalization.py           # Fashion-MNIST, 5 seeds, ~10 min
+    python scripts/scaling_normalization.py --meta    # Fashion-MNIST, 5 seeds, ~15 min
     python scripts/scaling_normalization.py --quick   # digits, 3 seeds, ~1 min (CI)
 
-Not done yet: the meta-learned version (the outer loop choosing gamma per variant).
+``--meta`` adds the meta-learned version (``scaling_meta``): the framework's ES outer loop
+(:func:`metaplastic.outer.evolve`, OpenAI-ES) learns the coefficients of all three scaling
+terms at once, starting from zero (no scaling); fitness is the error on held-out *training*
+images after a short training run, so the test split never enters the search. The learned
+coefficients are then trained and tested like the hand-set conditions.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ import optax
 
 from metaplastic._data import load_dataset, train_test_arrays
 from metaplastic._meta import mean_ci95
+from metaplastic._report import plot_evolution
 from metaplastic._signals import LocalSignals
 from metaplastic._terms import TERMS
+from metaplastic.outer import evolve
 
 CONDITIONS = (
     "none",
@@ -50,7 +56,9 @@ CONDITIONS = (
     "scaling_layer_mean",
     "scaling_norm",
 )
+SCALING_TERMS = ("scaling_fixed", "scaling_layer_mean", "scaling_norm")
 EPS = 1e-5
+META_SCALE = 0.01  # search variable 1 = coefficient 0.01 (the hand-set gamma)
 
 
 def init(key, sizes, cond):
@@ -94,20 +102,26 @@ def forward(p, x, cond, stats=None):
     return h, hidden, batch_stats
 
 
-def scaling_step(cond, targets, p, ybar, nrm0, gamma):
-    """Apply the framework's scaling term to each hidden layer's incoming weights."""
+def scaling_step(coefs, targets, p, ybar, nrm0):
+    """Apply ``sum_k coefs[k] * term_k`` (the framework's scaling terms) to each hidden
+    layer's incoming weights."""
     new_W = list(p["W"])
     for i in range(len(p["W"]) - 1):
         W = p["W"][i]
-        term = TERMS[cond](target=targets[i]) if cond == "scaling_fixed" else TERMS[cond]()
         z_in, z_out = jnp.zeros(W.shape[1]), jnp.zeros(W.shape[0])
         s = LocalSignals(z_in, z_out, z_out, z_in, W, ybar=ybar[i], theta_M=None, nrm0=nrm0[i])
-        new_W[i] = W + gamma * term(s)
+        for name, c in coefs.items():
+            term = TERMS[name](target=targets[i]) if name == "scaling_fixed" else TERMS[name]()
+            new_W[i] = new_W[i] + c * term(s)
     return dict(p, W=new_W)
 
 
-def train_seed(key, data, cond, args, targets):
+def train_seed(key, data, cond, args, targets, coefs=None, epochs=None):
+    """Train one network; ``coefs`` (scaling term -> coefficient) defaults to ``{cond:
+    gamma}`` for the scaling conditions. Returns (accuracy, CV, dead) after each epoch."""
     x, y, tx, ty = data
+    if coefs is None:
+        coefs = {cond: args.gamma} if cond in SCALING_TERMS else {}
     sizes = (x.shape[1], *args.hidden, args.n_classes)
     k_init, k_perm = jax.random.split(key)
     p = init(k_init, sizes, cond)
@@ -130,8 +144,8 @@ def train_seed(key, data, cond, args, targets):
         upd, o = opt.update(g, o, p)
         p = optax.apply_updates(p, upd)
         ybar = [(1 - args.tau) * yb_ + args.tau * h.mean(0) for yb_, h in zip(ybar, hidden)]
-        if cond.startswith("scaling"):
-            p = scaling_step(cond, targets, p, ybar, nrm0, args.gamma)
+        if coefs:
+            p = scaling_step(coefs, targets, p, ybar, nrm0)
         if cond == "batch_norm":
             bn = [
                 (0.9 * m + 0.1 * bm, 0.9 * v + 0.1 * bv)
@@ -149,7 +163,7 @@ def train_seed(key, data, cond, args, targets):
 
     carry = (p, o, ybar0, bn0)
     accs = []
-    for epoch in range(args.epochs):
+    for epoch in range(epochs or args.epochs):
         perm = jax.random.permutation(jax.random.fold_in(k_perm, epoch), x.shape[0])
         idx = perm[: n_batches * args.batch].reshape(n_batches, args.batch)
         carry, _ = jax.lax.scan(step, carry, idx)
@@ -168,7 +182,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--gamma", type=float, default=0.01, help="scaling step strength")
     ap.add_argument("--tau", type=float, default=0.01, help="running-average rate of ybar")
+    ap.add_argument("--meta", action="store_true", help="add the meta-learned scaling condition")
+    ap.add_argument("--meta-generations", type=int, default=None, help="default 30 (quick: 3)")
+    ap.add_argument("--meta-population", type=int, default=None, help="default 12 (quick: 4)")
+    ap.add_argument("--meta-epochs", type=int, default=2, help="training epochs per fitness")
+    ap.add_argument("--meta-train", type=int, default=None, help="default 10000 (quick: 600)")
+    ap.add_argument("--meta-val", type=int, default=None, help="default 5000 (quick: 300)")
     args = ap.parse_args()
+    q = args.quick
+    args.meta_generations = args.meta_generations or (3 if q else 30)
+    args.meta_population = args.meta_population or (4 if q else 12)
+    args.meta_train = args.meta_train or (600 if q else 10_000)
+    args.meta_val = args.meta_val or (300 if q else 5_000)
     args.seeds = args.seeds or (3 if args.quick else 5)
     args.epochs = args.epochs or (3 if args.quick else 5)
     args.hidden = (32, 32) if args.quick else (128, 128)
@@ -178,14 +203,30 @@ def main() -> None:
     data = train_test_arrays(ds)  # digits: a seeded 70/30 split
     args.n_classes = int(np.max(data[1])) + 1
     data = tuple(jnp.asarray(a) for a in data)
-    rows = []
+    rows, meta = [], None
     t_all = time.perf_counter()
-    for cond in args.conditions:
-        # fixed target: each layer's mean activity at initialisation, on the first batch
-        p0 = init(jax.random.key(0), (data[0].shape[1], *args.hidden, args.n_classes), cond)
-        targets = [float(h.mean()) for h in forward(p0, data[0][: args.batch], cond)[1]]
+    todo = [(c, None) for c in args.conditions]
+    if args.meta:
+        t0 = time.perf_counter()
+        coefs, history = meta_learn(data, args, fixed_targets(data, args, "scaling_meta"))
+        meta = {
+            "learned": coefs,
+            "history": history,
+            "generations": args.meta_generations,
+            "population": args.meta_population,
+            "epochs": args.meta_epochs,
+            "train_images": args.meta_train,
+            "val_images": args.meta_val,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        print("meta-learned coefficients:", coefs, flush=True)
+        todo.append(("scaling_meta", coefs))
+    for cond, coefs in todo:
+        targets = fixed_targets(data, args, cond)
         run = jax.jit(
-            jax.vmap(partial(train_seed, data=data, cond=cond, args=args, targets=targets))
+            jax.vmap(
+                partial(train_seed, data=data, cond=cond, args=args, targets=targets, coefs=coefs)
+            )
         )
         t0 = time.perf_counter()
         accs = run(jax.random.split(jax.random.key(1), args.seeds))
@@ -209,10 +250,47 @@ def main() -> None:
             f"  dead {row['dead_fraction']['mean']:.3f}  ({secs:.0f} s)",
             flush=True,
         )
-    write(out, rows, args, ds.name, time.perf_counter() - t_all)
+    write(out, rows, meta, args, ds.name, time.perf_counter() - t_all)
 
 
-def write(out: Path, rows, args, data: str, total: float) -> None:
+def fixed_targets(data, args, cond):
+    """The fixed target of ``scaling_fixed``: each hidden layer's mean activity at
+    initialisation, on the first batch."""
+    p0 = init(jax.random.key(0), (data[0].shape[1], *args.hidden, args.n_classes), cond)
+    return [float(h.mean()) for h in forward(p0, data[0][: args.batch], cond)[1]]
+
+
+def meta_learn(data, args, targets):
+    """OpenAI-ES over the three scaling coefficients (applied together, each ``META_SCALE``
+    times its search variable, starting from 0 = no scaling). Fitness: error on the last
+    ``meta_val`` training images after ``meta_epochs`` epochs on ``meta_train`` others."""
+    x, y = data[0], data[1]
+    n_val = min(args.meta_val, x.shape[0] // 4)
+    xv, yv = x[-n_val:], y[-n_val:]  # held-out training images: the test split is not used
+    xt, yt = x[:-n_val][: args.meta_train], y[:-n_val][: args.meta_train]
+
+    def fitness(p, key):
+        coefs = dict(zip(SCALING_TERMS, META_SCALE * p, strict=True))
+        accs = train_seed(
+            key, (xt, yt, xv, yv), "scaling_meta", args, targets, coefs, args.meta_epochs
+        )
+        return 1.0 - accs[-1][0]
+
+    res = evolve(
+        fitness,
+        jnp.zeros(len(SCALING_TERMS)),
+        jax.random.key(7),
+        population=args.meta_population,
+        generations=args.meta_generations,
+        sigma=0.5,
+        lr=0.1,
+        desc="meta-learn scaling",
+    )
+    learned = np.asarray(res.params, dtype=np.float64) * META_SCALE
+    return dict(zip(SCALING_TERMS, learned.tolist(), strict=True)), res.history
+
+
+def write(out: Path, rows, meta, args, data: str, total: float) -> None:
     def fmt(r, k, d=4):
         v = r[k]
         return f"{v['mean']:.{d}f} [{v['ci95'][0]:.{d}f}, {v['ci95'][1]:.{d}f}]"
@@ -232,8 +310,28 @@ def write(out: Path, rows, args, data: str, total: float) -> None:
             f"| {r['condition']} | {fmt(r, 'test_accuracy')} | {fmt(r, 'epoch1_accuracy')} | "
             f"{fmt(r, 'activity_cv', 3)} | {fmt(r, 'dead_fraction', 3)} |"
         )
+    if meta is not None:
+        c = meta["learned"]
+        lines += [
+            "",
+            f"Meta-learned scaling (`scaling_meta`): OpenAI-ES, {meta['generations']} "
+            f"generations x {meta['population']} members, fitness = error on "
+            f"{meta['val_images']} held-out training images after {meta['epochs']} epochs on "
+            f"{meta['train_images']} images ({meta['seconds'] / 60:.1f} min), all three terms "
+            "applied together, starting from 0. Learned: "
+            + ", ".join(f"{k} {v:+.4f}" for k, v in c.items())
+            + f" (hand-set conditions use {args.gamma} for one term).",
+        ]
+        plot_evolution(
+            meta["history"],
+            [f"{t} / {META_SCALE}" for t in SCALING_TERMS],
+            out / "meta.png",
+            "held-out training error",
+        )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if meta is not None:
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -38,6 +38,12 @@ def test_oja_constraints_quick(tmp_path):
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0
         assert np.isfinite(r["effective_rank"]) and 1.0 <= r["effective_rank"] <= r["width"]
+        if r["method"].endswith("+ Oja"):  # tuned on meta-train episodes, 0 in the grid
+            grid = r["oja_grid"]
+            assert any(g["oja"] == 0.0 for g in grid)
+            best = max(g["val_accuracy"] for g in grid)
+            chosen = next(g for g in grid if g["oja"] == r["coefficients"]["oja"])
+            assert chosen["val_accuracy"] == best
     assert (out / "results.md").read_text().count("\n| ") >= 4
     assert (out / "accuracy.png").stat().st_size > 0
 
@@ -56,6 +62,9 @@ def test_scaling_normalization_quick(tmp_path):
         "batch_norm",
         "scaling_layer_mean",
         "scaling_norm",
+        "--meta",
+        "--meta-generations",
+        "2",
         "--out",
         str(out),
     )
@@ -65,7 +74,12 @@ def test_scaling_normalization_quick(tmp_path):
         "batch_norm",
         "scaling_layer_mean",
         "scaling_norm",
+        "scaling_meta",
     ]
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["history"]) == 2
+    assert set(meta["learned"]) == {"scaling_fixed", "scaling_layer_mean", "scaling_norm"}
+    assert (out / "meta.png").stat().st_size > 0
     for r in rows:
         assert len(r["test_accuracy"]["per_seed"]) == 2
         assert 0.0 <= r["test_accuracy"]["mean"] <= 1.0
