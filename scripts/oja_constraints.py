@@ -16,8 +16,9 @@ outer loop on meta-train episodes. The Oja coefficient is then, by default (``--
 chosen from a grid that includes 0 by mean accuracy on validation episodes drawn from the
 meta-train images, with the learned step size kept; nothing is chosen on held-out images.
 ``--oja meta`` meta-learns the Oja coefficient together with the step size instead; with the
-full-size set-up that outer loop was unstable (backprop + Oja diverged, FA + Oja got a non-
-finite meta-gradient at every step and never moved; see ``partial_run_log.txt``).
+full-size set-up that outer loop failed (backprop + Oja diverged; FA + Oja's coefficients
+never moved from their start although every meta-gradient was reported finite; see
+``results/oja_constraints_meta_partial/``).
 
 Reported: held-out query accuracy (mean and Student-t 95% CI over episodes), and the
 effective rank (participation ratio ``(sum l)^2 / sum l^2`` of the covariance eigenvalues)
@@ -140,6 +141,12 @@ def main() -> None:
         "or meta-learned together with the step size",
     )
     ap.add_argument("--tune-episodes", type=int, default=None, help="per grid point")
+    ap.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="reuse finished meta-training runs (summary.json) under OUT/runs instead of "
+        "training again (only valid if they were made with the same settings)",
+    )
     args = ap.parse_args()
     out = args.out or Path("results/oja_constraints" + ("_quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +171,12 @@ def main() -> None:
             t0 = time.perf_counter()
             cfg = make_config(rules[rule], task, feedback, cond, args, episodes, n_eval)
             run_dir = out / "runs" / f"{cname}-{mname}".replace(" ", "_").replace("+", "plus")
-            s = train(cfg, run_dir, progress=False, label=mname, evaluate=False)
+            done = run_dir / "summary.json"
+            if args.reuse_runs and done.exists():  # a finished meta-training run
+                s = json.loads(done.read_text())
+                print(f"reusing {run_dir}", flush=True)
+            else:
+                s = train(cfg, run_dir, progress=False, label=mname, evaluate=False)
             rule_obj = read_rule_file(run_dir)
             rows.append(evaluate(cfg, rule_obj, cname, mname, cond, s["coefficients"], t0))
             write(out, rows, args, episodes, n_eval, time.perf_counter() - t_start)
@@ -295,7 +307,9 @@ def plot(out: Path, rows) -> None:
     fig, ax = plt.subplots(figsize=(1.8 * len(conds) + 2, 3.8))
     w = 0.8 / len(methods)
     for j, m in enumerate(methods):
-        sel = [next(r for r in rows if r["condition"] == c and r["method"] == m) for c in conds]
+        by = {r["condition"]: r for r in rows if r["method"] == m}
+        nan = {"accuracy": np.nan, "ci95": [np.nan, np.nan]}  # not run (yet)
+        sel = [by.get(c, nan) for c in conds]
         acc = np.array([r["accuracy"] for r in sel])
         err = np.array([[a - r["ci95"][0], r["ci95"][1] - a] for a, r in zip(acc, sel)]).T
         ax.bar(np.arange(len(conds)) + j * w, acc, w, yerr=err, capsize=3, label=m)
