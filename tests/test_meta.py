@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -101,3 +102,27 @@ def test_mean_ci95():
     m, lo, hi = mean_ci95([0.0, 1.0] * 50)
     assert m == 0.5 and lo < 0.5 < hi
     assert abs((hi - lo) / 2 - 1.984 * np.std([0, 1] * 50, ddof=1) / 10) < 1e-3
+
+
+def test_huge_meta_gradients_are_rescaled_not_silently_dropped():
+    """A finite meta-gradient of 1e21 overflows Adam's second moment (g^2 = inf), so the
+    raw update is exactly 0 and the outer loop stalls while reporting finite gradients;
+    bound_gradient keeps the direction and makes the step real. Small gradients pass
+    through unchanged."""
+    import optax
+
+    from metaplastic.outer._gradient import GRAD_LIMIT, bound_gradient
+
+    params = {"theta": jnp.array([0.03, 0.0])}
+    huge = {"theta": jnp.array([3e21, -1e20], jnp.float32)}
+    opt = optax.adam(1e-3)
+    raw, _ = opt.update(huge, opt.init(params), params)
+    assert np.all(np.asarray(raw["theta"]) == 0.0)  # the stall this guards against
+    bounded, rescaled = bound_gradient(huge)
+    assert bool(rescaled)
+    assert np.isclose(float(jnp.max(jnp.abs(bounded["theta"]))), GRAD_LIMIT, rtol=1e-5)
+    upd, _ = opt.update(bounded, opt.init(params), params)
+    assert np.all(np.sign(np.asarray(upd["theta"])) == [-1.0, 1.0])
+    small = {"theta": jnp.array([0.5, -2.0])}
+    same, flag = bound_gradient(small)
+    assert not bool(flag) and np.array_equal(np.asarray(same["theta"]), [0.5, -2.0])

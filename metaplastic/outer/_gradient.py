@@ -38,6 +38,28 @@ def make_optimizer(name: str, lr: float, clip: float | None = None) -> optax.Gra
     return opt
 
 
+#: Largest meta-gradient entry passed to the optimiser (see :func:`bound_gradient`).
+GRAD_LIMIT = 1e12
+
+
+def bound_gradient(grads, limit: float = GRAD_LIMIT):
+    """Rescale a finite gradient whose largest entry exceeds ``limit`` down to ``limit``.
+
+    Rules that make the inner loop explode can give finite meta-gradients of 1e20 and more.
+    Adam squares them into its second moment, which overflows to inf in float32 (above
+    ~1.8e19), and then every update is ``m / sqrt(inf) = 0``: training silently stalls with
+    all gradients "finite". Rescaling keeps the direction (Adam is scale-invariant anyway)
+    and is a no-op below ``limit``. Returns ``(grads, rescaled)``.
+    """
+    leaves = jax.tree_util.tree_leaves(grads)
+    if not leaves:
+        return grads, jnp.array(False)
+    gmax = jnp.max(jnp.array([jnp.max(jnp.abs(g)) for g in leaves]))
+    rescaled = gmax > limit
+    scale = jnp.where(rescaled, limit / jnp.where(rescaled, gmax, 1.0), 1.0)
+    return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads), rescaled
+
+
 class OuterState(eqx.Module):
     """The whole outer-loop state: coefficients, optimiser state, PRNG key, counters."""
 
@@ -160,6 +182,7 @@ class GradientTrainer(eqx.Module):
         leaves = jax.tree_util.tree_leaves(grads)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
         safe = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
+        safe, rescaled = bound_gradient(safe)
         updates, new_opt = self.optimizer.update(safe, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
 
@@ -173,5 +196,5 @@ class GradientTrainer(eqx.Module):
             step=state.step + 1,
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
-        aux = dict(aux, grad_finite=finite)
+        aux = dict(aux, grad_finite=finite, grad_rescaled=rescaled)
         return new_state, aux
