@@ -105,6 +105,10 @@ class TrainConfig:
     outer: str = "adam"
     lr: float = 0.003
     clip: float = 1.0
+    #: > 0: meta-gradients whose largest entry exceeds this are rescaled to it before the
+    #: optimiser (1e12 recommended where rules can explode; 0 = off, the default, which keeps
+    #: the published numbers bit-for-bit: any change to the compiled step reorders sums)
+    grad_limit: float = 0.0
     meta_batch: int = 16
     episodes: int = 4800
     l1: float = 0.0
@@ -289,7 +293,14 @@ def _validate(obj, where: str) -> None:
                 f"{where}.episodes ({obj.episodes}) is smaller than {where}.meta_batch "
                 f"({obj.meta_batch}); raise episodes or lower meta_batch"
             )
-        for n in ("l1", "clip", "prune_threshold", "prune_effect", "checkpoint_every"):
+        for n in (
+            "l1",
+            "clip",
+            "grad_limit",
+            "prune_threshold",
+            "prune_effect",
+            "checkpoint_every",
+        ):
             if getattr(obj, n) < 0:
                 raise MetaplasticError(f"{where}.{n} must be >= 0, got {getattr(obj, n)}")
 

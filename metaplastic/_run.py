@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ._report import plot_training
 from ._rule_kinds import EquationRule, MLPRule, TaylorRule
 from ._rules import AbstractRule, PlasticFeedback, TermPoolRule
 from ._tasks import ClassificationTask
-from .outer import GradientTrainer, make_optimizer
+from .outer import GradientTrainer, OuterState, make_optimizer
 
 #: Stop a run whose first this-many meta-steps all had non-finite meta-gradients.
 ALL_DIVERGED_PATIENCE = 20
@@ -121,6 +122,41 @@ def validation_key(cfg: RunConfig) -> jax.Array:
     return jax.random.fold_in(jax.random.key(cfg.train.seed), 2**21)
 
 
+class _StallWatch:
+    """Notices a gradient outer loop that stopped moving although its meta-gradients are
+    finite: the signature of a gradient so large (> ~1e19) that its square overflows, so
+    clipping and Adam turn it into a zero update. Checked on the host, on logged steps, so
+    the compiled meta-step is unchanged. Warns once, after ``patience`` such steps in a row.
+    """
+
+    def __init__(self, label: str, patience: int = 5):
+        self.label, self.patience = label, patience
+        self.prev, self.run, self.total, self.warned = None, 0, 0, False
+
+    def update(self, state, row) -> str | None:
+        if not isinstance(state, OuterState):
+            return None
+        params = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
+        same = self.prev is not None and all(
+            np.array_equal(a, b) for a, b in zip(params, self.prev, strict=True)
+        )
+        self.prev = params
+        if same and row.get("grad_finite", False):
+            self.run += 1
+            self.total += 1
+        else:
+            self.run = 0
+        if self.run >= self.patience and not self.warned:
+            self.warned = True
+            return (
+                f"metaplastic: warning: {self.label}: {self.run} meta-steps in a row changed no "
+                "coefficient although every meta-gradient was finite; the gradient has "
+                "probably overflowed (|g| > 1e19, e.g. an exploding rule). Set "
+                "train.grad_limit = 1e12 to rescale such gradients."
+            )
+        return None
+
+
 def _to_float(x) -> float | None:
     v = float(x)
     return v if np.isfinite(v) else None
@@ -153,6 +189,7 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule):
             mode=t.gradient,
             devices=t.devices,
             vmap_width=t.vmap_width,
+            grad_limit=t.grad_limit,
         )
     return EvolutionTrainer(
         problem,
@@ -281,6 +318,7 @@ def train(
         disable=not progress,
         unit="step",
     )
+    stall = _StallWatch(label)
     with open(metrics_path, "a") as log, _StopFlag() as stop:
         for i in range(start, n_steps):
             state, aux = trainer.step(state)
@@ -293,10 +331,13 @@ def train(
                 row.update({k: _scalar(v) for k, v in aux.items()})
                 row["skipped_total"] = int(state.skipped)
                 row["coefficients"] = trainer.rule(state).coefficients()
+                frozen = stall.update(state, row)
                 metrics.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 bar.set_postfix(loss=row["loss"], acc=row["query_accuracy"], refresh=False)
+                if frozen:
+                    tqdm.write(frozen, file=sys.stderr)
             bar.update(1)
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == n_steps:
                 checkpoint(step)

@@ -15,10 +15,11 @@ layer. The step size of each plain method is meta-learned by the framework's gra
 outer loop on meta-train episodes. The Oja coefficient is then, by default (``--oja grid``),
 chosen from a grid that includes 0 by mean accuracy on validation episodes drawn from the
 meta-train images, with the learned step size kept; nothing is chosen on held-out images.
-``--oja meta`` meta-learns the Oja coefficient together with the step size instead; with the
-full-size set-up that outer loop failed (backprop + Oja diverged; FA + Oja's coefficients
-never moved from their start although every meta-gradient was reported finite; see
-``results/oja_constraints_meta_partial/``).
+``--oja meta`` meta-learns the Oja coefficient together with the step size instead (with
+``train.grad_limit = --grad-limit``; the plain methods are trained as in the default mode).
+Without the gradient limit that outer loop failed at full size (backprop + Oja diverged;
+FA + Oja's coefficients never moved from their start because its finite meta-gradients of
+~1e21 overflowed when squared; see ``results/oja_constraints_meta_partial/``).
 
 Reported: held-out query accuracy (mean and Student-t 95% CI over episodes), and the
 effective rank (participation ratio ``(sum l)^2 / sum l^2`` of the covariance eigenvalues)
@@ -142,6 +143,12 @@ def main() -> None:
     )
     ap.add_argument("--tune-episodes", type=int, default=None, help="per grid point")
     ap.add_argument(
+        "--grad-limit",
+        type=float,
+        default=1e12,
+        help="train.grad_limit of the '+ Oja' meta-learning runs (--oja meta; 0 = off)",
+    )
+    ap.add_argument(
         "--reuse-runs",
         action="store_true",
         help="reuse finished meta-training runs (summary.json) under OUT/runs instead of "
@@ -169,7 +176,8 @@ def main() -> None:
             if plus_oja and args.oja == "grid":
                 continue  # done with the plain method below
             t0 = time.perf_counter()
-            cfg = make_config(rules[rule], task, feedback, cond, args, episodes, n_eval)
+            limit = args.grad_limit if plus_oja else 0.0
+            cfg = make_config(rules[rule], task, feedback, cond, args, episodes, n_eval, limit)
             run_dir = out / "runs" / f"{cname}-{mname}".replace(" ", "_").replace("+", "plus")
             done = run_dir / "summary.json"
             if args.reuse_runs and done.exists():  # a finished meta-training run
@@ -196,7 +204,7 @@ def main() -> None:
     print((out / "results.md").read_text())
 
 
-def make_config(rule, task, feedback, cond, args, episodes, n_eval):
+def make_config(rule, task, feedback, cond, args, episodes, n_eval, grad_limit=0.0):
     return build_config(
         rule,
         task,
@@ -209,7 +217,11 @@ def make_config(rule, task, feedback, cond, args, episodes, n_eval):
             "eval_episodes": n_eval,
             "checkpoint_every": 0,
         },
-        [f"network.hidden={cond['hidden']}", f"network.init_scale={cond['init_scale']}"],
+        [
+            f"network.hidden={cond['hidden']}",
+            f"network.init_scale={cond['init_scale']}",
+            f"train.grad_limit={grad_limit}",
+        ],
     )
 
 

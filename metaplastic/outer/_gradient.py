@@ -38,18 +38,15 @@ def make_optimizer(name: str, lr: float, clip: float | None = None) -> optax.Gra
     return opt
 
 
-#: Largest meta-gradient entry passed to the optimiser (see :func:`bound_gradient`).
-GRAD_LIMIT = 1e12
-
-
-def bound_gradient(grads, limit: float = GRAD_LIMIT):
+def bound_gradient(grads, limit: float):
     """Rescale a finite gradient whose largest entry exceeds ``limit`` down to ``limit``.
 
     Rules that make the inner loop explode can give finite meta-gradients of 1e20 and more.
-    Adam squares them into its second moment, which overflows to inf in float32 (above
-    ~1.8e19), and then every update is ``m / sqrt(inf) = 0``: training silently stalls with
-    all gradients "finite". Rescaling keeps the direction (Adam is scale-invariant anyway)
-    and is a no-op below ``limit``. Returns ``(grads, rescaled)``.
+    Their squares overflow float32 (above ~1.8e19): global-norm clipping then divides by an
+    infinite norm and Adam's second moment becomes inf, so every update is exactly 0 and
+    training silently stalls with all gradients "finite". Rescaling keeps the direction
+    (clipping and Adam are scale-invariant anyway) and is a no-op below ``limit``.
+    Returns ``(grads, rescaled)``. Used when ``train.grad_limit > 0``.
     """
     leaves = jax.tree_util.tree_leaves(grads)
     if not leaves:
@@ -88,10 +85,21 @@ class GradientTrainer(eqx.Module):
     l1: float = eqx.field(static=True)
     mode: str = eqx.field(static=True)
     sharding: AxisSharding
+    grad_limit: float = eqx.field(static=True)
 
     def __init__(
-        self, problem, rule, optimizer, meta_batch=8, l1=0.0, mode="auto", devices=1, vmap_width=0
+        self,
+        problem,
+        rule,
+        optimizer,
+        meta_batch=8,
+        l1=0.0,
+        mode="auto",
+        devices=1,
+        vmap_width=0,
+        grad_limit=0.0,
     ):
+        self.grad_limit = float(grad_limit)
         if mode not in GRADIENT_MODES:
             raise unknown_name("gradient mode", mode, GRADIENT_MODES, "train.gradient")
         if meta_batch < 1:
@@ -182,7 +190,9 @@ class GradientTrainer(eqx.Module):
         leaves = jax.tree_util.tree_leaves(grads)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
         safe = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
-        safe, rescaled = bound_gradient(safe)
+        extra = {}
+        if self.grad_limit > 0:  # off by default: see TrainConfig.grad_limit
+            safe, extra["grad_rescaled"] = bound_gradient(safe, self.grad_limit)
         updates, new_opt = self.optimizer.update(safe, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
 
@@ -196,5 +206,5 @@ class GradientTrainer(eqx.Module):
             step=state.step + 1,
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
-        aux = dict(aux, grad_finite=finite, grad_rescaled=rescaled)
+        aux = dict(aux, grad_finite=finite, **extra)
         return new_state, aux
