@@ -362,8 +362,19 @@ def distill(run_dir, episodes, samples, method, alpha, check_episodes):
 )
 @click.option("--repeats", type=int, default=5, help="Timing repeats (the median is kept).")
 @click.option("--unrolls", default="250,1000,4000", help="Unroll lengths for peak memory.")
+@click.option(
+    "--meta-batch",
+    type=int,
+    default=0,
+    help="Episodes per timed meta-step (times are per episode); 0 = the task's.",
+)
+@click.option(
+    "--modes",
+    default="forward,reverse",
+    help="Gradient modes to time (comma-separated: forward, reverse).",
+)
 @_user_errors
-def bench(rule, task, json_path, repeats, unrolls):
+def bench(rule, task, json_path, repeats, unrolls, meta_batch, modes):
     """Time meta-gradients and ES evaluation; measure peak memory vs unroll length."""
     from ._bench import run_bench
 
@@ -371,12 +382,20 @@ def bench(rule, task, json_path, repeats, unrolls):
         lengths = tuple(int(u) for u in unrolls.split(",") if u.strip())
     except ValueError:
         raise MetaplasticError(f"--unrolls {unrolls!r}: give comma-separated integers") from None
+    if meta_batch < 0:
+        raise MetaplasticError(f"--meta-batch must be >= 0 (0 = the task's), got {meta_batch}")
+    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+    bad = [m for m in mode_list if m not in ("forward", "reverse")]
+    if bad or not mode_list:
+        raise MetaplasticError(f"--modes {modes!r}: give forward and/or reverse, comma-separated")
     res = run_bench(
         rule,
         task,
         repeats=max(1, repeats),
         unrolls=lengths,
         progress=lambda m: click.echo(m, err=True),
+        meta_batch=meta_batch,
+        modes=mode_list,
     )
     text = json.dumps(res, indent=2)
     click.echo(text)

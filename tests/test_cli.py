@@ -164,3 +164,14 @@ def test_malformed_rule_file_subprocess(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "did you mean 'oja'" in lines[0] and "bad.toml" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--modes", "sideways"], ["--modes", ","], ["--meta-batch", "-1"], ["--unrolls", "a,b"]],
+)
+def test_bench_rejects_bad_options(args):
+    """Bad bench options fail before any timing, with exit code 2 and a one-line reason."""
+    res = CliRunner().invoke(main, ["bench", *args])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and "error" in res.output
