@@ -131,7 +131,7 @@ class _StallWatch:
 
     def __init__(self, label: str, patience: int = 5):
         self.label, self.patience = label, patience
-        self.prev, self.run, self.total, self.warned = None, 0, 0, False
+        self.prev, self.run, self.warned = None, 0, False
 
     def update(self, state, row) -> str | None:
         if not isinstance(state, OuterState):
@@ -143,7 +143,6 @@ class _StallWatch:
         self.prev = params
         if same and row.get("grad_finite", False):
             self.run += 1
-            self.total += 1
         else:
             self.run = 0
         if self.run >= self.patience and not self.warned:

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _study import add_meta_args, meta_split, resolve_meta_args
 
 from metaplastic._data import load_dataset, train_test_arrays
 from metaplastic._meta import mean_ci95
@@ -278,13 +279,13 @@ def evaluate(layers, key, eps, tx, ty, cond, hp, n_align):
     return acc, moments, (out_cos, grad_cos)
 
 
-def hyper(cond, lam, back=None):
-    """The I-Norm coefficients of a condition (``back`` overrides its backward transform)."""
-    b = back if back is not None else BACKWARD.get(cond)
+def hyper(lam_mean, lam_var, back):
+    """I-Norm coefficients: the local loss's two weights and the backward transform
+    ``(alpha, beta, divide)`` (``None``: plain I-Norm)."""
     return {
-        "lam_mean": jnp.asarray(lam, jnp.float32),
-        "lam_var": jnp.asarray(lam, jnp.float32),
-        "back": None if b is None else tuple(jnp.asarray(v, jnp.float32) for v in b),
+        "lam_mean": jnp.asarray(lam_mean, jnp.float32),
+        "lam_var": jnp.asarray(lam_var, jnp.float32),
+        "back": None if back is None else tuple(jnp.asarray(v, jnp.float32) for v in back),
     }
 
 
@@ -309,18 +310,12 @@ def run_condition(cond, hp, data, args, eps_values):
 
 def meta_learn(data, args):
     """ES over (log10 lam_mean, log10 lam_var, alpha, beta) of an I-Norm network."""
-    x, y = data[0], data[1]
-    n_val = min(args.meta_val, x.shape[0] // 4)
-    xv, yv = x[-n_val:], y[-n_val:]  # held-out training images: the fitness never sees test
-    xt, yt = x[:-n_val], y[:-n_val]
-    n_train = min(args.meta_train, xt.shape[0])
+    xt, yt, xv, yv = meta_split(data[0], data[1], args.meta_val)
+    n_train, n_val = min(args.meta_train, xt.shape[0]), xv.shape[0]
     eps_values = jnp.asarray(args.eps, jnp.float32)
 
     def coefs(p):
-        return hyper("inorm", 0.0, back=(p[2], p[3], 1.0)) | {
-            "lam_mean": 10.0 ** p[0],
-            "lam_var": 10.0 ** p[1],
-        }
+        return hyper(10.0 ** p[0], 10.0 ** p[1], (p[2], p[3], 1.0))
 
     def error(p, key, eps):
         k_train, k_val = jax.random.split(key)
@@ -393,21 +388,14 @@ def main() -> None:
     )
     ap.add_argument("--lam", type=float, default=100.0, help="local inhibitory loss weight")
     ap.add_argument("--n-align", type=int, default=500, help="test images for gradient cosines")
-    ap.add_argument("--meta", action="store_true", help="add the meta-learned I-Norm condition")
-    ap.add_argument("--meta-generations", type=int, default=None, help="default 40 (quick: 4)")
-    ap.add_argument("--meta-population", type=int, default=None, help="default 12 (quick: 4)")
-    ap.add_argument("--meta-train", type=int, default=None, help="default 10000 (quick: 600)")
-    ap.add_argument("--meta-val", type=int, default=None, help="default 5000 (quick: 300)")
+    add_meta_args(ap, (4, 40), "I-Norm")
     args = ap.parse_args()
+    resolve_meta_args(args)
     q = args.quick
     args.seeds = args.seeds or (3 if q else 5)
     args.epochs = args.epochs or (10 if q else 3)
     h = args.hidden or (30 if q else 100)
     args.hidden = (h, h)
-    args.meta_generations = args.meta_generations or (4 if q else 40)
-    args.meta_population = args.meta_population or (4 if q else 12)
-    args.meta_train = args.meta_train or (600 if q else 10_000)
-    args.meta_val = args.meta_val or (300 if q else 5_000)
     out_dir = args.out or Path("results/inhibitory_normalization" + ("_quick" if q else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = load_dataset("digits" if q else "fashion_mnist")
@@ -431,7 +419,7 @@ def main() -> None:
             "seconds": round(time.perf_counter() - t0, 1),
         }
         print("meta-learned:", {k: round(v, 3) for k, v in learned.items()}, flush=True)
-    todo = [(c, hyper(c, args.lam)) for c in args.conditions]
+    todo = [(c, hyper(args.lam, args.lam, BACKWARD.get(c))) for c in args.conditions]
     if meta is not None:
         todo.append(("inorm_meta", hp_meta))
     for cond, hp in todo:

@@ -186,17 +186,22 @@ def main() -> None:
             else:
                 s = train(cfg, run_dir, progress=False, label=mname, evaluate=False)
             rule_obj = read_rule_file(run_dir)
-            rows.append(evaluate(cfg, rule_obj, cname, mname, cond, s["coefficients"], t0))
+            setup = build_setup(cfg)
+            row = evaluate(cfg, setup, rule_obj, cname, mname, cond, s["coefficients"], t0)
+            rows.append(row)
             write(out, rows, args, episodes, n_eval, time.perf_counter() - t_start)
             if args.oja == "grid":  # + Oja: the learned step size, the Oja coefficient tuned
                 t0 = time.perf_counter()
                 cfg_oja = make_config(
                     rules["oja_pool"], task, feedback, cond, args, episodes, n_eval
                 )
-                best, curve = tune_oja(cfg_oja, s["coefficients"]["pseudo_gradient"], args)
-                coefs = {"pseudo_gradient": s["coefficients"]["pseudo_gradient"], "oja": best}
+                setup_oja = build_setup(cfg_oja)  # same data and network as `setup`
+                step = s["coefficients"]["pseudo_gradient"]
+                best, curve = tune_oja(cfg_oja, setup_oja, step, args)
+                coefs = {"pseudo_gradient": step, "oja": best}
+                rule_oja = pool_rule(cfg_oja, setup_oja, coefs)
                 row = evaluate(
-                    cfg_oja, pool_rule(cfg_oja, coefs), cname, mname + " + Oja", cond, coefs, t0
+                    cfg_oja, setup_oja, rule_oja, cname, mname + " + Oja", cond, coefs, t0
                 )
                 row["oja_grid"] = curve
                 rows.append(row)
@@ -225,23 +230,23 @@ def make_config(rule, task, feedback, cond, args, episodes, n_eval, grad_limit=0
     )
 
 
-def pool_rule(cfg, coefs):
+def pool_rule(cfg, setup, coefs):
     """The (pseudo_gradient, oja) pool rule with the given coefficients."""
-    base = build_rule(cfg, build_setup(cfg).net.n_layers)
+    base = build_rule(cfg, setup.net.n_layers)
     theta = jnp.asarray([coefs["pseudo_gradient"], coefs["oja"]], jnp.float32)
     return eqx.tree_at(lambda r: r.theta, base, theta)
 
 
-def tune_oja(cfg, step, args):
+def tune_oja(cfg, setup, step, args):
     """Grid search of the Oja coefficient (step size fixed) by mean accuracy on validation
     episodes drawn from the meta-train images; 0 is in the grid, so "+ Oja" can fall back
     to the plain method. Returns the best coefficient and the whole curve."""
-    problem = build_setup(cfg).problem(cfg, "train")
+    problem = setup.problem(cfg, "train")
     curve = []
     for g in OJA_GRID:
         acc = evaluate_rule(
             problem,
-            pool_rule(cfg, {"pseudo_gradient": step, "oja": g}),
+            pool_rule(cfg, setup, {"pseudo_gradient": step, "oja": g}),
             validation_key(cfg),
             args.tune_episodes,
         )
@@ -250,9 +255,8 @@ def tune_oja(cfg, step, args):
     return best["oja"], curve
 
 
-def evaluate(cfg, rule_obj, cname, mname, cond, coefficients, t0):
+def evaluate(cfg, setup, rule_obj, cname, mname, cond, coefficients, t0):
     """Held-out accuracy and effective rank of one rule on the test-split episodes."""
-    setup = build_setup(cfg)
     problem = setup.problem(cfg, "test")
     n_eval = cfg.train.eval_episodes
     keys = jax.random.split(eval_key(cfg), n_eval)

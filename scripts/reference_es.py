@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -30,6 +31,12 @@ from metaplastic._report import results_table
 from metaplastic._run import train
 
 ES = {"outer": "'open_es'", "es_fitness": "'error'", "population": 16, "meta_batch": 8}
+
+
+def fail(msg: str) -> None:
+    """One line on stderr and exit code 2, as the CLI does for bad input."""
+    print(f"reference_es: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main() -> None:
@@ -44,9 +51,8 @@ def main() -> None:
     args = ap.parse_args()
     ref_file = args.reference / "summary.json"
     if not ref_file.exists():
-        raise SystemExit(
-            f"error: {ref_file} not found; run scripts/reproduce_reference.py first "
-            "(or give --reference)"
+        fail(
+            f"{ref_file} not found; run scripts/reproduce_reference.py first (or give --reference)"
         )
     ref = json.loads(ref_file.read_text())
     over = [f"train.{k}={v}" for k, v in ES.items()]
@@ -65,7 +71,7 @@ def main() -> None:
     try:
         s = train(cfg, args.out, label="FA + pool (OpenAI-ES, error fitness)")
     except MetaplasticError as err:
-        raise SystemExit(f"error: {err}") from None
+        fail(str(err))
     meta_test = {
         "FA + learned pool (gradient, reproduce_reference.py)": ref["meta_test"]["learned"],
         "FA + learned pool (OpenAI-ES, error fitness)": next(iter(s["meta_test"].values())),

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _study import add_meta_args, meta_split, resolve_meta_args
 
 from metaplastic._data import load_dataset, train_test_arrays
 from metaplastic._meta import mean_ci95
@@ -182,18 +183,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--gamma", type=float, default=0.01, help="scaling step strength")
     ap.add_argument("--tau", type=float, default=0.01, help="running-average rate of ybar")
-    ap.add_argument("--meta", action="store_true", help="add the meta-learned scaling condition")
-    ap.add_argument("--meta-generations", type=int, default=None, help="default 30 (quick: 3)")
-    ap.add_argument("--meta-population", type=int, default=None, help="default 12 (quick: 4)")
+    add_meta_args(ap, (3, 30), "scaling")
     ap.add_argument("--meta-epochs", type=int, default=2, help="training epochs per fitness")
-    ap.add_argument("--meta-train", type=int, default=None, help="default 10000 (quick: 600)")
-    ap.add_argument("--meta-val", type=int, default=None, help="default 5000 (quick: 300)")
     args = ap.parse_args()
-    q = args.quick
-    args.meta_generations = args.meta_generations or (3 if q else 30)
-    args.meta_population = args.meta_population or (4 if q else 12)
-    args.meta_train = args.meta_train or (600 if q else 10_000)
-    args.meta_val = args.meta_val or (300 if q else 5_000)
+    resolve_meta_args(args)
     args.seeds = args.seeds or (3 if args.quick else 5)
     args.epochs = args.epochs or (3 if args.quick else 5)
     args.hidden = (32, 32) if args.quick else (128, 128)
@@ -264,10 +257,8 @@ def meta_learn(data, args, targets):
     """OpenAI-ES over the three scaling coefficients (applied together, each ``META_SCALE``
     times its search variable, starting from 0 = no scaling). Fitness: error on the last
     ``meta_val`` training images after ``meta_epochs`` epochs on ``meta_train`` others."""
-    x, y = data[0], data[1]
-    n_val = min(args.meta_val, x.shape[0] // 4)
-    xv, yv = x[-n_val:], y[-n_val:]  # held-out training images: the test split is not used
-    xt, yt = x[:-n_val][: args.meta_train], y[:-n_val][: args.meta_train]
+    xt, yt, xv, yv = meta_split(data[0], data[1], args.meta_val)
+    xt, yt = xt[: args.meta_train], yt[: args.meta_train]
 
     def fitness(p, key):
         coefs = dict(zip(SCALING_TERMS, META_SCALE * p, strict=True))
