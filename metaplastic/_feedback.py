@@ -74,7 +74,7 @@ def backward(
     errs[L] = e_out
     if mode == "dfa":
         for j in range(L - 1, -1, -1):
-            back = B[j].T @ e_out
+            back = e_out @ B[j]
             errs[j] = back * net.act_deriv_from_output(hs[j]) if j > 0 else back
         return errs
     if B is not None:
@@ -84,6 +84,6 @@ def backward(
     else:
         mats = state.W
     for j in range(L - 1, -1, -1):
-        back = mats[j].T @ errs[j + 1]
+        back = errs[j + 1] @ mats[j]
         errs[j] = back * net.act_deriv_from_output(hs[j]) if j > 0 else back
     return errs

@@ -57,8 +57,10 @@ class ClassificationTask(eqx.Module):
         img_keys = jax.random.split(k_img, self.n_way)
 
         def pick(k, c):
-            perm = jax.random.permutation(k, pool.per_class)[:n_take]
-            return pool.class_index[c, perm]
+            # n_take distinct images in random order: the top n_take of i.i.d. uniform keys.
+            # A full permutation of the class (a sort of every key) cost 30x more.
+            _, idx = jax.lax.top_k(jax.random.uniform(k, (pool.per_class,)), n_take)
+            return pool.class_index[c, idx]
 
         rows = jax.vmap(pick)(img_keys, classes)  # (n_way, K + Q)
         labels = jnp.broadcast_to(jnp.arange(self.n_way)[:, None], rows.shape)

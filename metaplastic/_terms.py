@@ -134,7 +134,7 @@ class Oja(AbstractTerm):
     description: ClassVar[str] = "y x^T - y y^T W: Oja's subspace rule"
 
     def __call__(self, s: LocalSignals) -> Float[Array, "n_out n_in"]:
-        return jnp.outer(s.y, s.x - s.W.T @ s.y)
+        return jnp.outer(s.y, s.x - s.y @ s.W)
 
     def to_sympy(self) -> sp.Basic:
         S = sympy_symbols()
@@ -232,7 +232,7 @@ class PostErrorDecay(AbstractTerm):
     description: ClassVar[str] = "(e e^T) W: error-weighted row mixing"
 
     def __call__(self, s: LocalSignals) -> Float[Array, "n_out n_in"]:
-        return jnp.outer(s.e, s.W.T @ s.e)
+        return jnp.outer(s.e, s.e @ s.W)
 
     def to_sympy(self) -> sp.Basic:
         S = sympy_symbols()
@@ -267,7 +267,7 @@ class ErrorOja(AbstractTerm):
     description: ClassVar[str] = "e e_pre^T - e e^T W: Oja's rule on the errors"
 
     def __call__(self, s: LocalSignals) -> Float[Array, "n_out n_in"]:
-        return jnp.outer(s.e, s.e_pre - s.W.T @ s.e)
+        return jnp.outer(s.e, s.e_pre - s.e @ s.W)
 
     def to_sympy(self) -> sp.Basic:
         S = sympy_symbols()

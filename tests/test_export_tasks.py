@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -88,6 +89,27 @@ def test_episode_sampling(pools, digits):
     assert any(not np.all(np.diff(np.asarray(eps.train_y[i])) >= 0) for i in range(20))
     # classes are sampled without replacement and vary across episodes
     assert len({tuple(np.asarray(eps.train_y[i])) for i in range(20)}) > 1
+
+
+def test_episode_images_are_distinct_and_cover_the_class():
+    """Images are drawn without replacement within an episode, and every image of a class
+    gets drawn across episodes (the top-k-of-uniform-keys sampler is not biased to a
+    subset)."""
+    from metaplastic._data import ImagePool
+
+    n_cls, per = 3, 12
+    pool = ImagePool(
+        x=jnp.arange(n_cls * per, dtype=jnp.float32)[:, None],
+        class_index=jnp.arange(n_cls * per).reshape(n_cls, per),
+    )
+    task = ClassificationTask(n_way=3, k_shot=6, q_query=4)
+    eps = jax.vmap(lambda k: task.sample(k, pool))(jax.random.split(jax.random.key(1), 200))
+    seen = set()
+    for i in range(200):
+        rows = np.concatenate([np.asarray(eps.train_x[i, :, 0]), np.asarray(eps.query_x[i, :, 0])])
+        assert len(set(rows.tolist())) == rows.size == 30
+        seen |= set(rows.astype(int).tolist())
+    assert seen == set(range(n_cls * per))
 
 
 def test_meta_test_images_never_in_meta_train(pools):
