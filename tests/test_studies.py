@@ -134,3 +134,27 @@ def test_inhibitory_normalization_quick(tmp_path):
         "beta",
     }
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "meta.png").stat().st_size > 0
+
+
+def test_profile_meta_step_small(tmp_path):
+    """The profiling script traces a small set-up and reports per-op busy time; an unknown
+    preset is one line and exit code 2."""
+    out = tmp_path / "profile.json"
+    run_script(
+        "profile_meta_step.py",
+        *("--rule", "pool", "--task", "digits", "--runs", "2", "--top", "5"),
+        *("--json", str(out)),
+    )
+    data = json.loads(out.read_text())
+    for key in ("forward_episode", "forward_mode_meta_gradient"):
+        part = data[key]
+        assert part["wall_ms_per_episode"] > 0 and part["busy_ms_per_episode_all_threads"] > 0
+        assert 0 < len(part["top_op_groups_ms"]) <= 5
+    bad = subprocess.run(
+        [sys.executable, "scripts/profile_meta_step.py", "--rule", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "error" in bad.stderr and len(bad.stderr.splitlines()) == 1
