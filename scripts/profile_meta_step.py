@@ -5,8 +5,10 @@ as a forward-only episode and as a forward-mode meta-gradient (``jax.jacfwd``, a
 gradient outer loop computes it). Traces ``--runs`` calls of each after compilation and
 prints JSON: wall time per episode, and the busy time per op group (XLA op names with their
 numeric suffix dropped: ``dot``, ``add_add_fusion``, ``copy``, ``sort``, ...) summed over all
-CPU threads, in ms per episode. Op names come from XLA and change between versions; the
-grouping is only a guide to which kind of kernel dominates.
+CPU threads, in ms per episode. Also the read+write bandwidth XLA reaches on a plain scan
+over arrays the size of the weights plus one tangent per coefficient (a roofline for the
+memory-bound inner loop), and the weights' size. Op names come from XLA and change between
+versions; the grouping is only a guide to which kind of kernel dominates.
 
 Usage: ``python scripts/profile_meta_step.py [--runs 5] [--json FILE] [--top 12]
 [--rule R --task T]`` (another rule preset and task; the test suite profiles a small digits
@@ -58,6 +60,28 @@ def _trace_ops(fn, args_for, runs: int) -> tuple[float, dict[str, float]]:
     return 1e3 * statistics.median(walls), dict(groups)
 
 
+def _stream_gb_s(sizes, copies: int, steps: int = 250, repeats: int = 10) -> float:
+    """Read+write bandwidth XLA reaches here on a scan that updates ``copies`` sets of the
+    network's weight matrices in place ``steps`` times (an upper bound for the passes the
+    inner loop makes over weights and tangents)."""
+    import jax.numpy as jnp
+
+    mats = tuple(jnp.ones((copies, o, i), jnp.float32) for o, i in sizes)
+
+    def body(ms, t):
+        return tuple(m * 0.999 + t for m in ms), None
+
+    fn = jax.jit(lambda ms: jax.lax.scan(body, ms, jnp.arange(steps, dtype=jnp.float32))[0])
+    jax.block_until_ready(fn(mats))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(mats))
+        times.append(time.perf_counter() - t0)
+    nbytes = 2 * steps * sum(m.size for m in mats) * 4
+    return nbytes / statistics.median(times) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
@@ -97,6 +121,10 @@ def main() -> None:
             "busy_ms_per_episode_all_threads": round(sum(groups.values()), 1),
             "top_op_groups_ms": {k: round(v, 2) for k, v in top},
         }
+    shapes = setup.net.shapes
+    n_coef = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    out["weights_mb"] = round(sum(o * i for o, i in shapes) * 4 / 2**20, 3)
+    out["stream_read_write_gb_s_weights_and_tangents"] = round(_stream_gb_s(shapes, 1 + n_coef), 1)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
