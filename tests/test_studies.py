@@ -158,3 +158,12 @@ def test_profile_meta_step_small(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "error" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_bench_kernels_runs(tmp_path):
+    """The micro-benchmark script times every case and writes JSON."""
+    out = tmp_path / "kernels.json"
+    run_script("bench_kernels.py", "--repeats", "1", "--json", str(out))
+    data = json.loads(out.read_text())
+    for case in ("transposed_matvec", "sampler", "rank_one_update"):
+        assert len(data[case]) == 2 and all(v > 0 for v in data[case].values())
