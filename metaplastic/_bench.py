@@ -22,9 +22,12 @@ import equinox as eqx
 import jax
 
 from ._config import build_config
+from ._errors import MetaplasticError
 from ._run import build_rule, build_setup, make_trainer
 
 UNROLLS = (250, 1000, 4000)
+#: Meta-gradient modes the benchmark times.
+GRADIENT_MODES = ("forward", "reverse")
 
 
 def _trainer(rule_spec: str, task_spec: str, mode: str, overrides=(), remat=False):
@@ -98,10 +101,18 @@ def run_bench(
     unrolls=UNROLLS,
     progress=print,
     meta_batch: int = 0,
-    modes=("forward", "reverse"),
+    modes=GRADIENT_MODES,
 ) -> dict[str, Any]:
     """``meta_batch > 0`` overrides the task's meta-batch for the timings (the per-episode
-    time is amortised over it); memory is always measured at meta-batch 1."""
+    time is amortised over it); memory is always measured at meta-batch 1. ``modes``: one or
+    both of ``forward`` and ``reverse``."""
+    modes = tuple(modes)
+    if not modes or any(m not in GRADIENT_MODES for m in modes):
+        raise MetaplasticError(
+            f"bench modes {list(modes)}: give forward and/or reverse, comma-separated"
+        )
+    if meta_batch < 0:
+        raise MetaplasticError(f"--meta-batch must be >= 0 (0 = the task's), got {meta_batch}")
     out: dict[str, Any] = {
         "rule": rule_spec,
         "task": task_spec,

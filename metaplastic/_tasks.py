@@ -58,7 +58,8 @@ class ClassificationTask(eqx.Module):
 
         def pick(k, c):
             # n_take distinct images in random order: the top n_take of i.i.d. uniform keys.
-            # A full permutation of the class (a sort of every key) cost 30x more.
+            # A full permutation of the class (a sort of every key) cost about 25x more
+            # (scripts/bench_kernels.py).
             _, idx = jax.lax.top_k(jax.random.uniform(k, (pool.per_class,)), n_take)
             return pool.class_index[c, idx]
 

@@ -16,25 +16,17 @@ Usage: ``python scripts/bench_kernels.py [--repeats 20] [--json FILE]``
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from _timing import emit_json, median_ms
 
 N_OUT, N_IN, T = 170, 784, 250
 
 
-def _ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return round(1e3 * statistics.median(times), 3)
+def _round_ms(fn, *args, repeats: int) -> float:
+    return round(median_ms(fn, *args, repeats=repeats), 3)
 
 
 def _scan(body):
@@ -72,31 +64,27 @@ def main() -> None:
         "device": str(jax.devices()[0]),
         "steps": T,
         "transposed_matvec": {
-            "W.T @ y": _ms(_scan(lambda w, xy: (w, w.T @ xy[1])), w0, xs, ys, repeats=r),
-            "y @ W": _ms(_scan(lambda w, xy: (w, xy[1] @ w)), w0, xs, ys, repeats=r),
+            "W.T @ y": _round_ms(_scan(lambda w, xy: (w, w.T @ xy[1])), w0, xs, ys, repeats=r),
+            "y @ W": _round_ms(_scan(lambda w, xy: (w, xy[1] @ w)), w0, xs, ys, repeats=r),
         },
         "sampler": {
-            "permutation": _ms(
+            "permutation": _round_ms(
                 jax.jit(jax.vmap(lambda kk: jax.random.permutation(kk, 6000)[:60])),
                 keys,
                 repeats=r,
             ),
-            "top_k_of_uniform": _ms(
+            "top_k_of_uniform": _round_ms(
                 jax.jit(jax.vmap(lambda kk: jax.lax.top_k(jax.random.uniform(kk, (6000,)), 60)[1])),
                 keys,
                 repeats=r,
             ),
         },
         "rank_one_update": {
-            "sum of outer products": _ms(_scan(outer_sum), w0, xs, ys, repeats=r),
-            "U V^T product": _ms(_scan(low_rank), w0, xs, ys, repeats=r),
+            "sum of outer products": _round_ms(_scan(outer_sum), w0, xs, ys, repeats=r),
+            "U V^T product": _round_ms(_scan(low_rank), w0, xs, ys, repeats=r),
         },
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(out, args.json)
 
 
 if __name__ == "__main__":

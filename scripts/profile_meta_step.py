@@ -30,6 +30,8 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+from _timing import emit_json, median_ms
 
 from metaplastic._bench import _trainer
 from metaplastic._errors import MetaplasticError
@@ -64,22 +66,14 @@ def _stream_gb_s(sizes, copies: int, steps: int = 250, repeats: int = 10) -> flo
     """Read+write bandwidth XLA reaches here on a scan that updates ``copies`` sets of the
     network's weight matrices in place ``steps`` times (an upper bound for the passes the
     inner loop makes over weights and tangents)."""
-    import jax.numpy as jnp
-
     mats = tuple(jnp.ones((copies, o, i), jnp.float32) for o, i in sizes)
 
     def body(ms, t):
         return tuple(m * 0.999 + t for m in ms), None
 
     fn = jax.jit(lambda ms: jax.lax.scan(body, ms, jnp.arange(steps, dtype=jnp.float32))[0])
-    jax.block_until_ready(fn(mats))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(mats))
-        times.append(time.perf_counter() - t0)
     nbytes = 2 * steps * sum(m.size for m in mats) * 4
-    return nbytes / statistics.median(times) / 1e9
+    return nbytes / (median_ms(fn, mats, repeats=repeats) / 1e3) / 1e9
 
 
 def main() -> None:
@@ -125,11 +119,7 @@ def main() -> None:
     n_coef = sum(x.size for x in jax.tree_util.tree_leaves(params))
     out["weights_mb"] = round(sum(o * i for o, i in shapes) * 4 / 2**20, 3)
     out["stream_read_write_gb_s_weights_and_tangents"] = round(_stream_gb_s(shapes, 1 + n_coef), 1)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(out, args.json)
 
 
 if __name__ == "__main__":
