@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ._errors import MetaplasticError
+from ._errors import MetaplasticError, RunFailed
 
 
 def _default_out(prefix: str) -> Path:
@@ -28,6 +28,9 @@ def _user_errors(fn):
         except MetaplasticError as err:
             click.echo(f"metaplastic: error: {err}", err=True)
             sys.exit(2)
+        except RunFailed as err:
+            click.echo(f"metaplastic: run failed: {err}", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -272,7 +275,7 @@ def evaluate(run_dir, episodes, equations, task, feedback, overrides):
     default=None,
     metavar="TOL",
     help="Also drop each coefficient (smallest first) whose removal costs less than TOL "
-    "accuracy on validation episodes from the meta-train images (default: "
+    "accuracy on validation episodes (the validation split; default: "
     "train.prune_effect; 0 = off).",
 )
 @click.option("--prune-episodes", type=int, default=None, help="Validation episodes for pruning.")
@@ -283,12 +286,23 @@ def evaluate(run_dir, episodes, equations, task, feedback, overrides):
     "learned parameters' (default on).",
 )
 @click.option("--check-episodes", type=int, default=None, help="Held-out episodes for --check.")
+@click.option(
+    "--allow-failed",
+    is_flag=True,
+    help="Export the rule of a run that failed (diverged, mostly skipped, or no better than "
+    "its start) or did not finish; refused by default.",
+)
 @_user_errors
-def export(run_dir, fmt, threshold, prune_effect, prune_episodes, check, check_episodes):
+def export(
+    run_dir, fmt, threshold, prune_effect, prune_episodes, check, check_episodes, allow_failed
+):
     """Print a run's learned rule as an equation (and check that the equation performs)."""
     from ._export import export_run
+    from ._run import check_run_usable
 
     cfg, rule = _load_run(run_dir)
+    if not allow_failed:
+        check_run_usable(run_dir)
     th = cfg.train.prune_threshold if threshold is None else threshold
     if th < 0:
         raise MetaplasticError("--threshold must be >= 0")

@@ -79,6 +79,9 @@ class TaskConfig:
     k_shot: int = 20
     q_query: int = 10
     test_fraction: float = 0.5
+    #: of each class's meta-train images, this fraction is held out as the validation split
+    #: (checks at the end of a run, seed selection, pruning by effect, distillation)
+    val_fraction: float = 0.4
     split_seed: int = 0
     data_dir: str = ""
     emnist_split: str = "balanced"
@@ -87,9 +90,13 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """``[network]``: hidden widths (input and output widths come from the task)."""
+    """``[network]``: hidden widths (the input width comes from the data). ``n_out`` is the
+    number of output units: 0 means ``task.n_way``; more (e.g. 47, the class count of EMNIST
+    balanced, as in Shervani-Tabar & Rosenbaum's code) leaves output units that no episode's
+    labels use, so a network that learns nothing pays ``ln n_out``, not ``ln n_way``."""
 
     hidden: tuple[int, ...] = (50, 40, 30, 20)
+    n_out: int = 0
     activation: str = "softplus"
     beta: float = 10.0
     bias: bool = False
@@ -131,6 +138,17 @@ class TrainConfig:
     es_fitness: str = "loss"
     devices: int = 0
     vmap_width: int = 0
+    #: validation episodes (images disjoint from meta-training and meta-test) on which the
+    #: starting and the learned rule are compared at the end of a run
+    val_episodes: int = 200
+    #: a run fails (non-zero exit) when the learned rule diverges on more than this fraction
+    #: of validation episodes (the starting rule too: then the run stops before step 1)
+    max_diverged: float = 0.05
+    #: ... or when more than this fraction of meta-steps were bad (reverted)
+    max_skipped: float = 0.25
+    #: ... or when the learned rule is not better than the starting rule on validation
+    #: episodes (paired 95% CI of the difference above 0); off for fixed baselines
+    require_improvement: bool = True
 
 
 SECTIONS: dict[str, type] = {
@@ -238,6 +256,10 @@ def _validate(obj, where: str) -> None:
         _positive(obj, where, "n_way", "k_shot", "q_query")
         if obj.n_way < 2:
             raise MetaplasticError(f"{where}.n_way must be at least 2, got {obj.n_way}")
+        if not 0.0 < obj.val_fraction < 1.0:
+            raise MetaplasticError(
+                f"{where}.val_fraction must be strictly between 0 and 1, got {obj.val_fraction}"
+            )
         if not 0.0 < obj.test_fraction < 1.0:
             raise MetaplasticError(
                 f"{where}.test_fraction must be strictly between 0 and 1, got {obj.test_fraction}"
@@ -248,6 +270,8 @@ def _validate(obj, where: str) -> None:
         if obj.activation not in ACTIVATIONS:
             raise unknown_name("activation", obj.activation, ACTIVATIONS, f"{where}.activation")
         _positive(obj, where, "beta", "init_scale")
+        if obj.n_out < 0:
+            raise MetaplasticError(f"{where}.n_out must be >= 0 (0 = task.n_way), got {obj.n_out}")
     elif isinstance(obj, TrainConfig):
         if obj.feedback not in FEEDBACK_MODES:
             raise unknown_name("feedback mode", obj.feedback, FEEDBACK_MODES, f"{where}.feedback")
@@ -287,7 +311,18 @@ def _validate(obj, where: str) -> None:
             "log_every",
             "keep_checkpoints",
             "prune_episodes",
+            "val_episodes",
         )
+        for n in ("max_diverged", "max_skipped"):
+            if not 0.0 <= getattr(obj, n) <= 1.0:
+                raise MetaplasticError(
+                    f"{where}.{n} must be a fraction between 0 and 1, got {getattr(obj, n)}"
+                )
+        if not 0 <= obj.seed < 2**32:
+            raise MetaplasticError(
+                f"{where}.seed must be an integer in [0, 2**32), got {obj.seed} (larger seeds "
+                "would wrap around onto smaller ones)"
+            )
         if obj.episodes < obj.meta_batch:
             raise MetaplasticError(
                 f"{where}.episodes ({obj.episodes}) is smaller than {where}.meta_batch "

@@ -251,6 +251,28 @@ def split_pools(ds: Dataset, test_fraction: float, seed: int) -> tuple[ImagePool
     return _pool(ds.name, ds.x, train_idx), _pool(ds.name, ds.x, test_idx)
 
 
+def split_validation(pool: ImagePool, fraction: float) -> tuple[ImagePool, ImagePool]:
+    """Split each class of ``pool`` into ``(meta_train, validation)``: the last ``fraction``
+    of every class's (already shuffled) rows go to validation. The two are disjoint, and
+    both are disjoint from the meta-test pool ``pool`` was split from."""
+    if not 0.0 < fraction < 1.0:
+        raise MetaplasticError(
+            f"task.val_fraction must be strictly between 0 and 1, got {fraction}"
+        )
+    m = pool.per_class
+    n_val = int(round(fraction * m))
+    if n_val < 1 or n_val >= m:
+        raise MetaplasticError(
+            f"task.val_fraction={fraction} leaves {m - n_val} meta-train and {n_val} validation "
+            f"images per class (of {m}); choose a fraction that keeps both above 0"
+        )
+    idx = pool.class_index
+    return (
+        ImagePool(x=pool.x, class_index=idx[:, : m - n_val]),
+        ImagePool(x=pool.x, class_index=idx[:, m - n_val :]),
+    )
+
+
 def _pool(name: str, x: np.ndarray, per_class: list[np.ndarray]) -> ImagePool:
     m = min(len(r) for r in per_class)
     if m == 0:

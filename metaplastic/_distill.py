@@ -166,7 +166,7 @@ def distill_run(
     if method not in METHODS:
         raise unknown_name("distillation method", method, METHODS, "--method")
     setup = build_setup(cfg)
-    problem = setup.problem(cfg, "train")
+    problem = setup.problem(cfg, "val")
     poly, info = distill(problem, rule, validation_key(cfg), episodes, samples, method, alpha)
     res = {
         "learned": evaluate_run(cfg, rule, setup, episodes=check_episodes),

@@ -228,7 +228,7 @@ def prune_by_effect(
     sweep still removes something, since a term may only become removable once the terms it
     compensated for are gone.
 
-    ``accuracy(rule) -> float`` must measure on validation episodes (meta-train images, not
+    ``accuracy(rule) -> float`` must measure on validation episodes (the validation split, not
     the meta-test set); :func:`export_run` passes the mean query accuracy (classification)
     or ``1 - meta-loss`` (pca, where the alignment alone would not see the weight norm).
     Returns the pruned rule and one record per tried coefficient.
@@ -306,7 +306,7 @@ def export_run(
     exported = rule
     if prune_effect is not None:
         setup = build_setup(cfg)
-        problem = setup.problem(cfg, "train")
+        problem = setup.problem(cfg, "val")
         key = validation_key(cfg)
 
         def accuracy(r):

@@ -27,7 +27,7 @@ class InnerResult(eqx.Module):
 
     ``train_loss`` / ``train_correct``: per step, measured on the sample *before* the update
     (online "test-then-train"). ``query_loss`` / ``query_accuracy``: of the final network.
-    ``diverged``: any weight non-finite at the end.
+    ``diverged``: any weight, or the query loss, non-finite at the end.
     """
 
     state: NetState
@@ -114,10 +114,16 @@ def online_step(rule: AbstractRule, net: Network, feedback: str, carry: Carry, x
 
 
 def query_metrics(net: Network, state: NetState, qx, qy):
-    """Mean cross-entropy and accuracy of the network on the query set."""
+    """Mean cross-entropy and accuracy of the network on the query set.
+
+    A query image whose logits are not all finite counts as wrong: ``argmax`` of NaN logits
+    is a valid class index, which would otherwise score a blown-up network at chance.
+    """
     logits = net.logits(state, qx)
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), qy[:, None], axis=1))
-    acc = jnp.mean((jnp.argmax(logits, axis=1) == qy).astype(logits.dtype))
+    finite = jnp.all(jnp.isfinite(logits), axis=1)
+    hit = (jnp.argmax(logits, axis=1) == qy) & finite
+    acc = jnp.mean(hit.astype(logits.dtype))
     return loss, acc
 
 
@@ -150,4 +156,5 @@ def run_episode(
     qloss, qacc = query_metrics(net, state, episode.query_x, episode.query_y)
     leaves = jax.tree_util.tree_leaves(state)
     diverged = ~jnp.all(jnp.array([jnp.all(jnp.isfinite(w)) for w in leaves]))
+    diverged = diverged | ~jnp.isfinite(qloss)
     return InnerResult(state, losses, corrects, qloss, qacc, diverged)

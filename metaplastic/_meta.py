@@ -47,22 +47,36 @@ class Problem(eqx.Module):
         return loss, aux
 
     def accuracies(self, rule: AbstractRule, keys: PRNGKeyArray) -> Array:
-        """Query accuracy of each episode (one per key)."""
-        return jax.vmap(lambda k: self.episode(rule, k).query_accuracy)(keys)
+        """Query accuracy of each episode (one per key); a diverged episode scores 0."""
+        return self.outcomes(rule, keys, "accuracy")[0]
 
     def scores(self, rule: AbstractRule, keys: PRNGKeyArray) -> Array:
-        """What decisions after training maximise (the task's :meth:`score` per episode)."""
-        return jax.vmap(lambda k: self.task.score(self.episode(rule, k)))(keys)
+        """What decisions after training maximise (the task's :meth:`score` per episode);
+        a diverged episode gets the task's ``diverged_score``."""
+        return self.outcomes(rule, keys, "score")[0]
+
+    def outcomes(self, rule: AbstractRule, keys: PRNGKeyArray, metric: str = "accuracy"):
+        """``(values, diverged)`` per episode: the query accuracy (``metric="accuracy"``)
+        or the task's score, and whether the episode blew up (non-finite weights or query
+        loss). Diverged episodes never count as chance: their accuracy is 0 and their score
+        the task's ``diverged_score`` (the worst a working network can do)."""
+
+        def one(k):
+            res = self.episode(rule, k)
+            v = res.query_accuracy if metric == "accuracy" else self.task.score(res)
+            if metric == "accuracy":
+                bad_value = jnp.zeros_like(v)
+            else:
+                bad_value = jnp.asarray(self.task.diverged_score(), v.dtype)
+            bad = res.diverged | ~jnp.isfinite(v)
+            return jnp.where(bad, bad_value, v), bad
+
+        return jax.vmap(one)(keys)
 
 
 @eqx.filter_jit
-def _accuracies(problem: Problem, rule: AbstractRule, keys):
-    return problem.accuracies(rule, keys)
-
-
-@eqx.filter_jit
-def _scores(problem: Problem, rule: AbstractRule, keys):
-    return problem.scores(rule, keys)
+def _outcomes(problem: Problem, rule: AbstractRule, keys, metric: str):
+    return problem.outcomes(rule, keys, metric)
 
 
 def evaluate_rule(
@@ -74,20 +88,37 @@ def evaluate_rule(
     metric: str = "accuracy",
 ):
     """Query accuracies (or ``metric="score"``: :meth:`Problem.scores`) on ``episodes``
-    episodes drawn from ``key`` (numpy array).
+    episodes drawn from ``key`` (numpy array); diverged episodes score 0 (accuracy) or the
+    task's ``diverged_score``."""
+    return evaluate_outcomes(problem, rule, key, episodes, chunk, metric)[0]
+
+
+def evaluate_outcomes(
+    problem: Problem,
+    rule: AbstractRule,
+    key: PRNGKeyArray,
+    episodes: int,
+    chunk: int = 256,
+    metric: str = "accuracy",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, diverged)`` numpy arrays over ``episodes`` episodes drawn from ``key``
+    (see :meth:`Problem.outcomes`).
 
     Episodes run ``chunk`` at a time (vmapped); the last chunk is padded to the same size so
     that one compiled function serves every chunk.
     """
+    if metric not in ("accuracy", "score"):
+        raise ValueError(f"metric must be 'accuracy' or 'score', got {metric!r}")
     chunk = min(chunk, episodes)
     n_chunks = -(-episodes // chunk)
     keys = jax.random.split(key, episodes)
     keys = jnp.concatenate([keys, keys[: n_chunks * chunk - episodes]])  # pad; dropped below
-    fn = _scores if metric == "score" else _accuracies
-    out = [
-        np.asarray(fn(problem, rule, keys[i * chunk : (i + 1) * chunk])) for i in range(n_chunks)
-    ]
-    return np.concatenate(out)[:episodes]
+    vals, bad = [], []
+    for i in range(n_chunks):
+        v, d = _outcomes(problem, rule, keys[i * chunk : (i + 1) * chunk], metric)
+        vals.append(np.asarray(v))
+        bad.append(np.asarray(d))
+    return np.concatenate(vals)[:episodes], np.concatenate(bad)[:episodes]
 
 
 def mean_ci95(values) -> tuple[float, float, float]:

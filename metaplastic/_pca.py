@@ -89,3 +89,9 @@ class PCATask(eqx.Module):
     def score(result):
         """``1 - meta-loss``: the alignment alone would not see the weight norm."""
         return 1.0 - result.query_loss
+
+    def diverged_score(self):
+        """The score of a silent neuron (``w = 0``), ``1 - lambda_1 / tr C``: a diverged
+        episode counts as no better than that."""
+        lam = self.eigenvalues()
+        return 1.0 - lam[0] / jnp.sum(lam)

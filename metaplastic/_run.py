@@ -18,11 +18,11 @@ import tomli_w
 
 from ._checkpoint import checkpoint_dir, load_latest, save_checkpoint
 from ._config import RunConfig
-from ._data import ImagePool, load_dataset, split_pools
+from ._data import ImagePool, load_dataset, split_pools, split_validation
 from ._distributed import process_dir
-from ._errors import MetaplasticError
+from ._errors import MetaplasticError, RunFailed
 from ._export import write_rule_files
-from ._meta import Problem, evaluate_rule, mean_ci95
+from ._meta import Problem, evaluate_outcomes, mean_ci95
 from ._network import Network
 from ._pca import PCATask
 from ._report import plot_training
@@ -31,8 +31,11 @@ from ._rules import AbstractRule, PlasticFeedback, TermPoolRule
 from ._tasks import ClassificationTask
 from .outer import GradientTrainer, OuterState, make_optimizer
 
-#: Stop a run whose first this-many meta-steps all had non-finite meta-gradients.
-ALL_DIVERGED_PATIENCE = 20
+#: Stop a gradient run after this many bad (reverted, backed-off) meta-steps in a row: the
+#: step size is then 2**-8 of the configured one and the rule is stuck at a cliff.
+MAX_BAD_RUN = 8
+#: Stop an ES run whose first this-many generations all blew up.
+ALL_DIVERGED_PATIENCE = 5
 
 
 @dataclass
@@ -43,13 +46,16 @@ class Setup:
     task: ClassificationTask | PCATask
     meta_train: ImagePool | None
     meta_test: ImagePool | None
+    meta_val: ImagePool | None = None
 
     def problem(self, cfg: RunConfig, pool: str = "train") -> Problem:
+        """The meta-learning problem on the ``"train"``, ``"val"`` or ``"test"`` images."""
+        pools = {"train": self.meta_train, "val": self.meta_val, "test": self.meta_test}
         return Problem(
             net=self.net,
             feedback=cfg.train.feedback,
             task=self.task,
-            pool=self.meta_train if pool == "train" else self.meta_test,
+            pool=pools[pool],
             remat=cfg.train.remat,
         )
 
@@ -71,17 +77,25 @@ def build_setup(cfg: RunConfig) -> Setup:
         _DATA_CACHE[key] = load_dataset(*key)
     ds = _DATA_CACHE[key]
     meta_train, meta_test = split_pools(ds, cfg.task.test_fraction, cfg.task.split_seed)
+    meta_train, meta_val = split_validation(meta_train, cfg.task.val_fraction)
     task = ClassificationTask(cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query)
     task.check(meta_train, f"task {cfg.task.name} (meta-train split)")
+    task.check(meta_val, f"task {cfg.task.name} (validation split; see task.val_fraction)")
     task.check(meta_test, f"task {cfg.task.name} (meta-test split)")
+    n_out = cfg.network.n_out or cfg.task.n_way
+    if n_out < cfg.task.n_way:
+        raise MetaplasticError(
+            f"network.n_out={n_out} is smaller than task.n_way={cfg.task.n_way}; every "
+            "episode class needs an output unit (0 = n_way)"
+        )
     net = Network(
-        sizes=(ds.dim, *cfg.network.hidden, cfg.task.n_way),
+        sizes=(ds.dim, *cfg.network.hidden, n_out),
         beta=cfg.network.beta,
         bias=cfg.network.bias,
         activation=cfg.network.activation,
         init_scale=cfg.network.init_scale,
     )
-    return Setup(net, task, meta_train, meta_test)
+    return Setup(net, task, meta_train, meta_test, meta_val)
 
 
 def build_rule(cfg: RunConfig, n_layers: int) -> AbstractRule:
@@ -117,8 +131,9 @@ def eval_key(cfg: RunConfig) -> jax.Array:
 
 
 def validation_key(cfg: RunConfig) -> jax.Array:
-    """Episodes for decisions made after training (pruning by effect, distillation): drawn
-    from the meta-train images with a key the outer loop never uses."""
+    """Episodes for decisions made after training (end-of-run checks, seed selection,
+    pruning by effect, distillation): drawn from the validation images (``task.val_fraction``
+    of the meta-train side, never used by the outer loop) with their own key."""
     return jax.random.fold_in(jax.random.key(cfg.train.seed), 2**21)
 
 
@@ -207,6 +222,70 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule):
         vmap_width=t.vmap_width,
         objective=t.es_fitness,
     )
+
+
+def validate_rule(cfg: RunConfig, setup: Setup, rule) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, diverged)`` of ``rule`` on ``train.val_episodes`` validation episodes
+    (the same episodes for every rule of a run, so comparisons are paired)."""
+    problem = setup.problem(cfg, "val")
+    return evaluate_outcomes(
+        problem, rule, validation_key(cfg), cfg.train.val_episodes, metric="score"
+    )
+
+
+def _val_record(scores: np.ndarray, diverged: np.ndarray) -> dict[str, Any]:
+    m, lo, hi = mean_ci95(scores)
+    return {
+        "score": m,
+        "ci95": [lo, hi],
+        "diverged": int(np.sum(diverged)),
+        "episodes": int(scores.size),
+    }
+
+
+def _diverged_status(what: str, diverged: np.ndarray, limit: float) -> str | None:
+    k, n = int(np.sum(diverged)), int(diverged.size)
+    if k > limit * n:
+        return (
+            f"diverged: {what} blew up (non-finite weights or outputs) on {k} of {n} "
+            f"validation episodes (limit train.max_diverged = {limit:g}); lower the rule's "
+            "init coefficients or train.lr"
+        )
+    return None
+
+
+def run_status(
+    cfg: RunConfig,
+    start: tuple[np.ndarray, np.ndarray],
+    final: tuple[np.ndarray, np.ndarray],
+    skipped: int,
+    steps: int,
+) -> tuple[str, dict[str, Any]]:
+    """``"ok"`` or why the run failed, and the numbers behind it.
+
+    In order: the learned rule diverges on more than ``train.max_diverged`` of the
+    validation episodes; more than ``train.max_skipped`` of the meta-steps were bad; or
+    (with ``train.require_improvement``) the paired 95% CI of (learned − start) validation
+    score does not lie above 0.
+    """
+    t = cfg.train
+    diff = final[0].astype(np.float64) - start[0].astype(np.float64)
+    m, lo, hi = mean_ci95(diff)
+    info = {"improvement": {"mean": m, "ci95": [lo, hi]}, "skipped_fraction": skipped / steps}
+    status = _diverged_status("the learned rule", final[1], t.max_diverged)
+    if status is None and skipped > t.max_skipped * steps:
+        status = (
+            f"skipped: {skipped} of {steps} meta-steps were bad and reverted (limit "
+            f"train.max_skipped = {t.max_skipped:g}); lower train.lr or the rule's init "
+            "coefficients"
+        )
+    if status is None and t.require_improvement and not lo > 0:
+        status = (
+            f"no_improvement: the learned rule is no better than its starting point on "
+            f"validation episodes (difference {m:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]); "
+            "train longer or with a larger train.lr, or set train.require_improvement = false"
+        )
+    return status or "ok", info
 
 
 class Interrupted(Exception):
@@ -304,6 +383,13 @@ def train(
             old.unlink()
         metrics_path.unlink(missing_ok=True)
 
+    start_val = validate_rule(cfg, setup, rule)
+    bad_start = _diverged_status("the starting rule", start_val[1], t.max_diverged)
+    if bad_start is not None:
+        summary = {"status": bad_start, "validation": {"start": _val_record(*start_val)}}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        raise RunFailed(out, bad_start)
+
     def checkpoint(step: int) -> None:
         info = {"metrics_lines": len(metrics), "config": cfg.to_dict()}
         save_checkpoint(out, state, step, info, keep=t.keep_checkpoints)
@@ -318,6 +404,7 @@ def train(
         unit="step",
     )
     stall = _StallWatch(label)
+    aborted = None
     with open(metrics_path, "a") as log, _StopFlag() as stop:
         for i in range(start, n_steps):
             state, aux = trainer.step(state)
@@ -344,20 +431,38 @@ def train(
                 checkpoint(step)
                 bar.close()
                 raise Interrupted(out, step)
-            if step == ALL_DIVERGED_PATIENCE and int(state.skipped) == step:
-                bar.close()
-                raise MetaplasticError(
-                    f"every one of the first {step} meta-steps diverged (non-finite "
-                    "meta-gradient, or every ES member blew up); lower the rule's init "
-                    "coefficients, train.lr or train.sigma "
-                    f"(metrics so far are in {metrics_path})"
+            bad_run = getattr(state, "bad_run", None)
+            if bad_run is not None and int(bad_run) >= MAX_BAD_RUN:
+                aborted = (
+                    f"diverged: {int(bad_run)} meta-steps in a row were bad (non-finite "
+                    "meta-gradient or most episodes blew up), each reverted with a halved step "
+                    f"size, up to step {step}; lower train.lr or the rule's init coefficients"
                 )
+            elif bad_run is None and step == ALL_DIVERGED_PATIENCE and int(state.skipped) == step:
+                aborted = (
+                    f"diverged: every one of the first {step} generations blew up (every ES "
+                    "member non-finite); lower the rule's init coefficients or train.sigma"
+                )
+            if aborted:
+                checkpoint(step)
+                break
     bar.close()
     train_s = time.perf_counter() - t0
     learned = jax.tree_util.tree_map(np.asarray, trainer.rule(state))  # host copy
     rule_data = write_rule_files(out, learned, t.prune_threshold)
     plot_training(metrics, out, title=f"{label}: {cfg.rule.name} on {cfg.task.name}")
+    final_val = validate_rule(cfg, setup, learned)
+    done = int(state.step)
+    status, checks = run_status(cfg, start_val, final_val, int(state.skipped), max(done, 1))
+    if aborted:
+        status = aborted
     summary: dict[str, Any] = {
+        "status": status,
+        "validation": {
+            "start": _val_record(*start_val),
+            "learned": _val_record(*final_val),
+            **checks,
+        },
         "rule_equation": rule_data["equation"],
         "rule_latex": rule_data["latex"],
         "coefficients": learned.coefficients(),
@@ -367,6 +472,7 @@ def train(
             "episodes": n_steps * t.meta_batch,
             "meta_batch": t.meta_batch,
             "gradient_mode": trainer.mode,
+            "steps_done": done,
             "skipped_steps": int(state.skipped),
             "resumed_from_step": start if resume else None,
             "compile_s": round(compile_s or 0.0, 2),
@@ -378,7 +484,28 @@ def train(
     if evaluate:
         summary["meta_test"][label] = evaluate_run(cfg, learned, setup)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if status != "ok":
+        raise RunFailed(out, status)
     return summary
+
+
+def check_run_usable(run_dir: Path) -> None:
+    """Refuse (one line) a run that failed or never finished: its rule is not a result."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise MetaplasticError(
+            f"{run_dir}: no summary.json, so the run did not finish; finish it with "
+            f"'metaplastic train --resume {run_dir}' (or pass --allow-failed)"
+        )
+    try:
+        status = json.loads(path.read_text()).get("status", "ok")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise MetaplasticError(f"{path}: not a valid summary file; re-run or restore it") from None
+    if status != "ok":
+        raise MetaplasticError(
+            f"{run_dir}: the run failed ({status.split(':')[0]}), so its rule is not a result; "
+            "pass --allow-failed to export it anyway"
+        )
 
 
 def resume_run(run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -397,9 +524,9 @@ def evaluate_run(
     """Held-out accuracy of ``rule``: mean, 95% CI, on meta-test images."""
     setup = setup or build_setup(cfg)
     n = episodes or cfg.train.eval_episodes
-    accs = evaluate_rule(setup.problem(cfg, "test"), rule, eval_key(cfg), n)
+    accs, diverged = evaluate_outcomes(setup.problem(cfg, "test"), rule, eval_key(cfg), n)
     m, lo, hi = mean_ci95(accs)
-    return {"accuracy": m, "ci95": [lo, hi], "episodes": int(n)}
+    return {"accuracy": m, "ci95": [lo, hi], "episodes": int(n), "diverged": int(diverged.sum())}
 
 
 DISCOVER_TASK = "digits"
@@ -431,19 +558,44 @@ def discover(
 
     t0 = time.perf_counter()
     summaries = {}
+    failed: dict[str, str] = {}
     for label, rule, feedback in methods:
-        cfg = build_config(rule, task, dict(train_table, feedback=feedback))
+        table = dict(train_table, feedback=feedback)
+        if label != "learned":  # a baseline is reported whether or not it improved
+            table.setdefault("require_improvement", False)
+        cfg = build_config(rule, task, table)
         run_dir = out if label == "learned" else out / "baselines" / label
-        summaries[label] = train(cfg, run_dir, progress=progress, label=label)
+        try:
+            summaries[label] = train(cfg, run_dir, progress=progress, label=label)
+        except RunFailed as err:  # keep going: the table shows what the failure cost
+            failed[label] = err.status
+            summaries[label] = json.loads((run_dir / "summary.json").read_text())
+            summaries[label].setdefault("meta_test", {})
+            if label == "learned" and "rule_equation" not in summaries[label]:
+                raise  # the starting rule already diverged: nothing to compare
     summary = summaries["learned"]
-    summary["meta_test"] = {k: s["meta_test"][k] for k, s in summaries.items()}
+    summary["meta_test"] = {
+        k: s["meta_test"][k] for k, s in summaries.items() if k in s["meta_test"]
+    }
     summary["baselines"] = {
-        k: {"coefficients": s["coefficients"], "run_dir": str(out / "baselines" / k)}
+        k: {
+            "coefficients": s.get("coefficients"),
+            "run_dir": str(out / "baselines" / k),
+            "status": s.get("status", "ok"),
+        }
         for k, s in summaries.items()
         if k != "learned"
     }
     summary["discover_s"] = round(time.perf_counter() - t0, 1)
+    # the run fails with the learned rule; a failed baseline is reported, not fatal
+    summary["status"] = failed.get("learned", "ok")
+    summary["test"] = {
+        k: [summary["meta_test"][k]["accuracy"]] if k in summary["meta_test"] else []
+        for k in summaries
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(results_table(summary["meta_test"]) + "\n")
     plot_meta_test(summary["meta_test"], out, chance=1.0 / cfg.task.n_way)
+    if summary["status"] != "ok":
+        raise RunFailed(out, summary["status"])
     return summary

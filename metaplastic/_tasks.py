@@ -50,6 +50,11 @@ class ClassificationTask(eqx.Module):
         """Query accuracy: what pruning by effect keeps within tolerance."""
         return result.query_accuracy
 
+    @staticmethod
+    def diverged_score() -> float:
+        """The score a diverged episode gets: accuracy 0."""
+        return 0.0
+
     def sample(self, key: PRNGKeyArray, pool: ImagePool) -> Episode:
         k_cls, k_img, k_order = jax.random.split(key, 3)
         classes = jax.random.choice(k_cls, pool.n_classes, (self.n_way,), replace=False)

@@ -11,7 +11,7 @@ import pytest
 from metaplastic._chaos import kill_and_resume
 from metaplastic._checkpoint import checkpoint_dir, load_latest, read_checkpoint
 from metaplastic._config import build_config
-from metaplastic._errors import MetaplasticError
+from metaplastic._errors import MetaplasticError, RunFailed
 from metaplastic._run import Interrupted, resume_run, train
 
 TASK = """
@@ -30,6 +30,9 @@ eval_episodes = 4
 lr = 0.01
 checkpoint_every = 1
 keep_checkpoints = 2
+# plumbing tests: a few steps need not improve the rule
+require_improvement = false
+val_episodes = 8
 """
 
 
@@ -133,15 +136,18 @@ def test_edited_config_is_refused_on_resume(tmp_path):
         resume_run(run, progress=False)
 
 
-def test_run_that_always_diverges_stops_with_a_clear_message(tmp_path):
+def test_rule_that_diverges_at_once_stops_before_step_one(tmp_path):
+    """A Hebbian coefficient that blows up every episode is caught on validation episodes
+    before any meta-step: RunFailed (exit 1 in the CLI), status in summary.json."""
     task = tmp_path / "tiny.toml"
     task.write_text(TASK)
     rule = tmp_path / "blowup.toml"
-    rule.write_text('[rule]\nterms = ["pseudo_gradient", "hebbian"]\ninit = [0.1, 1e4]\n')
+    rule.write_text('[rule]\nterms = ["pseudo_gradient", "hebbian"]\ninit = [0.1, 50.0]\n')
     cfg = build_config(str(rule), str(task), {"episodes": 200})
     run = tmp_path / "run"
-    with pytest.raises(MetaplasticError, match="every one of the first 20 meta-steps diverged"):
+    with pytest.raises(RunFailed, match="starting rule blew up"):
         train(cfg, run, progress=False)
-    rows = (run / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 20 and all(not json.loads(r)["grad_finite"] for r in rows)
-    assert json.loads(rows[-1])["skipped_total"] == 20
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"].startswith("diverged:")
+    assert summary["validation"]["start"]["diverged"] == 8
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import tomllib
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -27,6 +29,9 @@ meta_batch = 2
 episodes = 6
 eval_episodes = 8
 lr = 0.01
+# plumbing tests: a few steps need not improve the rule
+require_improvement = false
+val_episodes = 8
 """
 
 
@@ -175,3 +180,49 @@ def test_bench_rejects_bad_options(args):
     res = CliRunner().invoke(main, ["bench", *args])
     assert res.exit_code == 2
     assert res.output.strip().count("\n") == 0 and "error" in res.output
+
+
+def test_rule_no_better_than_its_start_fails_and_export_refuses(tmp_path):
+    """A run whose learned rule does not beat its start on validation episodes exits 1 with
+    one line and status "no_improvement"; export refuses it unless --allow-failed."""
+    task = tmp_path / "tiny.toml"
+    task.write_text(TINY_TASK)
+    out = tmp_path / "run"
+    args = ["train", "--rule", "pool", "--task", str(task), "--out", str(out), "--quiet"]
+    # lr 1e-9: the rule does not move, so it is exactly as good as its start
+    res = CliRunner().invoke(
+        main, [*args, "--lr", "1e-9", "--set", "train.require_improvement=true"]
+    )
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("metaplastic:")]
+    assert len(lines) == 1 and "no_improvement" in lines[0] and str(out) in lines[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"].startswith("no_improvement:")
+    assert summary["validation"]["improvement"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert "learned" in summary["meta_test"]  # everything finished so far is kept
+    res = CliRunner().invoke(main, ["export", str(out), "--no-check"])
+    assert res.exit_code == 2 and "--allow-failed" in res.output
+    res = CliRunner().invoke(main, ["export", str(out), "--no-check", "--allow-failed"])
+    assert res.exit_code == 0 and res.stdout.startswith("dW =")
+
+
+def test_run_status_checks_in_order():
+    """The end-of-run verdict: diverged, then too many bad steps, then no improvement."""
+    from metaplastic._config import build_config
+    from metaplastic._run import run_status
+
+    cfg = build_config("pool", "digits")
+    n = 100
+    start = (np.full(n, 0.3), np.zeros(n, bool))
+    better = (np.full(n, 0.3) + np.linspace(0.05, 0.15, n), np.zeros(n, bool))
+    assert run_status(cfg, start, better, 0, 10)[0] == "ok"
+    blown = (better[0], np.arange(n) < 6)  # 6% > max_diverged 5%
+    assert run_status(cfg, start, blown, 0, 10)[0].startswith("diverged:")
+    assert run_status(cfg, start, (better[0], np.arange(n) < 5), 0, 10)[0] == "ok"
+    assert run_status(cfg, start, better, 3, 10)[0].startswith("skipped:")  # 30% > 25%
+    assert run_status(cfg, start, better, 2, 10)[0] == "ok"
+    same = (start[0] + np.linspace(-0.01, 0.011, n), start[1])
+    status, info = run_status(cfg, start, same, 0, 10)
+    assert status.startswith("no_improvement:") and info["improvement"]["ci95"][0] < 0
+    off = cfg.replace(train=dataclasses.replace(cfg.train, require_improvement=False))
+    assert run_status(off, start, same, 0, 10)[0] == "ok"

@@ -79,23 +79,46 @@ def test_outer_step_updates_and_is_deterministic(small_problem):
     assert set(aux1) >= {"loss", "query_loss", "query_accuracy", "diverged", "grad_finite"}
 
 
-def test_non_finite_meta_gradient_is_skipped(small_problem):
-    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian"], [0.1, 1e4])
+def test_bad_meta_step_reverts_to_the_last_good_rule_and_backs_off(small_problem):
+    """A step at a rule that blows up leaves the optimiser state exactly as it was, puts
+    the coefficients back to the last good ones (not the bad ones), halves the step size
+    and counts the step; a good step after it regrows the step size."""
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian"], [0.1, 0.0])
     tr = _trainer(small_problem, rule, "reverse")
     s0 = tr.init(rule, jax.random.key(0))
-    s1, aux = tr.step(s0)
-    assert not bool(aux["grad_finite"])
-    assert int(aux["diverged"]) > 0
-    assert int(s1.skipped) == 1 and int(s1.step) == 1
-    np.testing.assert_array_equal(np.asarray(s1.params.theta), np.asarray(s0.params.theta))
+    s1, aux1 = tr.step(s0)  # a good step
+    assert bool(aux1["step_ok"]) and int(s1.skipped) == 0
+    np.testing.assert_array_equal(np.asarray(s1.good.theta), np.asarray(s0.params.theta))
+    bad_params = eqx.tree_at(lambda p: p.theta, s1.params, jnp.array([0.1, 1e4]))
+    s1_bad = eqx.tree_at(lambda s: s.params, s1, bad_params)
+    s2, aux2 = tr.step(s1_bad)
+    assert not bool(aux2["grad_finite"]) and not bool(aux2["step_ok"])
+    assert int(aux2["diverged"]) > 0
+    assert int(s2.skipped) == 1 and int(s2.step) == 2 and int(s2.bad_run) == 1
+    np.testing.assert_array_equal(np.asarray(s2.params.theta), np.asarray(s1.good.theta))
     for a, b in zip(
+        jax.tree_util.tree_leaves(s2.opt_state),
         jax.tree_util.tree_leaves(s1.opt_state),
-        jax.tree_util.tree_leaves(s0.opt_state),
         strict=True,
     ):
-        assert np.all(np.isfinite(np.asarray(a))) or np.array_equal(a, b)
-    # the key still advances so the next step sees new episodes
-    assert not np.array_equal(np.asarray(s1.key), np.asarray(s0.key))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # strictly unchanged
+    assert float(s2.lr_scale) == 0.5
+    assert not np.array_equal(np.asarray(s2.key), np.asarray(s1.key))  # new episodes next
+    s3, aux3 = tr.step(s2)
+    assert bool(aux3["step_ok"]) and int(s3.bad_run) == 0
+    assert 0.5 < float(s3.lr_scale) < 0.6
+
+
+def test_step_size_scale_multiplies_the_update(small_problem):
+    """lr_scale really scales the update: half the scale, half the coefficient change."""
+    rule = TermPoolRule.from_names(POOL_TERMS, THETA)
+    tr = _trainer(small_problem, rule, "forward")
+    s0 = tr.init(rule, jax.random.key(3))
+    full, _ = tr.step(s0)
+    half, _ = tr.step(eqx.tree_at(lambda s: s.lr_scale, s0, jnp.array(0.5, jnp.float32)))
+    d_full = np.asarray(full.params.theta) - THETA
+    d_half = np.asarray(half.params.theta) - THETA
+    np.testing.assert_allclose(d_half, 0.5 * d_full, rtol=1e-4, atol=1e-9)
 
 
 def test_mean_ci95():

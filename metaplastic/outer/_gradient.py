@@ -57,14 +57,28 @@ def bound_gradient(grads, limit: float):
     return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads), rescaled
 
 
+#: A bad meta-step multiplies the step size by this (and reverts the coefficients).
+BACKOFF = 0.5
+#: Each good meta-step multiplies a backed-off step size by this, up to 1 (the configured lr).
+RECOVER = 2.0 ** (1.0 / 16.0)
+
+
 class OuterState(eqx.Module):
-    """The whole outer-loop state: coefficients, optimiser state, PRNG key, counters."""
+    """The whole outer-loop state: coefficients, optimiser state, PRNG key, counters.
+
+    ``good`` holds the last coefficients whose episodes were finite (where a bad step
+    reverts to); ``lr_scale`` multiplies every update (halved by each bad step, regrown by
+    good ones); ``skipped`` counts bad steps in total.
+    """
 
     params: AbstractRule  # the array leaves of the rule (eqx.partition); None elsewhere
     opt_state: optax.OptState
     key: Array  # raw key data (jax.random.key_data), so the state serialises as plain arrays
     step: Array
-    skipped: Array  # meta-steps whose meta-gradient was non-finite (update skipped)
+    skipped: Array  # bad meta-steps (non-finite meta-gradient, or most episodes diverged)
+    good: AbstractRule = None  # last good coefficients (same structure as params)
+    lr_scale: Array = None  # step-size multiplier after back-offs, in (0, 1]
+    bad_run: Array = None  # bad meta-steps in a row (0 after a good one)
 
 
 class GradientTrainer(eqx.Module):
@@ -74,8 +88,8 @@ class GradientTrainer(eqx.Module):
     them online (vmapped), differentiate ``mean query CE + l1 * sum|theta|`` with respect to
     the coefficients (forward mode via ``jax.jacfwd`` or reverse mode via ``jax.grad``), and
     apply the optax update. Episodes that blew up (non-finite loss or gradient) are dropped
-    from the average and counted in ``diverged``; when every episode blew up the meta-step
-    is skipped (coefficients and optimiser state untouched) and counted in ``state.skipped``.
+    from the average and counted in ``diverged``; when more than half blew up, or the
+    gradient is not finite, the step is *bad*: see :meth:`step` (revert and back off).
     """
 
     problem: Problem
@@ -128,6 +142,9 @@ class GradientTrainer(eqx.Module):
             key=jax.random.key_data(key),
             step=jnp.array(0, jnp.int32),
             skipped=jnp.array(0, jnp.int32),
+            good=params,
+            lr_scale=jnp.array(1.0, jnp.float32),
+            bad_run=jnp.array(0, jnp.int32),
         )
 
     def loss_and_grad(self, params, keys):
@@ -184,27 +201,41 @@ class GradientTrainer(eqx.Module):
 
     @eqx.filter_jit
     def step(self, state: OuterState) -> tuple[OuterState, dict]:
+        """One meta-step. A *bad* step -- a non-finite meta-gradient, or more than half of the
+        meta-batch's episodes diverged -- does not update: the coefficients go back to the
+        last good ones (``state.good``, the coefficients before the update that led here),
+        the optimiser state is kept exactly, and the step size is halved (``lr_scale``); each
+        good step regrows it by ``2**(1/16)`` up to 1. So a rule at the edge of a cliff
+        steps back and approaches it more carefully instead of freezing there."""
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
         keys = jax.random.split(sub, self.meta_batch)
         grads, aux = self.loss_and_grad(state.params, keys)
         leaves = jax.tree_util.tree_leaves(grads)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
+        good = finite & (2 * aux["diverged"] <= self.meta_batch)
         safe = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
         extra = {}
         if self.grad_limit > 0:  # off by default: see TrainConfig.grad_limit
             safe, extra["grad_rescaled"] = bound_gradient(safe, self.grad_limit)
         updates, new_opt = self.optimizer.update(safe, state.opt_state, state.params)
+        updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
         new_params = optax.apply_updates(state.params, updates)
 
-        def keep(new, old):
-            return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def pick(new, old):
+            return jax.tree_util.tree_map(lambda n, o: jnp.where(good, n, o), new, old)
 
+        lr_scale = jnp.where(
+            good, jnp.minimum(1.0, state.lr_scale * RECOVER), state.lr_scale * BACKOFF
+        )
         new_state = OuterState(
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=pick(new_params, state.good),
+            opt_state=pick(new_opt, state.opt_state),
             key=jax.random.key_data(key),
             step=state.step + 1,
-            skipped=state.skipped + (~finite).astype(jnp.int32),
+            skipped=state.skipped + (~good).astype(jnp.int32),
+            good=pick(state.params, state.good),
+            lr_scale=lr_scale.astype(jnp.float32),
+            bad_run=jnp.where(good, 0, state.bad_run + 1).astype(jnp.int32),
         )
-        aux = dict(aux, grad_finite=finite, **extra)
+        aux = dict(aux, grad_finite=finite, step_ok=good, lr_scale=lr_scale, **extra)
         return new_state, aux
