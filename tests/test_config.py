@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from metaplastic._config import (
@@ -76,6 +77,11 @@ BAD_TASKS = [
     ("[task]\n[train]\nmeta_batch = 1.5\n", "expected an integer"),
     ("[task]\n[train]\nepisodes = 4\nmeta_batch = 8\n", "smaller than"),
     ("[network]\nhidden = [3]\n", "missing the \\[task\\] table"),
+    ("[task]\nval_fraction = 1.0\n", "val_fraction must be strictly between"),
+    ("[task]\n[network]\nn_out = -1\n", "n_out must be >= 0"),
+    ("[task]\n[train]\nseed = 4294967296\n", "seed must be an integer in"),
+    ("[task]\n[train]\nseed = -1\n", "seed must be an integer in"),
+    ("[task]\n[train]\nmax_skipped = 1.5\n", "must be a fraction"),
 ]
 
 
@@ -118,3 +124,26 @@ def test_impossible_task_shapes():
     cfg = build_config("pool", "digits", overrides=["task.k_shot=80", "task.q_query=10"])
     with pytest.raises(MetaplasticError, match="images per class"):
         build_setup(cfg)
+
+
+def test_output_width_separate_from_n_way():
+    """network.n_out sets the output layer (0 = n_way); fewer units than classes is refused."""
+    from metaplastic._run import build_setup
+
+    assert build_setup(build_config("pool", "digits")).net.sizes[-1] == 5
+    wide = build_config("pool", "digits", overrides=["network.n_out=47"])
+    assert build_setup(wide).net.sizes[-1] == 47
+    with pytest.raises(MetaplasticError, match="smaller than task.n_way"):
+        build_setup(build_config("pool", "digits", overrides=["network.n_out=3"]))
+
+
+def test_validation_split_is_disjoint_from_meta_train_and_meta_test():
+    from metaplastic._run import build_setup
+
+    setup = build_setup(build_config("pool", "digits"))
+    rows = [
+        set(np.asarray(p.class_index).ravel().tolist())
+        for p in (setup.meta_train, setup.meta_val, setup.meta_test)
+    ]
+    assert rows[0].isdisjoint(rows[1]) and rows[1].isdisjoint(rows[2])
+    assert rows[0].isdisjoint(rows[2]) and all(rows)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metaplastic._feedback import backward, init_feedback
-from metaplastic._inner import Carry, Episode, online_step, run_episode
+from metaplastic._inner import Carry, online_step, query_metrics, run_episode
 from metaplastic._network import Network
 from metaplastic._rules import TermPoolRule
 
@@ -123,6 +123,33 @@ def test_divergence_is_flagged(small_net, small_task, pools, key):
     rule = TermPoolRule.from_names(["hebbian"], [1e4])
     res = run_episode(rule, small_net, "fa", key, ep)
     assert bool(res.diverged)
+    # argmax of NaN logits is a valid class index; a blown-up network must not score it
+    assert float(res.query_accuracy) == 0.0
+
+
+def test_non_finite_logits_are_never_correct(small_net, key):
+    """Query images whose logits are not finite count as wrong even when argmax hits."""
+    state = small_net.init(key)
+    W = list(state.W)
+    W[-1] = W[-1].at[0, 0].set(jnp.nan)  # output unit 0 NaN for every input
+    bad = type(state)(W=tuple(W), b=state.b)
+    qx = jnp.ones((4, 64))
+    qy = jnp.zeros(4, jnp.int32)  # argmax of a NaN row is 0, the label
+    assert int(jnp.argmax(small_net.logits(bad, qx)[0])) == 0
+    loss, acc = query_metrics(small_net, bad, qx, qy)
+    assert float(acc) == 0.0 and not np.isfinite(float(loss))
+
+
+def test_problem_outcomes_count_diverged_episodes(small_problem):
+    from metaplastic._meta import evaluate_outcomes
+
+    keys = jax.random.key(2)
+    blow = TermPoolRule.from_names(["pseudo_gradient", "hebbian"], [0.1, 1e4])
+    ok = TermPoolRule.from_names(["pseudo_gradient"], [0.1])
+    acc, div = evaluate_outcomes(small_problem, blow, keys, 4)
+    assert div.all() and (acc == 0).all()
+    acc, div = evaluate_outcomes(small_problem, ok, keys, 4)
+    assert not div.any() and np.isfinite(acc).all()
 
 
 def test_episode_vmap(small_net, small_task, pools):
@@ -142,4 +169,3 @@ def test_episode_vmap(small_net, small_task, pools):
         ep = small_task.sample(keys[i], pools[0])
         single = run_episode(rule, small_net, "backprop", keys[i], ep).query_accuracy
         np.testing.assert_allclose(accs[i], single, atol=1e-6)
-    assert isinstance(Episode, type)
