@@ -140,10 +140,18 @@ class TrainConfig:
     vmap_width: int = 0
     #: validation episodes (images disjoint from meta-training and meta-test) on which the
     #: starting and the learned rule are compared at the end of a run
+    #: what the outer loop minimises on the query set: "cross_entropy" or "prob_error"
+    #: (1 - mean probability of the right class); see metaplastic._inner.query_metrics
+    objective: str = "cross_entropy"
+    #: query logits are divided by this before the objective's softmax
+    query_temperature: float = 1.0
     val_episodes: int = 200
     #: a run fails (non-zero exit) when the learned rule diverges on more than this fraction
     #: of validation episodes (the starting rule too: then the run stops before step 1)
     max_diverged: float = 0.05
+    #: a meta-step is bad (reverted, step size halved) when its meta-gradient is not finite
+    #: or more than this fraction of its episodes diverged
+    max_step_diverged: float = 0.25
     #: ... or when more than this fraction of meta-steps were bad (reverted)
     max_skipped: float = 0.25
     #: ... or when the learned rule is not better than the starting rule on validation
@@ -278,6 +286,11 @@ def _validate(obj, where: str) -> None:
         if obj.outer not in OPTIMIZERS and not is_strategy(obj.outer):
             choices = list(OPTIMIZERS) + strategy_names()
             raise unknown_name("outer loop", obj.outer, choices, f"{where}.outer")
+        from ._inner import OBJECTIVES
+
+        if obj.objective not in OBJECTIVES:
+            raise unknown_name("objective", obj.objective, OBJECTIVES, f"{where}.objective")
+        _positive(obj, where, "query_temperature")
         if obj.es_fitness not in ES_OBJECTIVES:
             raise unknown_name("ES fitness", obj.es_fitness, ES_OBJECTIVES, f"{where}.es_fitness")
         if obj.es_fitness != "loss" and obj.outer in OPTIMIZERS:
@@ -313,7 +326,7 @@ def _validate(obj, where: str) -> None:
             "prune_episodes",
             "val_episodes",
         )
-        for n in ("max_diverged", "max_skipped"):
+        for n in ("max_diverged", "max_skipped", "max_step_diverged"):
             if not 0.0 <= getattr(obj, n) <= 1.0:
                 raise MetaplasticError(
                     f"{where}.{n} must be a fraction between 0 and 1, got {getattr(obj, n)}"

@@ -113,14 +113,37 @@ def online_step(rule: AbstractRule, net: Network, feedback: str, carry: Carry, x
     return apply_rule(rule, carry, pres, posts, errs, feedback), loss, correct
 
 
-def query_metrics(net: Network, state: NetState, qx, qy):
-    """Mean cross-entropy and accuracy of the network on the query set.
+#: Meta-objectives on the query set (what the outer loop minimises), see :func:`query_metrics`.
+OBJECTIVES = ("cross_entropy", "prob_error")
+
+
+def query_metrics(
+    net: Network,
+    state: NetState,
+    qx,
+    qy,
+    objective: str = "cross_entropy",
+    temperature: float = 1.0,
+):
+    """Query loss (the meta-objective) and accuracy of the network on the query set.
+
+    ``objective``: ``"cross_entropy"``, ``mean_q -log p_T(y_q | x_q)``, or ``"prob_error"``,
+    ``1 - mean_q p_T(y_q | x_q)`` (one minus the mean probability of the right class, a
+    smooth accuracy), where ``p_T = softmax(z / T)`` with ``T = temperature``. Cross-entropy
+    pays more for a confident mistake than it gains from a confident hit, so uniform outputs
+    (loss ``ln n_out``) can beat a network that learns but is over-confident; the smooth
+    accuracy scores uniform outputs at ``1 - 1/n_out``, worse than any network whose
+    accuracy is above chance and whose confidence follows it.
 
     A query image whose logits are not all finite counts as wrong: ``argmax`` of NaN logits
     is a valid class index, which would otherwise score a blown-up network at chance.
     """
     logits = net.logits(state, qx)
-    loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), qy[:, None], axis=1))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature), qy[:, None], axis=1)
+    if objective == "prob_error":
+        loss = 1.0 - jnp.mean(jnp.exp(logp))
+    else:
+        loss = -jnp.mean(logp)
     finite = jnp.all(jnp.isfinite(logits), axis=1)
     hit = (jnp.argmax(logits, axis=1) == qy) & finite
     acc = jnp.mean(hit.astype(logits.dtype))
@@ -135,6 +158,8 @@ def run_episode(
     episode: Episode,
     *,
     remat: bool = False,
+    objective: str = "cross_entropy",
+    temperature: float = 1.0,
 ) -> InnerResult:
     """Online learning over ``episode.train_*`` with ``lax.scan``, then query metrics.
 
@@ -153,7 +178,9 @@ def run_episode(
         body = jax.checkpoint(body)
     carry, (losses, corrects) = jax.lax.scan(body, carry0, (episode.train_x, episode.train_y))
     state = carry.net
-    qloss, qacc = query_metrics(net, state, episode.query_x, episode.query_y)
+    qloss, qacc = query_metrics(
+        net, state, episode.query_x, episode.query_y, objective, temperature
+    )
     leaves = jax.tree_util.tree_leaves(state)
     diverged = ~jnp.all(jnp.array([jnp.all(jnp.isfinite(w)) for w in leaves]))
     diverged = diverged | ~jnp.isfinite(qloss)

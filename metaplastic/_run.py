@@ -34,6 +34,8 @@ from .outer import GradientTrainer, OuterState, make_optimizer
 #: Stop a gradient run after this many bad (reverted, backed-off) meta-steps in a row: the
 #: step size is then 2**-8 of the configured one and the rule is stuck at a cliff.
 MAX_BAD_RUN = 8
+#: ... or once back-offs have shrunk the step size below this fraction of ``train.lr``.
+MIN_LR_SCALE = 1e-3
 #: Stop an ES run whose first this-many generations all blew up.
 ALL_DIVERGED_PATIENCE = 5
 
@@ -78,7 +80,13 @@ def build_setup(cfg: RunConfig) -> Setup:
     ds = _DATA_CACHE[key]
     meta_train, meta_test = split_pools(ds, cfg.task.test_fraction, cfg.task.split_seed)
     meta_train, meta_val = split_validation(meta_train, cfg.task.val_fraction)
-    task = ClassificationTask(cfg.task.n_way, cfg.task.k_shot, cfg.task.q_query)
+    task = ClassificationTask(
+        cfg.task.n_way,
+        cfg.task.k_shot,
+        cfg.task.q_query,
+        objective=cfg.train.objective,
+        temperature=cfg.train.query_temperature,
+    )
     task.check(meta_train, f"task {cfg.task.name} (meta-train split)")
     task.check(meta_val, f"task {cfg.task.name} (validation split; see task.val_fraction)")
     task.check(meta_test, f"task {cfg.task.name} (meta-test split)")
@@ -204,6 +212,7 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule):
             devices=t.devices,
             vmap_width=t.vmap_width,
             grad_limit=t.grad_limit,
+            max_diverged=t.max_step_diverged,
         )
     return EvolutionTrainer(
         problem,
@@ -432,11 +441,15 @@ def train(
                 bar.close()
                 raise Interrupted(out, step)
             bad_run = getattr(state, "bad_run", None)
-            if bad_run is not None and int(bad_run) >= MAX_BAD_RUN:
+            if bad_run is not None and (
+                int(bad_run) >= MAX_BAD_RUN or float(state.lr_scale) < MIN_LR_SCALE
+            ):
                 aborted = (
-                    f"diverged: {int(bad_run)} meta-steps in a row were bad (non-finite "
-                    "meta-gradient or most episodes blew up), each reverted with a halved step "
-                    f"size, up to step {step}; lower train.lr or the rule's init coefficients"
+                    f"diverged: by meta-step {step} the outer loop had reverted bad steps "
+                    f"(non-finite meta-gradient or episodes blowing up) until the step size "
+                    f"was {float(state.lr_scale):.1e} of train.lr ({int(bad_run)} bad in a "
+                    "row); the rule sits at the edge of a divergent region: lower train.lr "
+                    "or the rule's init coefficients"
                 )
             elif bad_run is None and step == ALL_DIVERGED_PATIENCE and int(state.skipped) == step:
                 aborted = (

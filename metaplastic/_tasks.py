@@ -24,6 +24,8 @@ class ClassificationTask(eqx.Module):
     n_way: int = eqx.field(static=True)
     k_shot: int = eqx.field(static=True)
     q_query: int = eqx.field(static=True)
+    objective: str = eqx.field(static=True, default="cross_entropy")
+    temperature: float = eqx.field(static=True, default=1.0)
 
     def check(self, pool: ImagePool, where: str = "task") -> None:
         """Raise a clear error when the pool cannot supply this task."""
@@ -43,7 +45,16 @@ class ClassificationTask(eqx.Module):
         """Sample one episode from ``pool`` and learn it online (:func:`run_episode`)."""
         k_task, k_net = jax.random.split(key)
         ep = self.sample(k_task, pool)
-        return run_episode(rule, net, feedback, k_net, ep, remat=remat)
+        return run_episode(
+            rule,
+            net,
+            feedback,
+            k_net,
+            ep,
+            remat=remat,
+            objective=self.objective,
+            temperature=self.temperature,
+        )
 
     @staticmethod
     def score(result) -> Array:

@@ -88,8 +88,10 @@ class GradientTrainer(eqx.Module):
     them online (vmapped), differentiate ``mean query CE + l1 * sum|theta|`` with respect to
     the coefficients (forward mode via ``jax.jacfwd`` or reverse mode via ``jax.grad``), and
     apply the optax update. Episodes that blew up (non-finite loss or gradient) are dropped
-    from the average and counted in ``diverged``; when more than half blew up, or the
-    gradient is not finite, the step is *bad*: see :meth:`step` (revert and back off).
+    from the average and counted in ``diverged``; when more than ``max_diverged`` of them
+    blew up, or the gradient is not finite, the step is *bad*: see :meth:`step` (revert and
+    back off). Dropping diverged episodes hides the cliff from the gradient, so a step that
+    lands where episodes blow up must not be kept.
     """
 
     problem: Problem
@@ -100,6 +102,7 @@ class GradientTrainer(eqx.Module):
     mode: str = eqx.field(static=True)
     sharding: AxisSharding
     grad_limit: float = eqx.field(static=True)
+    max_diverged: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -112,8 +115,10 @@ class GradientTrainer(eqx.Module):
         devices=1,
         vmap_width=0,
         grad_limit=0.0,
+        max_diverged=0.25,
     ):
         self.grad_limit = float(grad_limit)
+        self.max_diverged = float(max_diverged)
         if mode not in GRADIENT_MODES:
             raise unknown_name("gradient mode", mode, GRADIENT_MODES, "train.gradient")
         if meta_batch < 1:
@@ -201,8 +206,9 @@ class GradientTrainer(eqx.Module):
 
     @eqx.filter_jit
     def step(self, state: OuterState) -> tuple[OuterState, dict]:
-        """One meta-step. A *bad* step -- a non-finite meta-gradient, or more than half of the
-        meta-batch's episodes diverged -- does not update: the coefficients go back to the
+        """One meta-step. A *bad* step -- a non-finite meta-gradient, or more than
+        ``max_diverged`` of the meta-batch's episodes diverged (``train.max_step_diverged``)
+        -- does not update: the coefficients go back to the
         last good ones (``state.good``, the coefficients before the update that led here),
         the optimiser state is kept exactly, and the step size is halved (``lr_scale``); each
         good step regrows it by ``2**(1/16)`` up to 1. So a rule at the edge of a cliff
@@ -212,7 +218,7 @@ class GradientTrainer(eqx.Module):
         grads, aux = self.loss_and_grad(state.params, keys)
         leaves = jax.tree_util.tree_leaves(grads)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
-        good = finite & (2 * aux["diverged"] <= self.meta_batch)
+        good = finite & (aux["diverged"] <= self.max_diverged * self.meta_batch)
         safe = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
         extra = {}
         if self.grad_limit > 0:  # off by default: see TrainConfig.grad_limit
