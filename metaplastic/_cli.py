@@ -59,15 +59,24 @@ def _train_options(fn):
     return fn
 
 
+_SEEDS_HELP = (
+    "Meta-training seeds: N > 1 runs seeds SEED..SEED+N-1 one after another into "
+    "OUT/seed-<s>/ and writes their mean ± sd, 95% CI and the seed chosen on validation "
+    "episodes to OUT/summary.json and OUT/results.md."
+)
+
+
 @main.command()
 @_train_options
 @click.option("--meta-batch", type=int, default=None, help="Episodes per meta-step.")
 @click.option("--eval-episodes", type=int, default=None, help="Held-out episodes (default 500).")
+@click.option("--seeds", type=int, default=1, help=_SEEDS_HELP)
 @_user_errors
-def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
+def discover(seed, episodes, out, quiet, meta_batch, eval_episodes, seeds):
     """Meta-learn a rule for online FA learning on digits; compare with baselines."""
     from ._report import results_table
     from ._run import discover as run_discover
+    from ._run import run_seeds
 
     out = out or _default_out("discover")
     train_table = {
@@ -76,6 +85,16 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
         "meta_batch": meta_batch,
         "eval_episodes": eval_episodes,
     }
+    if seeds != 1:
+        agg = run_seeds(
+            out,
+            seeds,
+            seed or 0,
+            lambda s, d: run_discover(d, dict(train_table, seed=s), progress=not quiet),
+        )
+        click.echo((out / "results.md").read_text())
+        click.echo(f"run directory: {out}  (status {agg['status']})")
+        return
     summary = run_discover(out, train_table, progress=not quiet)
     click.echo("")
     click.echo(results_table(summary["meta_test"]))
@@ -122,6 +141,7 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
     default=None,
     help="Continue the run in this directory from its newest valid checkpoint.",
 )
+@click.option("--seeds", type=int, default=1, help=_SEEDS_HELP)
 @_user_errors
 def train_cmd(
     rule,
@@ -139,6 +159,7 @@ def train_cmd(
     num_processes,
     process_id,
     resume,
+    seeds,
 ):
     """Meta-train RULE on TASK and evaluate it on held-out episodes."""
     from ._config import build_config
@@ -188,6 +209,19 @@ def train_cmd(
                 list(overrides),
             )
             out = out or _default_out(f"train-{cfg.rule.name}-{cfg.task.name}")
+            if seeds != 1:
+                import dataclasses
+
+                from ._run import run_seeds
+
+                def one(s, d):
+                    c = cfg.replace(train=dataclasses.replace(cfg.train, seed=s))
+                    return train(c, d, progress=not quiet)
+
+                agg = run_seeds(out, seeds, cfg.train.seed, one)
+                click.echo((out / "results.md").read_text())
+                click.echo(f"run directory: {out}  (status {agg['status']})")
+                return
             summary = train(cfg, out, progress=not quiet)
     except Interrupted as err:
         click.echo(f"metaplastic: {err}", err=True)

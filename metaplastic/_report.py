@@ -147,3 +147,31 @@ def plot_evolution(
     fig.tight_layout()
     fig.savefig(out_file, dpi=110)
     plt.close(fig)
+
+
+def seeds_table(agg: dict) -> str:
+    """Markdown: meta-test accuracy per seed and method, then mean ± sd [95% CI]."""
+    methods = list(agg["test"])
+    head = "| seed | " + " | ".join(methods) + " |"
+    lines = [head, "|" + "---|" * (len(methods) + 1)]
+
+    def fmt(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    for i, s in enumerate(agg["seeds"]):
+        lines.append(f"| {s} | " + " | ".join(fmt(agg["test"][m][i]) for m in methods) + " |")
+    cells = []
+    for m in methods:
+        st = agg["test_stats"][m]
+        cells.append(
+            "—"
+            if st["mean"] is None
+            else f"{st['mean']:.3f} ± {st['sd']:.3f} [{st['ci95'][0]:.3f}, {st['ci95'][1]:.3f}]"
+        )
+    lines.append("| mean ± sd [95% CI] | " + " | ".join(cells) + " |")
+    if agg.get("gap_closure_stats", {}).get("mean") is not None:
+        g = agg["gap_closure_stats"]
+        lines.append("")
+        lines.append(f"FA→backprop gap closed by the learned rule: {g['mean']:.2f} ± {g['sd']:.2f}")
+    lines.append(f"selected seed (best validation score): {agg['selected_seed']}")
+    return "\n".join(lines)

@@ -612,3 +612,106 @@ def discover(
     if summary["status"] != "ok":
         raise RunFailed(out, summary["status"])
     return summary
+
+
+def _seed_stats(values: list[float]) -> dict[str, Any]:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if v.size == 0:
+        return {"mean": None, "sd": None, "ci95": [None, None], "n": 0}
+    m, lo, hi = mean_ci95(v)
+    sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return {"mean": m, "sd": sd, "ci95": [lo, hi], "n": int(v.size)}
+
+
+def sign_agreement(coefficients: list[dict[str, Any]]) -> dict[str, float]:
+    """For each coefficient: the fraction of seeds whose sign matches the majority sign
+    (1.0 = every seed agrees; per-layer coefficients are compared entry by entry and the
+    lowest agreement is kept)."""
+    out: dict[str, float] = {}
+    if not coefficients:
+        return out
+    for name in coefficients[0]:
+        vals = np.stack([np.ravel(np.asarray(c[name], np.float64)) for c in coefficients])
+        signs = np.sign(vals)
+        pos, neg = np.sum(signs > 0, axis=0), np.sum(signs < 0, axis=0)
+        out[name] = float(np.min(np.maximum(pos, neg)) / len(coefficients))
+    return out
+
+
+def aggregate_seeds(
+    out: Path, seeds: list[int], summaries: dict[int, dict], failed: dict[int, str]
+) -> dict[str, Any]:
+    """Combine per-seed run summaries (``out/seed-<s>/summary.json``) into one: meta-test
+    accuracy per seed and method, mean ± sd and Student-t 95% CI across seeds, FA→backprop
+    gap closure, sign agreement of the coefficients, and the seed selected on the
+    validation split (never on meta-test)."""
+    from ._report import seeds_table
+
+    methods: list[str] = []
+    for s in seeds:
+        for k in summaries.get(s, {}).get("meta_test", {}):
+            if k not in methods:
+                methods.append(k)
+    test = {
+        k: [summaries.get(s, {}).get("meta_test", {}).get(k, {}).get("accuracy") for s in seeds]
+        for k in methods
+    }
+    val = [
+        summaries.get(s, {}).get("validation", {}).get("learned", {}).get("score") for s in seeds
+    ]
+    ok_val = [(v, s) for v, s in zip(val, seeds, strict=True) if v is not None and s not in failed]
+    agg: dict[str, Any] = {
+        "status": "ok"
+        if not failed
+        else "; ".join(f"seed {s}: {failed[s]}" for s in seeds if s in failed),
+        "seeds": seeds,
+        "runs": [str(out / f"seed-{s}") for s in seeds],
+        "test": test,
+        "test_stats": {k: _seed_stats(v) for k, v in test.items()},
+        "validation": {"learned": val},
+        "selected_seed": max(ok_val)[1] if ok_val else None,
+    }
+    if {"learned", "fa", "backprop"} <= set(test):
+        gaps = []
+        for a, f, b in zip(test["learned"], test["fa"], test["backprop"], strict=True):
+            ok = None not in (a, f, b) and b - f > 1e-9
+            gaps.append((a - f) / (b - f) if ok else None)
+        agg["gap_closure"] = gaps
+        agg["gap_closure_stats"] = _seed_stats(gaps)
+    coefs = [
+        summaries[s]["coefficients"] for s in seeds if summaries.get(s, {}).get("coefficients")
+    ]
+    agg["coefficients"] = {str(s): summaries.get(s, {}).get("coefficients") for s in seeds}
+    agg["sign_agreement"] = sign_agreement(coefs)
+    (out / "summary.json").write_text(json.dumps(agg, indent=2) + "\n")
+    (out / "results.md").write_text(seeds_table(agg) + "\n")
+    return agg
+
+
+def run_seeds(
+    out: Path, seeds: int, base_seed: int, run_one, *, progress: bool = True
+) -> dict[str, Any]:
+    """Run ``run_one(seed, run_dir)`` (a train or discover) for ``seeds`` meta-training
+    seeds ``base_seed, base_seed + 1, ...`` one after another into ``out/seed-<s>`` and
+    aggregate them (:func:`aggregate_seeds`). A failed seed is recorded and the others
+    still run; then :class:`RunFailed` is raised after the aggregate is written."""
+    if seeds < 1:
+        raise MetaplasticError(f"--seeds must be at least 1, got {seeds}")
+    if not (0 <= base_seed and base_seed + seeds <= 2**32):
+        raise MetaplasticError(f"seeds {base_seed}..{base_seed + seeds - 1} leave [0, 2**32)")
+    out.mkdir(parents=True, exist_ok=True)
+    ids = list(range(base_seed, base_seed + seeds))
+    summaries: dict[int, dict] = {}
+    failed: dict[int, str] = {}
+    for s in ids:
+        run_dir = out / f"seed-{s}"
+        try:
+            summaries[s] = run_one(s, run_dir)
+        except RunFailed as err:
+            failed[s] = err.status
+            path = run_dir / "summary.json"
+            summaries[s] = json.loads(path.read_text()) if path.is_file() else {}
+    agg = aggregate_seeds(out, ids, summaries, failed)
+    if failed:
+        raise RunFailed(out, agg["status"])
+    return agg

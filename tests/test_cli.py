@@ -226,3 +226,35 @@ def test_run_status_checks_in_order():
     assert status.startswith("no_improvement:") and info["improvement"]["ci95"][0] < 0
     off = cfg.replace(train=dataclasses.replace(cfg.train, require_improvement=False))
     assert run_status(off, start, same, 0, 10)[0] == "ok"
+
+
+def test_train_with_several_seeds_aggregates(tmp_path):
+    """--seeds N: one run per seed under OUT/seed-<s>, then per-seed meta-test lists,
+    mean ± sd, sign agreement and a seed chosen on validation in OUT/summary.json."""
+    task = tmp_path / "tiny.toml"
+    task.write_text(TINY_TASK)
+    out = tmp_path / "multi"
+    args = ["train", "--rule", "pool", "--task", str(task), "--out", str(out), "--quiet"]
+    res = CliRunner().invoke(main, [*args, "--seeds", "2", "--seed", "5"])
+    assert res.exit_code == 0, res.output
+    agg = json.loads((out / "summary.json").read_text())
+    assert agg["status"] == "ok" and agg["seeds"] == [5, 6]
+    per_seed = [json.loads((out / f"seed-{s}" / "summary.json").read_text()) for s in (5, 6)]
+    assert agg["test"]["learned"] == [p["meta_test"]["learned"]["accuracy"] for p in per_seed]
+    assert per_seed[0]["coefficients"] != per_seed[1]["coefficients"]  # different keys
+    st = agg["test_stats"]["learned"]
+    assert st["n"] == 2 and st["mean"] == pytest.approx(np.mean(agg["test"]["learned"]))
+    assert st["sd"] == pytest.approx(np.std(agg["test"]["learned"], ddof=1))
+    vals = [p["validation"]["learned"]["score"] for p in per_seed]
+    assert agg["selected_seed"] == (5, 6)[int(np.argmax(vals))]
+    assert set(agg["sign_agreement"]) == {"pseudo_gradient", "error_hebbian", "oja"}
+    assert "mean ± sd" in (out / "results.md").read_text()
+
+
+def test_sign_agreement():
+    from metaplastic._run import sign_agreement
+
+    coefs = [{"a": 1.0, "b": [1.0, -1.0]}, {"a": 2.0, "b": [1.0, 1.0]}, {"a": -1.0, "b": [1, 1]}]
+    got = sign_agreement(coefs)
+    assert got["a"] == pytest.approx(2 / 3) and got["b"] == pytest.approx(2 / 3)
+    assert sign_agreement([{"a": 1.0}, {"a": 3.0}]) == {"a": 1.0}
