@@ -715,3 +715,13 @@ def run_seeds(
     if failed:
         raise RunFailed(out, agg["status"])
     return agg
+
+
+def keep_failed(fn, *args, **kwargs) -> dict[str, Any]:
+    """Call ``fn`` (:func:`train` or :func:`discover`); when the run fails, return the
+    summary it wrote instead of raising, so a study can report the failure (its
+    ``status``) next to the other rows."""
+    try:
+        return fn(*args, **kwargs)
+    except RunFailed as err:
+        return json.loads((Path(err.run_dir) / "summary.json").read_text())

@@ -26,7 +26,7 @@ import jax
 
 from metaplastic._config import build_config
 from metaplastic._report import plot_meta_test, results_table
-from metaplastic._run import build_rule, build_setup, make_trainer, train
+from metaplastic._run import build_rule, build_setup, keep_failed, make_trainer, train
 
 ES_SETTINGS = {"meta_batch": 8, "population": 16, "sigma": 0.01, "lr": 0.003}
 
@@ -61,7 +61,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta_test, budget = {}, {}
     grad_cfg = build_config("pool", "digits", {"seed": args.seed})
-    s = train(grad_cfg, args.out / "adam", label="adam")
+    s = keep_failed(train, grad_cfg, args.out / "adam", label="adam")
     wall = s["train"]["train_s"] - s["train"]["compile_s"]
     meta_test["pool, adam (gradient)"] = s["meta_test"]["adam"]
     budget["pool, adam (gradient)"] = (s["train"]["steps"], wall)
@@ -78,12 +78,12 @@ def main() -> None:
                 over,
             )
             label = f"{name}-{fitness}"
-            s = train(cfg, args.out / label, label=label)
+            s = keep_failed(train, cfg, args.out / label, label=label)
             key = f"pool, {name} (ES, fitness = {fitness})"
             meta_test[key] = s["meta_test"][label]
             budget[key] = (gens, s["train"]["train_s"] - s["train"]["compile_s"])
     fa_cfg = build_config("pseudo_gradient", "digits", {"seed": args.seed})
-    s = train(fa_cfg, args.out / "fa", label="fa")
+    s = keep_failed(train, fa_cfg, args.out / "fa", label="fa")
     meta_test["FA baseline (lr only, gradient)"] = s["meta_test"]["fa"]
     budget["FA baseline (lr only, gradient)"] = (
         s["train"]["steps"],

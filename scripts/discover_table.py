@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from metaplastic._report import plot_meta_test
-from metaplastic._run import discover
+from metaplastic._run import discover, keep_failed
 
 
 def main() -> None:
@@ -33,7 +33,9 @@ def main() -> None:
     rows, per_method = [], {}
     for seed in args.seeds:
         t0 = time.perf_counter()
-        s = discover(args.out / f"seed{seed}", {"seed": seed, "episodes": args.episodes})
+        s = keep_failed(
+            discover, args.out / f"seed{seed}", {"seed": seed, "episodes": args.episodes}
+        )
         wall = time.perf_counter() - t0
         rows.append((seed, s, wall))
         for m, r in s["meta_test"].items():

@@ -49,7 +49,7 @@ from metaplastic._config import build_config
 from metaplastic._export import read_rule_file
 from metaplastic._inner import run_episode
 from metaplastic._meta import evaluate_rule, mean_ci95
-from metaplastic._run import build_rule, build_setup, eval_key, train, validation_key
+from metaplastic._run import build_rule, build_setup, eval_key, keep_failed, train, validation_key
 
 METHODS = {  # label: (rule preset, feedback)
     "backprop": ("pseudo_gradient", "backprop"),
@@ -184,7 +184,7 @@ def main() -> None:
                 s = json.loads(done.read_text())
                 print(f"reusing {run_dir}", flush=True)
             else:
-                s = train(cfg, run_dir, progress=False, label=mname, evaluate=False)
+                s = keep_failed(train, cfg, run_dir, progress=False, label=mname, evaluate=False)
             rule_obj = read_rule_file(run_dir)
             setup = build_setup(cfg)
             row = evaluate(cfg, setup, rule_obj, cname, mname, cond, s["coefficients"], t0)

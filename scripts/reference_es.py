@@ -28,7 +28,7 @@ import jax
 from metaplastic._config import build_config
 from metaplastic._errors import MetaplasticError
 from metaplastic._report import results_table
-from metaplastic._run import train
+from metaplastic._run import keep_failed, train
 
 ES = {"outer": "'open_es'", "es_fitness": "'error'", "population": 16, "meta_batch": 8}
 
@@ -69,7 +69,7 @@ def main() -> None:
         over,
     )
     try:
-        s = train(cfg, args.out, label="FA + pool (OpenAI-ES, error fitness)")
+        s = keep_failed(train, cfg, args.out, label="FA + pool (OpenAI-ES, error fitness)")
     except MetaplasticError as err:
         fail(str(err))
     meta_test = {

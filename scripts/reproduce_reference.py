@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 
 from metaplastic._report import plot_curves, results_table
-from metaplastic._run import discover
+from metaplastic._run import discover, keep_failed
 
 METHODS = (
     ("learned", "reference_pool", "fa"),
@@ -40,7 +40,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/reference"))
     args = ap.parse_args()
     table = {"seed": args.seed, "episodes": args.episodes, "eval_episodes": args.eval_episodes}
-    summary = discover(args.out, table, task="fashion_mnist_reference", methods=METHODS)
+    summary = keep_failed(
+        discover, args.out, table, task="fashion_mnist_reference", methods=METHODS
+    )
     runs = {"learned": args.out}
     runs.update({k: args.out / "baselines" / k for k in ("fa", "backprop")})
     rows = {
