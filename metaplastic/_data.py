@@ -251,16 +251,19 @@ def split_pools(ds: Dataset, test_fraction: float, seed: int) -> tuple[ImagePool
     return _pool(ds.name, ds.x, train_idx), _pool(ds.name, ds.x, test_idx)
 
 
-def split_validation(pool: ImagePool, fraction: float) -> tuple[ImagePool, ImagePool]:
+def split_validation(
+    pool: ImagePool, fraction: float, min_per_class: int = 1
+) -> tuple[ImagePool, ImagePool]:
     """Split each class of ``pool`` into ``(meta_train, validation)``: the last ``fraction``
-    of every class's (already shuffled) rows go to validation. The two are disjoint, and
-    both are disjoint from the meta-test pool ``pool`` was split from."""
+    of every class's (already shuffled) rows go to validation, but at least
+    ``min_per_class`` (what one episode draws per class). The two are disjoint, and both
+    are disjoint from the meta-test pool ``pool`` was split from."""
     if not 0.0 < fraction < 1.0:
         raise MetaplasticError(
             f"task.val_fraction must be strictly between 0 and 1, got {fraction}"
         )
     m = pool.per_class
-    n_val = int(round(fraction * m))
+    n_val = max(int(round(fraction * m)), min_per_class)
     if n_val < 1 or n_val >= m:
         raise MetaplasticError(
             f"task.val_fraction={fraction} leaves {m - n_val} meta-train and {n_val} validation "

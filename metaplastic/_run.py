@@ -79,7 +79,8 @@ def build_setup(cfg: RunConfig) -> Setup:
         _DATA_CACHE[key] = load_dataset(*key)
     ds = _DATA_CACHE[key]
     meta_train, meta_test = split_pools(ds, cfg.task.test_fraction, cfg.task.split_seed)
-    meta_train, meta_val = split_validation(meta_train, cfg.task.val_fraction)
+    k_q = cfg.task.k_shot + cfg.task.q_query
+    meta_train, meta_val = split_validation(meta_train, cfg.task.val_fraction, k_q)
     task = ClassificationTask(
         cfg.task.n_way,
         cfg.task.k_shot,

@@ -88,7 +88,7 @@ def task_file(out: Path, quick: bool) -> Path:
     p = out / ("task_quick.toml" if quick else "task.toml")
     if quick:
         p.write_text(
-            '[task]\ndataset = "digits"\nn_way = 10\nk_shot = 30\nq_query = 20\n'
+            '[task]\ndataset = "digits"\nn_way = 10\nk_shot = 15\nq_query = 10\n'
             "[network]\nhidden = [32, 32]\n"
         )
     else:
