@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._checkpoint import checkpoint_dir
+
 
 def _rows(metrics: Path) -> int:
     try:
@@ -23,7 +25,8 @@ def kill_and_resume(
 ) -> int:
     """Start ``metaplastic train *train_args --out run_dir``; SIGKILL it when
     ``metrics.jsonl`` reaches each of ``kill_at_rows`` (ascending), resuming with
-    ``--resume run_dir`` after every kill; finally let the last resume finish.
+    ``--resume run_dir`` after every kill (starting over with ``--force`` if the kill came
+    before the first checkpoint); finally let the last resume finish.
 
     Returns the number of kills that landed (a kill is skipped if the run finished first).
     Raises ``RuntimeError`` if the final resume fails.
@@ -32,10 +35,17 @@ def kill_and_resume(
     first = base + list(train_args) + ["--out", str(run_dir)]
     resume = base + ["--resume", str(run_dir)]
     metrics = run_dir / "metrics.jsonl"
+
+    def again() -> list[str]:
+        # a kill before the first checkpoint leaves nothing to resume: start over
+        if any(checkpoint_dir(run_dir).glob("ckpt-*")):
+            return resume
+        return first + ["--force"]
+
     kills = 0
     for i, target in enumerate(kill_at_rows):
         proc = subprocess.Popen(
-            first if i == 0 else resume, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            first if i == 0 else again(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
@@ -45,7 +55,7 @@ def kill_and_resume(
                 break
             time.sleep(0.002)
         proc.wait(timeout=timeout)
-    done = subprocess.run(resume, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(again(), capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"final resume failed: {done.stderr.strip()[-500:]}")
     return kills

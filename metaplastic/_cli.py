@@ -13,9 +13,46 @@ import click
 from ._errors import MetaplasticError, RunFailed
 
 
-def _default_out(prefix: str) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{prefix}-{stamp}"
+def _default_out(prefix: str, now: _dt.datetime | None = None) -> Path:
+    """A new directory ``runs/<prefix>-<time>`` (``-2``, ``-3``, ... when taken), created
+    here so that two runs started in the same second never share it."""
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{prefix}-{stamp}"
+    for k in range(1, 1000):
+        path = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            path.mkdir()
+        except FileExistsError:
+            if not path.parent.is_dir():
+                raise MetaplasticError(
+                    f"{path.parent} is not a directory; give --out DIR"
+                ) from None
+            continue
+        except OSError as err:
+            raise MetaplasticError(f"cannot create {path} ({err}); give --out DIR") from None
+        return path
+    raise MetaplasticError(f"{base}: 999 directories of that name exist; give --out DIR")
+
+
+def _dir_arg(value: str | None, flag: str) -> Path | None:
+    """A directory option; an empty string (which would mean the current directory) is an
+    error."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise MetaplasticError(
+            f"{flag} {value!r} names no directory; give one, e.g. {flag} runs/mine"
+        )
+    return Path(value)
+
+
+def _release(out: Path) -> None:
+    """Remove a default run directory that a failed start left empty."""
+    try:
+        out.rmdir()
+    except OSError:
+        pass
 
 
 def _user_errors(fn):
@@ -41,6 +78,13 @@ def main():
     """Discover synaptic plasticity rules by meta-learning."""
 
 
+_TRUST_HELP = (
+    "Loading a run: load its user-defined terms (the copies in RUN/user_terms/, checked "
+    "against their recorded SHA-256, or modules named in its rule). Only for runs whose code "
+    "you trust."
+)
+
+
 def _train_options(fn):
     fn = click.option("--seed", type=int, default=None, help="Random seed (default 0).")(fn)
     fn = click.option(
@@ -51,10 +95,17 @@ def _train_options(fn):
     )(fn)
     fn = click.option(
         "--out",
-        type=click.Path(path_type=Path),
         default=None,
-        help="Run directory (default runs/<name>-<time>).",
+        metavar="DIR",
+        help="Run directory (default runs/<name>-<time>); must be new or empty unless --force.",
     )(fn)
+    fn = click.option(
+        "--force",
+        is_flag=True,
+        help="Replace the run in --out: delete its checkpoints, metrics, summary, rule files, "
+        "plots and baselines first.",
+    )(fn)
+    fn = click.option("--trust-user-terms", is_flag=True, help=_TRUST_HELP)(fn)
     fn = click.option("--quiet", is_flag=True, help="No progress bar.")(fn)
     return fn
 
@@ -66,36 +117,91 @@ _SEEDS_HELP = (
 )
 
 
+def _no_options_with_resume(values: dict, overrides=()) -> None:
+    given = [name for name, v in values.items() if v not in (None, False)]
+    if given or overrides:
+        drop = ", ".join(given) or "--set"
+        raise MetaplasticError(f"--resume continues a run with its saved config; drop {drop}")
+
+
 @main.command()
 @_train_options
 @click.option("--meta-batch", type=int, default=None, help="Episodes per meta-step.")
 @click.option("--eval-episodes", type=int, default=None, help="Held-out episodes (default 500).")
+@click.option(
+    "--resume",
+    default=None,
+    metavar="DIR",
+    help="Finish the interrupted discover run in this directory: the interrupted run "
+    "continues from its checkpoint, the ones not yet started start, then the table.",
+)
 @click.option("--seeds", type=int, default=1, help=_SEEDS_HELP)
 @_user_errors
-def discover(seed, episodes, out, quiet, meta_batch, eval_episodes, seeds):
+def discover(
+    seed, episodes, out, force, trust_user_terms, quiet, meta_batch, eval_episodes, resume, seeds
+):
     """Meta-learn a rule for online FA learning on digits; compare with baselines."""
     from ._report import results_table
+    from ._run import Interrupted, check_new_run_dir, run_seeds
     from ._run import discover as run_discover
-    from ._run import run_seeds
 
-    out = out or _default_out("discover")
+    out = _dir_arg(out, "--out")
+    resume = _dir_arg(resume, "--resume")
     train_table = {
         "seed": seed,
         "episodes": episodes,
         "meta_batch": meta_batch,
         "eval_episodes": eval_episodes,
     }
-    if seeds != 1:
-        agg = run_seeds(
-            out,
-            seeds,
-            seed or 0,
-            lambda s, d: run_discover(d, dict(train_table, seed=s), progress=not quiet),
-        )
-        click.echo((out / "results.md").read_text())
-        click.echo(f"run directory: {out}  (status {agg['status']})")
-        return
-    summary = run_discover(out, train_table, progress=not quiet)
+    fresh_dir = False
+    try:
+        if resume is not None:
+            _no_options_with_resume(
+                {
+                    "--seed": seed,
+                    "--episodes": episodes,
+                    "--meta-batch": meta_batch,
+                    "--eval-episodes": eval_episodes,
+                    "--out": out,
+                    "--force": force,
+                    "--seeds": seeds if seeds != 1 else None,
+                }
+            )
+            out = resume
+        elif out is None:
+            out, fresh_dir = _default_out("discover"), True
+        else:
+            check_new_run_dir(out, force=force, command="discover")
+        if seeds != 1:
+            agg = run_seeds(
+                out,
+                seeds,
+                seed or 0,
+                lambda s, d: run_discover(
+                    d,
+                    dict(train_table, seed=s),
+                    progress=not quiet,
+                    trust_user_terms=trust_user_terms,
+                ),
+            )
+            click.echo((out / "results.md").read_text())
+            click.echo(f"run directory: {out}  (status {agg['status']})")
+            return
+        try:
+            summary = run_discover(
+                out,
+                train_table,
+                progress=not quiet,
+                resume=resume is not None,
+                trust_user_terms=trust_user_terms,
+            )
+        except MetaplasticError:
+            if fresh_dir:
+                _release(out)
+            raise
+    except Interrupted as err:
+        click.echo(f"metaplastic: {err}", err=True)
+        sys.exit(130)
     click.echo("")
     click.echo(results_table(summary["meta_test"]))
     click.echo("")
@@ -137,8 +243,8 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes, seeds):
 @click.option("--process-id", type=int, default=None, help="Multi-process run: this one's id.")
 @click.option(
     "--resume",
-    type=click.Path(path_type=Path),
     default=None,
+    metavar="DIR",
     help="Continue the run in this directory from its newest valid checkpoint.",
 )
 @click.option("--seeds", type=int, default=1, help=_SEEDS_HELP)
@@ -149,6 +255,8 @@ def train_cmd(
     seed,
     episodes,
     out,
+    force,
+    trust_user_terms,
     quiet,
     meta_batch,
     feedback,
@@ -165,33 +273,30 @@ def train_cmd(
     from ._config import build_config
     from ._distributed import init_distributed
     from ._report import results_table
-    from ._run import Interrupted, resume_run, train
+    from ._run import Interrupted, check_new_run_dir, resume_run, train
 
+    out = _dir_arg(out, "--out")
+    resume = _dir_arg(resume, "--resume")
     try:
-        init_distributed(coordinator, num_processes, process_id)
+        multi = init_distributed(coordinator, num_processes, process_id)
         if resume is not None:
-            given = [
-                n
-                for n, v in (
-                    ("--rule", rule),
-                    ("--task", task),
-                    ("--seed", seed),
-                    ("--episodes", episodes),
-                    ("--out", out),
-                    ("--meta-batch", meta_batch),
-                    ("--feedback", feedback),
-                    ("--lr", lr),
-                    ("--outer", outer),
-                )
-                if v is not None
-            ]
-            if given or overrides:
-                drop = ", ".join(given) or "--set"
-                raise MetaplasticError(
-                    f"--resume continues a run with its saved config; drop {drop}"
-                )
+            _no_options_with_resume(
+                {
+                    "--rule": rule,
+                    "--task": task,
+                    "--seed": seed,
+                    "--episodes": episodes,
+                    "--out": out,
+                    "--force": force,
+                    "--meta-batch": meta_batch,
+                    "--feedback": feedback,
+                    "--lr": lr,
+                    "--outer": outer,
+                },
+                overrides,
+            )
             out = resume
-            summary = resume_run(resume, progress=not quiet)
+            summary = resume_run(resume, progress=not quiet, trust_user_terms=trust_user_terms)
         else:
             if rule is None or task is None:
                 raise MetaplasticError("train needs --rule and --task (or --resume DIR)")
@@ -208,11 +313,15 @@ def train_cmd(
                 },
                 list(overrides),
             )
-            out = out or _default_out(f"train-{cfg.rule.name}-{cfg.task.name}")
             if seeds != 1:
                 import dataclasses
 
                 from ._run import run_seeds
+
+                if out is None:
+                    out = _default_out(f"train-{cfg.rule.name}-{cfg.task.name}")
+                else:
+                    check_new_run_dir(out, force=force, command="train")
 
                 def one(s, d):
                     c = cfg.replace(train=dataclasses.replace(cfg.train, seed=s))
@@ -222,7 +331,20 @@ def train_cmd(
                 click.echo((out / "results.md").read_text())
                 click.echo(f"run directory: {out}  (status {agg['status']})")
                 return
-            summary = train(cfg, out, progress=not quiet)
+            if out is None:
+                if multi:
+                    raise MetaplasticError(
+                        "a multi-process run needs --out DIR, the same for every process"
+                    )
+                out = _default_out(f"train-{cfg.rule.name}-{cfg.task.name}")
+                try:
+                    summary = train(cfg, out, progress=not quiet)
+                except MetaplasticError:
+                    _release(out)
+                    raise
+            else:
+                check_new_run_dir(out, force=force, command="train")
+                summary = train(cfg, out, progress=not quiet)
     except Interrupted as err:
         click.echo(f"metaplastic: {err}", err=True)
         sys.exit(130)
@@ -231,14 +353,16 @@ def train_cmd(
     click.echo(f"run directory: {out}")
 
 
-def _load_run(run_dir: Path):
-    from ._config import config_from_dict, read_toml
+def _load_run(run_dir: Path, trust_user_terms: bool = False, rule: bool = True):
+    """A run's config and (with ``rule``) its learned rule; user terms load only when
+    trusted, and only from the run's verified copies."""
     from ._export import read_rule_file
+    from ._run import read_run_config
 
-    if not run_dir.is_dir():
-        raise MetaplasticError(f"{run_dir}: no such run directory")
-    cfg = config_from_dict(read_toml(run_dir / "config.toml"), str(run_dir / "config.toml"))
-    return cfg, read_rule_file(run_dir)
+    cfg, _ = read_run_config(run_dir)
+    if not rule:
+        return cfg, None
+    return cfg, read_rule_file(run_dir, trust_user_terms=trust_user_terms)
 
 
 @main.command()
@@ -254,8 +378,9 @@ def _load_run(run_dir: Path):
 @click.option("--task", default=None, help="Task preset or file for --equation (default digits).")
 @click.option("--feedback", default=None, help="Feedback pathway for --equation (default fa).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--trust-user-terms", is_flag=True, help=_TRUST_HELP)
 @_user_errors
-def evaluate(run_dir, episodes, equations, task, feedback, overrides):
+def evaluate(run_dir, episodes, equations, task, feedback, overrides, trust_user_terms):
     """Evaluate a run's learned rule, or an equation, on held-out (meta-test) episodes."""
     from ._config import build_config
     from ._report import results_table
@@ -269,7 +394,7 @@ def evaluate(run_dir, episodes, equations, task, feedback, overrides):
         if run_dir is not None:
             if task or feedback:
                 raise MetaplasticError("with RUN_DIR the task comes from the run; drop --task")
-            cfg, _ = _load_run(run_dir)
+            cfg, _ = _load_run(run_dir, rule=False)
         else:
             cfg = build_config("pseudo_gradient", task or "digits", {"feedback": feedback})
         rule_cfg = parse_section(
@@ -288,7 +413,7 @@ def evaluate(run_dir, episodes, equations, task, feedback, overrides):
         raise MetaplasticError("evaluate needs a RUN_DIR or --equation")
     if task or feedback or overrides:
         raise MetaplasticError("--task/--feedback/--set go with --equation")
-    cfg, rule = _load_run(run_dir)
+    cfg, rule = _load_run(run_dir, trust_user_terms)
     res = evaluate_run(cfg, rule, episodes=episodes)
     (run_dir / "evaluate.json").write_text(json.dumps({"learned": res}, indent=2) + "\n")
     click.echo(results_table({"learned": res}))
@@ -326,15 +451,24 @@ def evaluate(run_dir, episodes, equations, task, feedback, overrides):
     help="Export the rule of a run that failed (diverged, mostly skipped, or no better than "
     "its start) or did not finish; refused by default.",
 )
+@click.option("--trust-user-terms", is_flag=True, help=_TRUST_HELP)
 @_user_errors
 def export(
-    run_dir, fmt, threshold, prune_effect, prune_episodes, check, check_episodes, allow_failed
+    run_dir,
+    fmt,
+    threshold,
+    prune_effect,
+    prune_episodes,
+    check,
+    check_episodes,
+    allow_failed,
+    trust_user_terms,
 ):
     """Print a run's learned rule as an equation (and check that the equation performs)."""
     from ._export import export_run
     from ._run import check_run_usable
 
-    cfg, rule = _load_run(run_dir)
+    cfg, rule = _load_run(run_dir, trust_user_terms)
     if not allow_failed:
         check_run_usable(run_dir)
     th = cfg.train.prune_threshold if threshold is None else threshold
@@ -371,12 +505,13 @@ def export(
 @click.option("--method", default="stlsq", help="stlsq (thresholded least squares) or lasso.")
 @click.option("--alpha", type=float, default=None, help="Threshold (stlsq) or penalty (lasso).")
 @click.option("--check-episodes", type=int, default=None, help="Held-out episodes for accuracy.")
+@click.option("--trust-user-terms", is_flag=True, help=_TRUST_HELP)
 @_user_errors
-def distill(run_dir, episodes, samples, method, alpha, check_episodes):
+def distill(run_dir, episodes, samples, method, alpha, check_episodes, trust_user_terms):
     """Fit a sparse polynomial to a run's learned rule (e.g. an MLP rule) and evaluate it."""
     from ._distill import distill_run
 
-    cfg, rule = _load_run(run_dir)
+    cfg, rule = _load_run(run_dir, trust_user_terms)
     if episodes < 1 or samples < 100:
         raise MetaplasticError("--episodes must be >= 1 and --samples >= 100")
     summary = distill_run(

@@ -21,6 +21,7 @@ import sympy as sp
 from ._errors import MetaplasticError, unknown_name
 from ._rules import AbstractRule, PlasticFeedback
 from ._symbolic import is_matrix, to_python
+from ._user_terms import check_manifest, manifest_of, run_user_terms
 
 FORMATS = ("text", "latex", "json", "python")
 RULE_JSON_VERSION = 2
@@ -117,19 +118,35 @@ def rule_to_json(rule: AbstractRule, threshold: float) -> dict[str, Any]:
             "equations": eqs,
         }
     )
+    user = manifest_of(rule)
+    if user:  # where each user term's code is: the run's copy and its SHA-256
+        data["user_terms"] = user
     return data
 
 
-def rule_from_json(data: Any, where: str = "rule.json") -> AbstractRule:
-    """Rebuild a rule from :func:`rule_to_json` output (validated)."""
+def rule_from_json(
+    data: Any,
+    where: str = "rule.json",
+    *,
+    run_dir: Path | None = None,
+    trust_user_terms: bool = False,
+) -> AbstractRule:
+    """Rebuild a rule from :func:`rule_to_json` output (validated).
+
+    User terms are loaded only from the copies in ``run_dir/user_terms`` whose SHA-256
+    matches ``data["user_terms"]``, and only with ``trust_user_terms=True``; never from the
+    paths the term names hold.
+    """
     from ._rule_kinds import RULE_KINDS, rule_from_data
 
     if not isinstance(data, dict) or data.get("kind") not in RULE_KINDS:
         raise MetaplasticError(
             f"{where}: not a metaplastic rule file (kind one of {', '.join(RULE_KINDS)})"
         )
+    manifest = check_manifest(data.get("user_terms"), where)
     try:
-        rule = rule_from_data(data)
+        with run_user_terms(run_dir, manifest, trusted=trust_user_terms):
+            rule = rule_from_data(data)
     except MetaplasticError as err:
         raise MetaplasticError(f"{where}: {err}") from None
     except (KeyError, TypeError, ValueError, IndexError) as err:
@@ -147,7 +164,10 @@ def write_rule_files(run_dir: Path, rule: AbstractRule, threshold: float) -> dic
     return data
 
 
-def read_rule_file(run_dir: Path, name: str = "rule.json") -> AbstractRule:
+def read_rule_file(
+    run_dir: Path, name: str = "rule.json", *, trust_user_terms: bool = False
+) -> AbstractRule:
+    """The rule saved in ``run_dir`` (user terms: see :func:`rule_from_json`)."""
     path = run_dir / name
     try:
         data = json.loads(path.read_text())
@@ -157,7 +177,7 @@ def read_rule_file(run_dir: Path, name: str = "rule.json") -> AbstractRule:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MetaplasticError(f"{path}: corrupt JSON ({err})") from None
-    return rule_from_json(data, str(path))
+    return rule_from_json(data, str(path), run_dir=run_dir, trust_user_terms=trust_user_terms)
 
 
 def python_source(rule: AbstractRule, threshold: float) -> str:

@@ -61,6 +61,7 @@ def main() -> None:
             "--out",
             str(run),
             "--quiet",
+            "--force",  # a re-run replaces the earlier run
         )
         train_s = time.perf_counter() - t0
         sh("export", str(run), "--format", "json")
@@ -113,6 +114,7 @@ def main() -> None:
             "--out",
             str(run),
             "--quiet",
+            "--force",  # a re-run replaces the earlier run
         )
         train_s = time.perf_counter() - t0
         sh("distill", str(run))
