@@ -30,6 +30,9 @@ episodes = 6
 eval_episodes = 8
 lr = 0.01
 checkpoint_every = 1
+# plumbing tests: a few steps need not improve the rule
+require_improvement = false
+val_episodes = 8
 """
 
 

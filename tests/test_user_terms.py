@@ -35,6 +35,9 @@ meta_batch = 2
 episodes = 4
 eval_episodes = 4
 lr = 0.01
+# plumbing tests: a few steps need not improve the rule
+require_improvement = false
+val_episodes = 8
 """
 
 TERMS = textwrap.dedent(
