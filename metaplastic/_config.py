@@ -9,6 +9,7 @@ line naming the file, the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -376,10 +377,19 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise MetaplasticError(f"{path}: cannot read ({err})") from None
 
 
+def is_path_spec(spec: str) -> bool:
+    """Whether a ``--rule``/``--task`` spec names a file: it contains a path separator or
+    ends in ``.toml``. Anything else is a preset name, even if a file or folder of that name
+    exists in the working directory (so ``digits/`` there never shadows the preset)."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return spec.endswith(".toml") or any(s in spec for s in seps)
+
+
 def resolve_preset(kind: str, spec: str) -> Path:
-    """A preset name (file stem in ``rules/`` or ``tasks/``) or a path to a TOML file."""
-    p = Path(spec)
-    if p.suffix == ".toml" or p.exists() or "/" in spec:
+    """A preset name (file stem in ``rules/`` or ``tasks/``) or a path to a TOML file (a
+    spec with a path separator or a ``.toml`` suffix, see :func:`is_path_spec`)."""
+    if is_path_spec(spec):
+        p = Path(spec)
         if not p.is_file():
             raise MetaplasticError(
                 f"{spec}: no such {kind[:-1]} file; give a preset name or a path"
@@ -387,7 +397,10 @@ def resolve_preset(kind: str, spec: str) -> Path:
         return p
     names = list_presets(kind)
     if spec not in names:
-        raise unknown_name(f"{kind[:-1]} preset", spec, names, f"--{kind[:-1]}")
+        err = unknown_name(f"{kind[:-1]} preset", spec, names, f"--{kind[:-1]}")
+        if Path(spec).exists():
+            err = MetaplasticError(f"{err} (for the file {spec!r} here, write ./{spec})")
+        raise err
     return preset_dir(kind) / f"{spec}.toml"
 
 
