@@ -129,7 +129,10 @@ class TrainConfig:
     antithetic: bool = True
     fitness_shaping: str = "default"
     penalty: float = -1.0
-    es_fitness: str = "loss"
+    #: ES only (like population, sigma, ...): what members are ranked by, "error" (query
+    #: error rate + L1) or "loss" (meta-loss). Gradient outer loops ignore it: they always
+    #: descend the meta-loss (the error rate has no gradient).
+    es_fitness: str = "error"
     devices: int = 0
     vmap_width: int = 0
 
@@ -257,11 +260,6 @@ def _validate(obj, where: str) -> None:
             raise unknown_name("outer loop", obj.outer, choices, f"{where}.outer")
         if obj.es_fitness not in ES_OBJECTIVES:
             raise unknown_name("ES fitness", obj.es_fitness, ES_OBJECTIVES, f"{where}.es_fitness")
-        if obj.es_fitness != "loss" and obj.outer in OPTIMIZERS:
-            raise MetaplasticError(
-                f"{where}.es_fitness = {obj.es_fitness!r} needs an evolution strategy (the "
-                "error rate has no gradient); use train.outer = 'open_es' or similar"
-            )
         if obj.fitness_shaping not in FITNESS_SHAPING:
             raise unknown_name(
                 "fitness shaping",
