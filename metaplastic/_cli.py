@@ -96,7 +96,8 @@ def discover(seed, episodes, out, quiet, meta_batch, eval_episodes):
     "--outer",
     default=None,
     help="Outer loop: an optax optimiser (adam, sgd, ...) or an evosax strategy "
-    "(open_es, cma_es, snes, pgpe, or any evosax class name).",
+    "(open_es, cma_es, snes, pgpe, or an evosax class name such as PSO; a wrong name "
+    "lists them all).",
 )
 @click.option(
     "--set",

@@ -223,7 +223,13 @@ def _validate(obj, where: str) -> None:
     from ._feedback import FEEDBACK_MODES
     from ._network import ACTIVATIONS
     from .outer import GRADIENT_MODES, OPTIMIZERS
-    from .outer._evolution import ES_OBJECTIVES, FITNESS_SHAPING, is_strategy, strategy_names
+    from .outer._evolution import (
+        ES_OBJECTIVES,
+        FITNESS_SHAPING,
+        is_strategy,
+        refuse_strategy,
+        strategy_names,
+    )
 
     if isinstance(obj, RuleConfig):
         _validate_rule(obj, where)
@@ -257,7 +263,9 @@ def _validate(obj, where: str) -> None:
             raise unknown_name("feedback mode", obj.feedback, FEEDBACK_MODES, f"{where}.feedback")
         if obj.outer not in OPTIMIZERS and not is_strategy(obj.outer):
             choices = list(OPTIMIZERS) + strategy_names()
-            raise unknown_name("outer loop", obj.outer, choices, f"{where}.outer")
+            raise refuse_strategy(obj.outer, f"{where}.outer") or unknown_name(
+                "outer loop", obj.outer, choices, f"{where}.outer"
+            )
         if obj.es_fitness not in ES_OBJECTIVES:
             raise unknown_name("ES fitness", obj.es_fitness, ES_OBJECTIVES, f"{where}.es_fitness")
         if obj.fitness_shaping not in FITNESS_SHAPING:

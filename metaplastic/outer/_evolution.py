@@ -16,6 +16,9 @@ import evosax.core.fitness_shaping as fs
 import jax
 import jax.numpy as jnp
 import optax
+from evosax.algorithms.base import EvolutionaryAlgorithm
+from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
@@ -44,14 +47,46 @@ FITNESS_SHAPING = {
 }
 
 
+_SV = "it evolves several search means at once (Stein variational), a run reports one rule"
+#: evosax algorithms that a run cannot drive, and why; naming one is refused at config time.
+UNSUPPORTED = {
+    "DiffusionEvolution": (
+        "its denoising schedule is fixed to a number of generations chosen up front and "
+        "starts from noise over the whole search space, not from the rule's coefficients"
+    ),
+    "SV_CMA_ES": _SV,
+    "SV_Open_ES": _SV,
+}
+
+
+def _algorithm_classes() -> dict[str, type]:
+    """evosax's exported algorithm classes by name (not its helper types)."""
+    out = {}
+    for n in getattr(ea, "__all__", []):
+        cls = getattr(ea, n, None)  # evosax 0.3 lists a few names it does not define
+        if isinstance(cls, type) and issubclass(cls, EvolutionaryAlgorithm):
+            out[n] = cls
+    return out
+
+
 def strategy_names() -> list[str]:
-    classes = [n for n in ea.__all__ if isinstance(getattr(ea, n, None), type)]
+    """Every strategy name ``train.outer`` accepts: the short aliases and evosax's class
+    names, less :data:`UNSUPPORTED`."""
+    classes = [n for n in _algorithm_classes() if n not in UNSUPPORTED]
     return sorted(set(STRATEGY_ALIASES) | set(classes))
 
 
 def is_strategy(name: str) -> bool:
-    return name in STRATEGY_ALIASES or (
-        name in getattr(ea, "__all__", []) and isinstance(getattr(ea, name), type)
+    return name in STRATEGY_ALIASES or (name in _algorithm_classes() and name not in UNSUPPORTED)
+
+
+def refuse_strategy(name: str, where: str = "train.outer") -> MetaplasticError | None:
+    """The one-line error for an evosax algorithm that runs cannot use (else ``None``)."""
+    if name not in UNSUPPORTED:
+        return None
+    return MetaplasticError(
+        f"{where} = {name!r}: evosax's {name} is not supported ({UNSUPPORTED[name]}); "
+        f"choose one of: {', '.join(strategy_names())}"
     )
 
 
@@ -72,7 +107,9 @@ def make_strategy(
     update their mean with an optax optimiser (OpenAI-ES, PGPE, SNES, ...).
     """
     if not is_strategy(name):
-        raise unknown_name("outer strategy", name, strategy_names(), "train.outer")
+        raise refuse_strategy(name) or unknown_name(
+            "outer strategy", name, strategy_names(), "train.outer"
+        )
     if fitness_shaping not in FITNESS_SHAPING:
         raise unknown_name(
             "fitness shaping", fitness_shaping, FITNESS_SHAPING, "train.fitness_shaping"
@@ -90,6 +127,8 @@ def make_strategy(
         kwargs["use_antithetic_sampling"] = antithetic
     if FITNESS_SHAPING[fitness_shaping] is not None:
         kwargs["fitness_shaping_fn"] = FITNESS_SHAPING[fitness_shaping]
+    if "sampling_fn" in accepted:  # RandomSearch: draws around the starting rule
+        kwargs["sampling_fn"] = _gaussian_around(solution, sigma)
     if ("use_antithetic_sampling" in accepted and antithetic) or name in ("pgpe", "PGPE"):
         if population % 2:
             raise MetaplasticError(
@@ -104,6 +143,49 @@ def make_strategy(
     if hasattr(params, "std_init"):
         params = params.replace(std_init=jnp.asarray(sigma, dtype=jnp.float32))
     return strategy, params
+
+
+def _gaussian_around(solution: Any, sigma: float):
+    """``key -> solution + sigma * N(0, I)`` (a pytree like ``solution``)."""
+    flat, unravel = ravel_pytree(solution)
+
+    def sample(key):
+        return unravel(flat + sigma * jax.random.normal(key, flat.shape, flat.dtype))
+
+    return sample
+
+
+def strategy_init(strategy, key: PRNGKeyArray, solution: Any, params, sigma: float):
+    """The strategy's initial state, starting from the pytree ``solution``.
+
+    Distribution-based strategies (evolution strategies proper) centre their search on it.
+    Population-based ones (genetic algorithms, PSO, differential evolution) start from a
+    population instead: ``solution`` itself as member 0 and the others drawn around it with
+    standard deviation ``sigma``, all unevaluated (fitness +inf, evosax's own convention for
+    an empty state), so the first generation's fitness replaces them.
+    """
+    if not isinstance(strategy, PopulationBasedAlgorithm):
+        return strategy.init(key, solution, params)
+    n = strategy.population_size
+    flat, unravel = ravel_pytree(solution)
+    noise = sigma * jax.random.normal(key, (n, flat.size), flat.dtype)
+    population = jax.vmap(unravel)(flat + noise.at[0].set(0.0))
+    unevaluated = jnp.full((n,), jnp.inf, jnp.float32)
+    state = strategy.init(key, population, unevaluated, params)
+    # shaping +inf (standardize, normalize) would give NaN; keep "not evaluated" as +inf
+    state = state.replace(fitness=unevaluated)
+    if hasattr(state, "fitness_best"):  # PSO's personal bests
+        state = state.replace(fitness_best=unevaluated)
+    return state
+
+
+def search_center(strategy, state) -> Any:
+    """The rule a strategy currently stands for: the mean of its search distribution, or,
+    for population-based strategies, the member with the best fitness in the population
+    (the starting rule until the first generation is told)."""
+    if isinstance(strategy, PopulationBasedAlgorithm):
+        return strategy.get_best_solution(state)
+    return strategy.get_mean(state)
 
 
 #: What an ES member's fitness is (evosax minimises it): ``error`` (the default) = query error
@@ -159,6 +241,7 @@ class EvolutionTrainer(eqx.Module):
     penalty: float = eqx.field(static=True)
     mode: str = eqx.field(static=True)
     objective: str = eqx.field(static=True)
+    sigma: float = eqx.field(static=True)
     sharding: AxisSharding
 
     def __init__(
@@ -183,6 +266,7 @@ class EvolutionTrainer(eqx.Module):
         if objective not in ES_OBJECTIVES:
             raise unknown_name("ES fitness", objective, ES_OBJECTIVES, "train.es_fitness")
         self.objective = objective
+        self.sigma = float(sigma)
         params, static = eqx.partition(rule, eqx.is_inexact_array)
         self.problem = problem
         self.static = static
@@ -196,12 +280,11 @@ class EvolutionTrainer(eqx.Module):
         self.mode = f"es:{type(self.strategy).__name__}"
 
     def rule(self, state: ESState) -> AbstractRule:
-        mean = self.strategy.get_mean(state.es_state)
-        return eqx.combine(mean, self.static)
+        return eqx.combine(search_center(self.strategy, state.es_state), self.static)
 
     def init(self, rule: AbstractRule, key: PRNGKeyArray) -> ESState:
         params, _ = eqx.partition(rule, eqx.is_inexact_array)
-        es_state = self.strategy.init(key, params, self.es_params)
+        es_state = strategy_init(self.strategy, key, params, self.es_params, self.sigma)
         # strong dtypes: a weakly typed leaf in the initial state would make the second
         # generation retrace (and recompile) the whole step
         es_state = jax.tree_util.tree_map(
@@ -241,7 +324,7 @@ class EvolutionTrainer(eqx.Module):
         keys = jax.random.split(k_eps, self.meta_batch)
         population, es_state = self.strategy.ask(k_ask, state.es_state, self.es_params)
         population = self.sharding.gather(population)
-        mean = self.strategy.get_mean(state.es_state)
+        mean = search_center(self.strategy, state.es_state)
         raw = self.sharding.map(lambda p: self.member_fitness(p, keys)[0], population)
         # the search mean (the rule the run reports) on the same episodes, for the metrics
         mean_fit, mean_aux = jax.vmap(lambda p: self.evaluate(p, keys))(
