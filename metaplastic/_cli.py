@@ -374,8 +374,15 @@ def distill(run_dir, episodes, samples, method, alpha, check_episodes):
     default="forward,reverse",
     help="Gradient modes to time (comma-separated: forward, reverse).",
 )
+@click.option(
+    "--vmap-width",
+    type=int,
+    default=None,
+    help="train.vmap_width for the timed meta-steps (default: the config's; -1 = vmap the "
+    "whole meta-batch at once).",
+)
 @_user_errors
-def bench(rule, task, json_path, repeats, unrolls, meta_batch, modes):
+def bench(rule, task, json_path, repeats, unrolls, meta_batch, modes, vmap_width):
     """Time meta-gradients and ES evaluation; measure peak memory vs unroll length."""
     from ._bench import run_bench
 
@@ -392,6 +399,7 @@ def bench(rule, task, json_path, repeats, unrolls, meta_batch, modes):
         progress=lambda m: click.echo(m, err=True),
         meta_batch=meta_batch,
         modes=mode_list,
+        vmap_width=vmap_width,
     )
     text = json.dumps(res, indent=2)
     click.echo(text)

@@ -133,7 +133,12 @@ class TrainConfig:
     #: error rate + L1) or "loss" (meta-loss). Gradient outer loops ignore it: they always
     #: descend the meta-loss (the error rate has no gradient).
     es_fitness: str = "error"
+    #: devices the meta-batch (gradient) or population (ES) is split over; 0 = as many as
+    #: divide it evenly
     devices: int = 0
+    #: entries each device vmaps at a time (lax.map over chunks of that many): 0 = auto (1:
+    #: bit-identical for any ``devices``), -1 = a device's whole share at once (faster for
+    #: small networks on CPU, but the last bits then depend on the device count)
     vmap_width: int = 0
 
 
@@ -276,8 +281,11 @@ def _validate(obj, where: str) -> None:
                 f"{where}.fitness_shaping",
             )
         _positive(obj, where, "sigma", "sigma_decay")
-        if obj.vmap_width < 0:
-            raise MetaplasticError(f"{where}.vmap_width must be >= 0, got {obj.vmap_width}")
+        if obj.vmap_width < -1:
+            raise MetaplasticError(
+                f"{where}.vmap_width must be >= -1 (0 = auto: one entry at a time, "
+                f"bit-identical for any device count; -1 = all at once), got {obj.vmap_width}"
+            )
         if obj.devices < 0:
             raise MetaplasticError(f"{where}.devices must be >= 0 (0 = all), got {obj.devices}")
         if obj.population < 2:
