@@ -102,10 +102,13 @@ def run_bench(
     progress=print,
     meta_batch: int = 0,
     modes=GRADIENT_MODES,
+    vmap_width: int | None = None,
 ) -> dict[str, Any]:
     """``meta_batch > 0`` overrides the task's meta-batch for the timings (the per-episode
     time is amortised over it); memory is always measured at meta-batch 1. ``modes``: one or
-    both of ``forward`` and ``reverse``."""
+    both of ``forward`` and ``reverse``. ``vmap_width`` overrides ``train.vmap_width`` for
+    the timed meta-steps (the default, 1, runs a meta-batch's episodes one after another;
+    -1 vmaps them all at once)."""
     modes = tuple(modes)
     if not modes or any(m not in GRADIENT_MODES for m in modes):
         raise MetaplasticError(
@@ -113,6 +116,10 @@ def run_bench(
         )
     if meta_batch < 0:
         raise MetaplasticError(f"--meta-batch must be >= 0 (0 = the task's), got {meta_batch}")
+    if vmap_width is not None and vmap_width < -1:
+        raise MetaplasticError(
+            f"--vmap-width must be >= -1 (0 = auto, -1 = the whole meta-batch), got {vmap_width}"
+        )
     out: dict[str, Any] = {
         "rule": rule_spec,
         "task": task_spec,
@@ -122,11 +129,14 @@ def run_bench(
     }
     grad, compile_s = {}, {}
     over = [f"train.meta_batch={meta_batch}"] if meta_batch > 0 else []
+    if vmap_width is not None:
+        over.append(f"train.vmap_width={vmap_width}")
     for mode in modes:
         progress(f"timing {mode}-mode meta-gradients ...")
         ms, cs, cfg = _time_meta_step(rule_spec, task_spec, mode, repeats, steps, over)
         grad[mode], compile_s[mode] = round(ms, 2), round(cs, 2)
     out["meta_batch"] = cfg.train.meta_batch
+    out["vmap_width"] = cfg.train.vmap_width
     out["unroll_steps"] = cfg.task.n_way * cfg.task.k_shot
     out["meta_grad_ms_per_episode"] = grad
     out["compile_s"] = compile_s

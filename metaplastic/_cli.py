@@ -224,7 +224,8 @@ def discover(
     "--outer",
     default=None,
     help="Outer loop: an optax optimiser (adam, sgd, ...) or an evosax strategy "
-    "(open_es, cma_es, snes, pgpe, or any evosax class name).",
+    "(open_es, cma_es, snes, pgpe, or an evosax class name such as PSO; a wrong name "
+    "lists them all).",
 )
 @click.option(
     "--set",
@@ -556,8 +557,15 @@ def distill(run_dir, episodes, samples, method, alpha, check_episodes, trust_use
     default="forward,reverse",
     help="Gradient modes to time (comma-separated: forward, reverse).",
 )
+@click.option(
+    "--vmap-width",
+    type=int,
+    default=None,
+    help="train.vmap_width for the timed meta-steps (default: the config's; -1 = vmap the "
+    "whole meta-batch at once).",
+)
 @_user_errors
-def bench(rule, task, json_path, repeats, unrolls, meta_batch, modes):
+def bench(rule, task, json_path, repeats, unrolls, meta_batch, modes, vmap_width):
     """Time meta-gradients and ES evaluation; measure peak memory vs unroll length."""
     from ._bench import run_bench
 
@@ -574,6 +582,7 @@ def bench(rule, task, json_path, repeats, unrolls, meta_batch, modes):
         progress=lambda m: click.echo(m, err=True),
         meta_batch=meta_batch,
         modes=mode_list,
+        vmap_width=vmap_width,
     )
     text = json.dumps(res, indent=2)
     click.echo(text)

@@ -9,6 +9,7 @@ line naming the file, the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -135,8 +136,16 @@ class TrainConfig:
     antithetic: bool = True
     fitness_shaping: str = "default"
     penalty: float = -1.0
-    es_fitness: str = "loss"
+    #: ES only (like population, sigma, ...): what members are ranked by, "error" (query
+    #: error rate + L1) or "loss" (meta-loss). Gradient outer loops ignore it: they always
+    #: descend the meta-loss (the error rate has no gradient).
+    es_fitness: str = "error"
+    #: devices the meta-batch (gradient) or population (ES) is split over; 0 = as many as
+    #: divide it evenly
     devices: int = 0
+    #: entries each device vmaps at a time (lax.map over chunks of that many): 0 = auto (1:
+    #: bit-identical for any ``devices``), -1 = a device's whole share at once (faster for
+    #: small networks on CPU, but the last bits then depend on the device count)
     vmap_width: int = 0
     #: validation episodes (images disjoint from meta-training and meta-test) on which the
     #: starting and the learned rule are compared at the end of a run
@@ -245,7 +254,13 @@ def _validate(obj, where: str) -> None:
     from ._feedback import FEEDBACK_MODES
     from ._network import ACTIVATIONS
     from .outer import GRADIENT_MODES, OPTIMIZERS
-    from .outer._evolution import ES_OBJECTIVES, FITNESS_SHAPING, is_strategy, strategy_names
+    from .outer._evolution import (
+        ES_OBJECTIVES,
+        FITNESS_SHAPING,
+        is_strategy,
+        refuse_strategy,
+        strategy_names,
+    )
 
     if isinstance(obj, RuleConfig):
         _validate_rule(obj, where)
@@ -285,7 +300,9 @@ def _validate(obj, where: str) -> None:
             raise unknown_name("feedback mode", obj.feedback, FEEDBACK_MODES, f"{where}.feedback")
         if obj.outer not in OPTIMIZERS and not is_strategy(obj.outer):
             choices = list(OPTIMIZERS) + strategy_names()
-            raise unknown_name("outer loop", obj.outer, choices, f"{where}.outer")
+            raise refuse_strategy(obj.outer, f"{where}.outer") or unknown_name(
+                "outer loop", obj.outer, choices, f"{where}.outer"
+            )
         from ._inner import OBJECTIVES
 
         if obj.objective not in OBJECTIVES:
@@ -293,11 +310,6 @@ def _validate(obj, where: str) -> None:
         _positive(obj, where, "query_temperature")
         if obj.es_fitness not in ES_OBJECTIVES:
             raise unknown_name("ES fitness", obj.es_fitness, ES_OBJECTIVES, f"{where}.es_fitness")
-        if obj.es_fitness != "loss" and obj.outer in OPTIMIZERS:
-            raise MetaplasticError(
-                f"{where}.es_fitness = {obj.es_fitness!r} needs an evolution strategy (the "
-                "error rate has no gradient); use train.outer = 'open_es' or similar"
-            )
         if obj.fitness_shaping not in FITNESS_SHAPING:
             raise unknown_name(
                 "fitness shaping",
@@ -306,8 +318,11 @@ def _validate(obj, where: str) -> None:
                 f"{where}.fitness_shaping",
             )
         _positive(obj, where, "sigma", "sigma_decay")
-        if obj.vmap_width < 0:
-            raise MetaplasticError(f"{where}.vmap_width must be >= 0, got {obj.vmap_width}")
+        if obj.vmap_width < -1:
+            raise MetaplasticError(
+                f"{where}.vmap_width must be >= -1 (0 = auto: one entry at a time, "
+                f"bit-identical for any device count; -1 = all at once), got {obj.vmap_width}"
+            )
         if obj.devices < 0:
             raise MetaplasticError(f"{where}.devices must be >= 0 (0 = all), got {obj.devices}")
         if obj.population < 2:
@@ -424,10 +439,19 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise MetaplasticError(f"{path}: cannot read ({err})") from None
 
 
+def is_path_spec(spec: str) -> bool:
+    """Whether a ``--rule``/``--task`` spec names a file: it contains a path separator or
+    ends in ``.toml``. Anything else is a preset name, even if a file or folder of that name
+    exists in the working directory (so ``digits/`` there never shadows the preset)."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return spec.endswith(".toml") or any(s in spec for s in seps)
+
+
 def resolve_preset(kind: str, spec: str) -> Path:
-    """A preset name (file stem in ``rules/`` or ``tasks/``) or a path to a TOML file."""
-    p = Path(spec)
-    if p.suffix == ".toml" or p.exists() or "/" in spec:
+    """A preset name (file stem in ``rules/`` or ``tasks/``) or a path to a TOML file (a
+    spec with a path separator or a ``.toml`` suffix, see :func:`is_path_spec`)."""
+    if is_path_spec(spec):
+        p = Path(spec)
         if not p.is_file():
             raise MetaplasticError(
                 f"{spec}: no such {kind[:-1]} file; give a preset name or a path"
@@ -435,7 +459,10 @@ def resolve_preset(kind: str, spec: str) -> Path:
         return p
     names = list_presets(kind)
     if spec not in names:
-        raise unknown_name(f"{kind[:-1]} preset", spec, names, f"--{kind[:-1]}")
+        err = unknown_name(f"{kind[:-1]} preset", spec, names, f"--{kind[:-1]}")
+        if Path(spec).exists():
+            err = MetaplasticError(f"{err} (for the file {spec!r} here, write ./{spec})")
+        raise err
     return preset_dir(kind) / f"{spec}.toml"
 
 

@@ -9,6 +9,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._errors import MetaplasticError
 
+#: ``train.vmap_width = 0`` (auto): every device runs ``lax.map`` over single entries
+#: (vmapped one at a time). Results are then bit-identical for any device count, since every
+#: entry is computed by the same program, and 1 is the only width that divides every
+#: device's share for every device count. Cost, measured with
+#: ``scripts/bench_vmap_width.py`` on the 2-core CPU (digits preset, pool rule, one device;
+#: ``results/bench/vmap_width_cpu.json``): width 1 takes 7.8 ms per episode for
+#: forward-mode meta-gradients (meta-batch 16) against 4.0 ms with the whole meta-batch
+#: vmapped at once, and 0.59 against 0.39 ms per member-episode for OpenAI-ES (population
+#: 16); widths 4 and 8 lie in between. At the reference size batching does not help
+#: (README "Performance"). ``-1`` vmaps each device's whole share at once.
+AUTO_VMAP_WIDTH = 1
+#: ``train.vmap_width`` value for "vmap each device's whole share at once" (the former
+#: default: fastest on small networks, not bit-identical across device counts).
+WHOLE_SHARE = -1
+
 
 class AxisSharding(eqx.Module):
     """Splits a leading axis over ``n`` devices and gathers results back (replicated).
@@ -40,10 +55,12 @@ class AxisSharding(eqx.Module):
                     f"it a multiple of {n} or change train.devices"
                 )
         self.n = n
-        if width < 0 or (width and (axis_size // n) % width):
+        if width == 0:
+            width = AUTO_VMAP_WIDTH
+        if width < WHOLE_SHARE or (width > 0 and (axis_size // n) % width):
             raise MetaplasticError(
                 f"train.vmap_width={width} must divide the {axis_size // n} {what} entries "
-                f"each of the {n} device(s) gets (0 = all at once)"
+                f"each of the {n} device(s) gets (0 = auto, one at a time; -1 = all at once)"
             )
         self.width = width
         if n == 1:
@@ -75,11 +92,12 @@ class AxisSharding(eqx.Module):
         With ``width > 0`` each device runs ``lax.map`` over chunks of ``width`` vmapped
         entries, so every entry is computed by the same program whatever the device count:
         then results are bit-identical across device counts (XLA's batched kernels round
-        differently at different batch sizes). ``width = 0`` vmaps a device's whole share.
+        differently at different batch sizes). ``width = -1`` (:data:`WHOLE_SHARE`) vmaps a
+        device's whole share; the constructor turns 0 into :data:`AUTO_VMAP_WIDTH`.
         """
         leaves = jax.tree_util.tree_leaves(xs)
         size = leaves[0].shape[0]
-        if self.width == 0:
+        if self.width == WHOLE_SHARE:
             return self.gather(jax.vmap(fn)(self.scatter(xs)))
         chunks = size // (self.n * self.width)
 

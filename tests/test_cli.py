@@ -173,7 +173,13 @@ def test_malformed_rule_file_subprocess(tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [["--modes", "sideways"], ["--modes", ","], ["--meta-batch", "-1"], ["--unrolls", "a,b"]],
+    [
+        ["--modes", "sideways"],
+        ["--modes", ","],
+        ["--meta-batch", "-1"],
+        ["--unrolls", "a,b"],
+        ["--vmap-width", "-2"],
+    ],
 )
 def test_bench_rejects_bad_options(args):
     """Bad bench options fail before any timing, with exit code 2 and a one-line reason."""

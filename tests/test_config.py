@@ -99,6 +99,22 @@ def test_unknown_preset_names():
         load_rule("missing/file.toml")
 
 
+def test_preset_names_are_not_shadowed_by_files_here(tmp_path, monkeypatch):
+    """A spec is a path only with a separator or a .toml suffix: a folder ``digits/`` or a
+    file ``pool`` in the working directory does not hide the presets of those names."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "pool").write_text("not toml")
+    (tmp_path / "mine").write_text('[rule]\nterms = ["oja"]\n')
+    cfg = build_config("pool", "digits")
+    assert cfg.rule.name == "pool" and cfg.task.name == "digits"
+    assert load_rule("./mine").terms == ("oja",)
+    with pytest.raises(MetaplasticError, match=r"unknown rule preset 'mine'.*write \./mine"):
+        load_rule("mine")
+    with pytest.raises(MetaplasticError, match="no such task file"):
+        load_task("./digits")
+
+
 @pytest.mark.parametrize(
     "override,msg",
     [

@@ -1,8 +1,8 @@
 """Evolution-strategy outer loop: evosax strategies on the rule's coefficients.
 
 Only the rule's inexact-array leaves evolve (``eqx.partition(rule, eqx.is_inexact_array)``).
-evosax **minimises**, and the fitness we pass is the meta-loss (query cross-entropy +
-``l1 * sum|theta|``), so lower is better throughout.
+evosax **minimises**, and the fitness we pass is the query error rate (default) or the
+meta-loss (query cross-entropy), each plus ``l1 * sum|theta|``, so lower is better throughout.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import evosax.core.fitness_shaping as fs
 import jax
 import jax.numpy as jnp
 import optax
+from evosax.algorithms.base import EvolutionaryAlgorithm
+from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
@@ -44,14 +47,46 @@ FITNESS_SHAPING = {
 }
 
 
+_SV = "it evolves several search means at once (Stein variational), a run reports one rule"
+#: evosax algorithms that a run cannot drive, and why; naming one is refused at config time.
+UNSUPPORTED = {
+    "DiffusionEvolution": (
+        "its denoising schedule is fixed to a number of generations chosen up front and "
+        "starts from noise over the whole search space, not from the rule's coefficients"
+    ),
+    "SV_CMA_ES": _SV,
+    "SV_Open_ES": _SV,
+}
+
+
+def _algorithm_classes() -> dict[str, type]:
+    """evosax's exported algorithm classes by name (not its helper types)."""
+    out = {}
+    for n in getattr(ea, "__all__", []):
+        cls = getattr(ea, n, None)  # evosax 0.3 lists a few names it does not define
+        if isinstance(cls, type) and issubclass(cls, EvolutionaryAlgorithm):
+            out[n] = cls
+    return out
+
+
 def strategy_names() -> list[str]:
-    classes = [n for n in ea.__all__ if isinstance(getattr(ea, n, None), type)]
+    """Every strategy name ``train.outer`` accepts: the short aliases and evosax's class
+    names, less :data:`UNSUPPORTED`."""
+    classes = [n for n in _algorithm_classes() if n not in UNSUPPORTED]
     return sorted(set(STRATEGY_ALIASES) | set(classes))
 
 
 def is_strategy(name: str) -> bool:
-    return name in STRATEGY_ALIASES or (
-        name in getattr(ea, "__all__", []) and isinstance(getattr(ea, name), type)
+    return name in STRATEGY_ALIASES or (name in _algorithm_classes() and name not in UNSUPPORTED)
+
+
+def refuse_strategy(name: str, where: str = "train.outer") -> MetaplasticError | None:
+    """The one-line error for an evosax algorithm that runs cannot use (else ``None``)."""
+    if name not in UNSUPPORTED:
+        return None
+    return MetaplasticError(
+        f"{where} = {name!r}: evosax's {name} is not supported ({UNSUPPORTED[name]}); "
+        f"choose one of: {', '.join(strategy_names())}"
     )
 
 
@@ -72,7 +107,9 @@ def make_strategy(
     update their mean with an optax optimiser (OpenAI-ES, PGPE, SNES, ...).
     """
     if not is_strategy(name):
-        raise unknown_name("outer strategy", name, strategy_names(), "train.outer")
+        raise refuse_strategy(name) or unknown_name(
+            "outer strategy", name, strategy_names(), "train.outer"
+        )
     if fitness_shaping not in FITNESS_SHAPING:
         raise unknown_name(
             "fitness shaping", fitness_shaping, FITNESS_SHAPING, "train.fitness_shaping"
@@ -90,6 +127,8 @@ def make_strategy(
         kwargs["use_antithetic_sampling"] = antithetic
     if FITNESS_SHAPING[fitness_shaping] is not None:
         kwargs["fitness_shaping_fn"] = FITNESS_SHAPING[fitness_shaping]
+    if "sampling_fn" in accepted:  # RandomSearch: draws around the starting rule
+        kwargs["sampling_fn"] = _gaussian_around(solution, sigma)
     if ("use_antithetic_sampling" in accepted and antithetic) or name in ("pgpe", "PGPE"):
         if population % 2:
             raise MetaplasticError(
@@ -106,12 +145,57 @@ def make_strategy(
     return strategy, params
 
 
-#: What an ES member's fitness is (evosax minimises it): ``loss`` = the meta-loss (query
-#: cross-entropy + L1), ``error`` = query error rate (1 - accuracy) + L1. Cross-entropy
-#: rewards hedging: a rule that makes every output uniform scores ln(N), better than a
-#: rule that learns a little but is confidently wrong sometimes, and noisy ES estimates can
-#: drift into that no-learning optimum; the error rate does not reward it.
-ES_OBJECTIVES = ("loss", "error")
+def _gaussian_around(solution: Any, sigma: float):
+    """``key -> solution + sigma * N(0, I)`` (a pytree like ``solution``)."""
+    flat, unravel = ravel_pytree(solution)
+
+    def sample(key):
+        return unravel(flat + sigma * jax.random.normal(key, flat.shape, flat.dtype))
+
+    return sample
+
+
+def strategy_init(strategy, key: PRNGKeyArray, solution: Any, params, sigma: float):
+    """The strategy's initial state, starting from the pytree ``solution``.
+
+    Distribution-based strategies (evolution strategies proper) centre their search on it.
+    Population-based ones (genetic algorithms, PSO, differential evolution) start from a
+    population instead: ``solution`` itself as member 0 and the others drawn around it with
+    standard deviation ``sigma``, all unevaluated (fitness +inf, evosax's own convention for
+    an empty state), so the first generation's fitness replaces them.
+    """
+    if not isinstance(strategy, PopulationBasedAlgorithm):
+        return strategy.init(key, solution, params)
+    n = strategy.population_size
+    flat, unravel = ravel_pytree(solution)
+    noise = sigma * jax.random.normal(key, (n, flat.size), flat.dtype)
+    population = jax.vmap(unravel)(flat + noise.at[0].set(0.0))
+    unevaluated = jnp.full((n,), jnp.inf, jnp.float32)
+    state = strategy.init(key, population, unevaluated, params)
+    # shaping +inf (standardize, normalize) would give NaN; keep "not evaluated" as +inf
+    state = state.replace(fitness=unevaluated)
+    if hasattr(state, "fitness_best"):  # PSO's personal bests
+        state = state.replace(fitness_best=unevaluated)
+    return state
+
+
+def search_center(strategy, state) -> Any:
+    """The rule a strategy currently stands for: the mean of its search distribution, or,
+    for population-based strategies, the member with the best fitness in the population
+    (the starting rule until the first generation is told)."""
+    if isinstance(strategy, PopulationBasedAlgorithm):
+        return strategy.get_best_solution(state)
+    return strategy.get_mean(state)
+
+
+#: What an ES member's fitness is (evosax minimises it): ``error`` (the default) = query error
+#: rate (1 - accuracy) + L1, ``loss`` = the meta-loss (query cross-entropy + L1).
+#: Cross-entropy rewards hedging: a rule that makes every output uniform scores ln(N), better
+#: than a rule that learns a little but is confidently wrong sometimes, and noisy ES
+#: estimates drift into that no-learning optimum (OpenAI-ES on digits reaches chance with
+#: ``loss``, README "Gradient vs ES"); the error rate does not reward it.
+ES_OBJECTIVES = ("error", "loss")
+DEFAULT_ES_OBJECTIVE = "error"
 
 
 def finite_fitness(raw: Array, penalty: float = -1.0):
@@ -157,6 +241,7 @@ class EvolutionTrainer(eqx.Module):
     penalty: float = eqx.field(static=True)
     mode: str = eqx.field(static=True)
     objective: str = eqx.field(static=True)
+    sigma: float = eqx.field(static=True)
     sharding: AxisSharding
 
     def __init__(
@@ -176,11 +261,12 @@ class EvolutionTrainer(eqx.Module):
         penalty=-1.0,
         devices=1,
         vmap_width=0,
-        objective="loss",
+        objective=DEFAULT_ES_OBJECTIVE,
     ):
         if objective not in ES_OBJECTIVES:
             raise unknown_name("ES fitness", objective, ES_OBJECTIVES, "train.es_fitness")
         self.objective = objective
+        self.sigma = float(sigma)
         params, static = eqx.partition(rule, eqx.is_inexact_array)
         self.problem = problem
         self.static = static
@@ -194,12 +280,11 @@ class EvolutionTrainer(eqx.Module):
         self.mode = f"es:{type(self.strategy).__name__}"
 
     def rule(self, state: ESState) -> AbstractRule:
-        mean = self.strategy.get_mean(state.es_state)
-        return eqx.combine(mean, self.static)
+        return eqx.combine(search_center(self.strategy, state.es_state), self.static)
 
     def init(self, rule: AbstractRule, key: PRNGKeyArray) -> ESState:
         params, _ = eqx.partition(rule, eqx.is_inexact_array)
-        es_state = self.strategy.init(key, params, self.es_params)
+        es_state = strategy_init(self.strategy, key, params, self.es_params, self.sigma)
         # strong dtypes: a weakly typed leaf in the initial state would make the second
         # generation retrace (and recompile) the whole step
         es_state = jax.tree_util.tree_map(
@@ -213,16 +298,24 @@ class EvolutionTrainer(eqx.Module):
             diverged_members=jnp.array(0, jnp.int32),
         )
 
-    def member_fitness(self, p, keys):
-        """Fitness (see ``objective``) and query accuracy of one member on ``keys``."""
+    def evaluate(self, p, keys):
+        """``(fitness, aux)`` of one member on ``keys``: fitness as ``objective`` says, and
+        :meth:`Problem.meta_loss`'s aux (``loss`` = meta-loss, ``query_loss``,
+        ``query_accuracy``, ``diverged``)."""
         loss, aux = self.problem.meta_loss(eqx.combine(p, self.static), keys, self.l1)
         if self.objective == "error":
             err = 1.0 - aux["query_accuracy"] + (loss - aux["query_loss"])  # + l1 penalty
-            return jnp.where(jnp.isfinite(loss), err, jnp.nan), aux["query_accuracy"]
-        return loss, aux["query_accuracy"]
+            return jnp.where(jnp.isfinite(loss), err, jnp.nan), aux
+        return loss, aux
+
+    def member_fitness(self, p, keys):
+        """Fitness (see ``objective``) and query accuracy of one member on ``keys``."""
+        fit, aux = self.evaluate(p, keys)
+        return fit, aux["query_accuracy"]
 
     def fitness(self, population, keys):
-        """Meta-loss and query accuracy of every member on the same episodes."""
+        """Fitness (see ``objective``) and query accuracy of every member on the same
+        episodes."""
         return jax.vmap(lambda p: self.member_fitness(p, keys))(population)
 
     @eqx.filter_jit
@@ -231,10 +324,12 @@ class EvolutionTrainer(eqx.Module):
         keys = jax.random.split(k_eps, self.meta_batch)
         population, es_state = self.strategy.ask(k_ask, state.es_state, self.es_params)
         population = self.sharding.gather(population)
-        mean = self.strategy.get_mean(state.es_state)
+        mean = search_center(self.strategy, state.es_state)
         raw = self.sharding.map(lambda p: self.member_fitness(p, keys)[0], population)
-        mean_loss, mean_acc = self.fitness(jax.tree_util.tree_map(lambda m: m[None], mean), keys)
-        mean_loss, mean_acc = mean_loss[0], mean_acc[0]
+        # the search mean (the rule the run reports) on the same episodes, for the metrics
+        mean_fit, mean_aux = jax.vmap(lambda p: self.evaluate(p, keys))(
+            jax.tree_util.tree_map(lambda m: m[None], mean)
+        )
         fit, finite, n_bad, worst = finite_fitness(raw, self.penalty)
         # evosax minimises: fitness = meta-loss, or the error rate (lower is better)
         # tell runs on replicated inputs, so its reductions do not depend on the device count
@@ -249,10 +344,14 @@ class EvolutionTrainer(eqx.Module):
             skipped=state.skipped + all_bad.astype(jnp.int32),
             diverged_members=state.diverged_members + n_bad,
         )
+        # metrics name what they hold: loss / query_loss / query_accuracy / fitness are the
+        # search mean's meta-loss (CE + L1), cross-entropy, accuracy and fitness (the error
+        # rate or the meta-loss, see ``objective``); *_fitness are over the members
         aux = {
-            "loss": mean_loss,
-            "query_loss": mean_loss - self.l1 * self.rule(state).l1(),
-            "query_accuracy": mean_acc,
+            "loss": mean_aux["loss"][0],
+            "query_loss": mean_aux["query_loss"][0],
+            "query_accuracy": mean_aux["query_accuracy"][0],
+            "fitness": mean_fit[0],
             "best_fitness": jnp.min(jnp.where(finite, raw, jnp.inf)),
             "mean_fitness": jnp.sum(jnp.where(finite, raw, 0.0))
             / jnp.maximum(1, raw.shape[0] - n_bad),

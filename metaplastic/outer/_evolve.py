@@ -20,7 +20,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from .._errors import MetaplasticError
-from ._evolution import finite_fitness, make_strategy
+from ._evolution import finite_fitness, make_strategy, search_center, strategy_init
 
 
 class EvolveResult(NamedTuple):
@@ -59,7 +59,7 @@ def evolve(
         strategy, init, population, sigma, lr=lr, fitness_shaping=fitness_shaping
     )
     k_init, key = jax.random.split(key)
-    state = strat.init(k_init, init, es_params)
+    state = strategy_init(strat, k_init, init, es_params, sigma)
     state = jax.tree_util.tree_map(
         lambda x: jax.lax.convert_element_type(x, jnp.asarray(x).dtype), state
     )
@@ -68,7 +68,7 @@ def evolve(
     def generation(state, key):
         k_ask, k_tell, k_fit = jax.random.split(key, 3)
         members, state = strat.ask(k_ask, state, es_params)
-        mean = strat.get_mean(state)
+        mean = search_center(strat, state)
         both = jax.tree_util.tree_map(lambda m, x: jnp.concatenate([m, x[None]]), members, mean)
         raw_all = jax.vmap(lambda p: fitness(p, k_fit))(both)
         raw, mean_fit = raw_all[:-1], raw_all[-1]
@@ -102,4 +102,4 @@ def evolve(
             best_fit, best_params = row["best_member"], best
         if progress:
             bar.set_postfix(mean=f"{row['mean_fitness']:.4f}", best=f"{row['best_member']:.4f}")
-    return EvolveResult(strat.get_mean(state), best_params, float(best_fit), history)
+    return EvolveResult(search_center(strat, state), best_params, float(best_fit), history)
