@@ -167,3 +167,33 @@ def test_bench_kernels_runs(tmp_path):
     data = json.loads(out.read_text())
     for case in ("transposed_matvec", "sampler", "rank_one_update"):
         assert len(data[case]) == 2 and all(v > 0 for v in data[case].values())
+
+
+def test_bench_vmap_width_runs(tmp_path):
+    """The script behind the train.vmap_width default times every width for both outer
+    loops and writes JSON (tiny task, one repeat)."""
+    from .test_checkpoint import TASK
+
+    task = tmp_path / "tiny.toml"
+    task.write_text(TASK)
+    out = tmp_path / "vmap.json"
+    run_script(
+        "bench_vmap_width.py",
+        "--task",
+        str(task),
+        "--widths=-1",
+        "--meta-batch",
+        "2",
+        "--population",
+        "2",
+        "--repeats",
+        "1",
+        "--steps",
+        "1",
+        "--json",
+        str(out),
+    )
+    data = json.loads(out.read_text())
+    for outer in ("adam_forward", "open_es"):
+        assert set(data[outer]) == {"-1"}
+        assert all(v["ms_per_episode"] > 0 for v in data[outer].values())
