@@ -57,3 +57,26 @@ def random_signals(seed: int, n_out: int = 4, n_in: int = 3, dtype=np.float32) -
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def tiny_task(**train) -> str:
+    """A task file for plumbing tests of whole runs: 3-way digits, a 6-unit hidden layer,
+    3 meta-steps; ``train`` adds or replaces ``[train]`` keys (TOML values)."""
+    table = {
+        "meta_batch": 2,
+        "episodes": 6,
+        "eval_episodes": 8,
+        "lr": 0.01,
+        "require_improvement": False,  # a few steps need not improve the rule
+        "val_episodes": 8,
+    }
+    table.update(train)
+
+    def toml(v):
+        return str(v).lower() if isinstance(v, bool) else repr(v)
+
+    lines = [f"{k} = {toml(v)}" for k, v in table.items()]
+    return (
+        '[task]\ndataset = "digits"\nn_way = 3\nk_shot = 2\nq_query = 2\n\n'
+        "[network]\nhidden = [6]\n\n[train]\n" + "\n".join(lines) + "\n"
+    )

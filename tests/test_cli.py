@@ -14,25 +14,9 @@ from click.testing import CliRunner
 
 from metaplastic._cli import main
 
-TINY_TASK = """
-[task]
-dataset = "digits"
-n_way = 3
-k_shot = 2
-q_query = 2
+from .conftest import tiny_task
 
-[network]
-hidden = [6]
-
-[train]
-meta_batch = 2
-episodes = 6
-eval_episodes = 8
-lr = 0.01
-# plumbing tests: a few steps need not improve the rule
-require_improvement = false
-val_episodes = 8
-"""
+TINY_TASK = tiny_task()
 
 
 @pytest.fixture(scope="module")

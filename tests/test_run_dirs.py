@@ -14,26 +14,9 @@ from metaplastic._checkpoint import checkpoint_dir
 from metaplastic._cli import _default_out, main
 from metaplastic._config import build_config
 
-TASK = """
-[task]
-dataset = "digits"
-n_way = 3
-k_shot = 2
-q_query = 2
+from .conftest import tiny_task
 
-[network]
-hidden = [6]
-
-[train]
-meta_batch = 2
-episodes = 6
-eval_episodes = 8
-lr = 0.01
-checkpoint_every = 1
-# plumbing tests: a few steps need not improve the rule
-require_improvement = false
-val_episodes = 8
-"""
+TASK = tiny_task(checkpoint_every=1)
 
 
 @pytest.fixture

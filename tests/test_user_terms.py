@@ -20,25 +20,9 @@ from metaplastic._errors import MetaplasticError
 from metaplastic._export import rule_from_json, rule_to_json
 from metaplastic._rules import TermPoolRule
 
-TASK = """
-[task]
-dataset = "digits"
-n_way = 3
-k_shot = 2
-q_query = 2
+from .conftest import tiny_task
 
-[network]
-hidden = [6]
-
-[train]
-meta_batch = 2
-episodes = 4
-eval_episodes = 4
-lr = 0.01
-# plumbing tests: a few steps need not improve the rule
-require_improvement = false
-val_episodes = 8
-"""
+TASK = tiny_task(episodes=4, eval_episodes=4)
 
 TERMS = textwrap.dedent(
     """
