@@ -221,6 +221,9 @@ def test_discover_interrupted_twice_then_resumed_matches_an_uninterrupted_run(
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["meta_test"]) == {"learned", "fa", "backprop"}
+    # the contract scripts and checks rely on: status, and meta-test accuracy per method
+    assert summary["status"] == "ok"
+    assert summary["test"] == {k: [v["accuracy"]] for k, v in summary["meta_test"].items()}
     assert (out / "results.md").is_file() and (out / "meta_test.png").is_file()
     fa = json.loads((out / "baselines/fa/summary.json").read_text())
     assert fa["train"]["resumed_from_step"] == 1
