@@ -40,12 +40,12 @@ init = [0.03, 0.0, 0.0, 0.0]
 """
 #: option -> (overrides, FA baseline key)
 OPTIONS = {
-    "ce_5": ([], "fa_5"),
+    "ce_5": (["network.n_out=5"], "fa_5"),
     "ce_10": (["network.n_out=10"], "fa_10"),
-    "prob_5": (["train.objective='prob_error'"], "fa_5"),
-    "ce_t3_5": (["train.query_temperature=3.0"], "fa_5"),
+    "prob_5": (["network.n_out=5", "train.objective='prob_error'"], "fa_5"),
+    "ce_t3_5": (["network.n_out=5", "train.query_temperature=3.0"], "fa_5"),
 }
-BASELINES = {"fa_5": [], "fa_10": ["network.n_out=10"]}
+BASELINES = {"fa_5": ["network.n_out=5"], "fa_10": ["network.n_out=10"]}
 
 
 def run(out: Path, rule: str, overrides: list[str], seed: int, episodes, label: str) -> dict:

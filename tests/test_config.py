@@ -146,7 +146,9 @@ def test_output_width_separate_from_n_way():
     """network.n_out sets the output layer (0 = n_way); fewer units than classes is refused."""
     from metaplastic._run import build_setup
 
-    assert build_setup(build_config("pool", "digits")).net.sizes[-1] == 5
+    assert build_setup(build_config("pool", "digits")).net.sizes[-1] == 10  # the preset
+    narrow = build_config("pool", "digits", overrides=["network.n_out=0"])
+    assert build_setup(narrow).net.sizes[-1] == 5  # 0 = n_way
     wide = build_config("pool", "digits", overrides=["network.n_out=47"])
     assert build_setup(wide).net.sizes[-1] == 47
     with pytest.raises(MetaplasticError, match="smaller than task.n_way"):
