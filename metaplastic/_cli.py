@@ -409,6 +409,7 @@ def evaluate(run_dir, episodes, equations, task, feedback, overrides, trust_user
         rule = build_rule(cfg, setup.net.n_layers)
         res = evaluate_run(cfg, rule, setup, episodes=episodes)
         click.echo(results_table({"equation": res}))
+        _fail_if_diverged(cfg, res, "the equation")
         return
     if run_dir is None:
         raise MetaplasticError("evaluate needs a RUN_DIR or --equation")
@@ -418,6 +419,19 @@ def evaluate(run_dir, episodes, equations, task, feedback, overrides, trust_user
     res = evaluate_run(cfg, rule, episodes=episodes)
     (run_dir / "evaluate.json").write_text(json.dumps({"learned": res}, indent=2) + "\n")
     click.echo(results_table({"learned": res}))
+    _fail_if_diverged(cfg, res, f"the rule of {run_dir}")
+
+
+def _fail_if_diverged(cfg, res: dict, what: str) -> None:
+    """Exit 1 (one line, after the table) when the evaluated rule blew up on more than
+    ``train.max_diverged`` of the held-out episodes: its accuracy is not a result."""
+    if res["diverged"] > cfg.train.max_diverged * res["episodes"]:
+        click.echo(
+            f"metaplastic: {what} diverged on {res['diverged']} of {res['episodes']} held-out "
+            f"episodes (limit train.max_diverged = {cfg.train.max_diverged:g}); those score 0",
+            err=True,
+        )
+        sys.exit(1)
 
 
 @main.command()

@@ -61,15 +61,13 @@ class Problem(eqx.Module):
         loss). Diverged episodes never count as chance: their accuracy is 0 and their score
         the task's ``diverged_score`` (the worst a working network can do)."""
 
+        worst = 0.0 if metric == "accuracy" else self.task.diverged_score()
+
         def one(k):
             res = self.episode(rule, k)
             v = res.query_accuracy if metric == "accuracy" else self.task.score(res)
-            if metric == "accuracy":
-                bad_value = jnp.zeros_like(v)
-            else:
-                bad_value = jnp.asarray(self.task.diverged_score(), v.dtype)
             bad = res.diverged | ~jnp.isfinite(v)
-            return jnp.where(bad, bad_value, v), bad
+            return jnp.where(bad, jnp.asarray(worst, v.dtype), v), bad
 
         return jax.vmap(one)(keys)
 

@@ -103,7 +103,10 @@ def results_table(meta_test: dict[str, dict]) -> str:
     ]
     for name, r in meta_test.items():
         lo, hi = r["ci95"]
-        lines.append(f"| {name} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['episodes']} |")
+        n = f"{r['episodes']}"
+        if r.get("diverged"):  # blown-up episodes score 0: say how many there were
+            n += f" ({r['diverged']} diverged)"
+        lines.append(f"| {name} | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {n} |")
     return "\n".join(lines)
 
 

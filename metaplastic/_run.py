@@ -49,6 +49,22 @@ MIN_LR_SCALE = 1e-3
 ALL_DIVERGED_PATIENCE = 5
 
 
+def _backed_off_too_far(state, step: int) -> str | None:
+    """Why a gradient run must stop (``None`` if it need not): too many bad meta-steps in
+    a row, or back-offs shrank the step size below ``MIN_LR_SCALE`` of ``train.lr``."""
+    if not isinstance(state, OuterState):
+        return None
+    bad_run, scale = int(state.bad_run), float(state.lr_scale)
+    if bad_run < MAX_BAD_RUN and scale >= MIN_LR_SCALE:
+        return None
+    return (
+        f"diverged: by meta-step {step} the outer loop had reverted bad steps (non-finite "
+        f"meta-gradient or episodes blowing up) until the step size was {scale:.1e} of "
+        f"train.lr ({bad_run} bad in a row); the rule sits at the edge of a divergent region: "
+        "lower train.lr or the rule's init coefficients"
+    )
+
+
 @dataclass
 class Setup:
     """The objects a config resolves to."""
@@ -603,6 +619,9 @@ def train(
                 bar.set_postfix(loss=row["loss"], acc=row["query_accuracy"], refresh=False)
                 if frozen:
                     tqdm.write(frozen, file=sys.stderr)
+                # checked on logged steps only: the row above already waited for the step,
+                # so this adds no host sync to unlogged steps
+                aborted = _backed_off_too_far(state, step)
             bar.update(1)
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == n_steps:
                 checkpoint(step)
@@ -610,18 +629,8 @@ def train(
                 checkpoint(step)
                 bar.close()
                 raise Interrupted(out, step)
-            bad_run = getattr(state, "bad_run", None)
-            if bad_run is not None and (
-                int(bad_run) >= MAX_BAD_RUN or float(state.lr_scale) < MIN_LR_SCALE
-            ):
-                aborted = (
-                    f"diverged: by meta-step {step} the outer loop had reverted bad steps "
-                    f"(non-finite meta-gradient or episodes blowing up) until the step size "
-                    f"was {float(state.lr_scale):.1e} of train.lr ({int(bad_run)} bad in a "
-                    "row); the rule sits at the edge of a divergent region: lower train.lr "
-                    "or the rule's init coefficients"
-                )
-            elif bad_run is None and step == ALL_DIVERGED_PATIENCE and int(state.skipped) == step:
+            es_state = not isinstance(state, OuterState)
+            if es_state and step == ALL_DIVERGED_PATIENCE and int(state.skipped) == step:
                 aborted = (
                     f"diverged: every one of the first {step} generations blew up (every ES "
                     "member non-finite); lower the rule's init coefficients or train.sigma"

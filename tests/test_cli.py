@@ -248,3 +248,12 @@ def test_sign_agreement():
     got = sign_agreement(coefs)
     assert got["a"] == pytest.approx(2 / 3) and got["b"] == pytest.approx(2 / 3)
     assert sign_agreement([{"a": 1.0}, {"a": 3.0}]) == {"a": 1.0}
+
+
+def test_evaluating_an_equation_that_blows_up_exits_1():
+    """A held-out accuracy made of blown-up episodes is not a result: table, then one line."""
+    res = CliRunner().invoke(main, ["evaluate", "--equation", "50*y*x.T", "--episodes", "8"])
+    assert res.exit_code == 1, res.output
+    assert "(8 diverged)" in res.stdout
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("metaplastic:")]
+    assert len(lines) == 1 and "diverged on 8 of 8" in lines[0]
