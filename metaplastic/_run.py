@@ -853,7 +853,9 @@ def discover(
             if done is None:
                 cfg, _ = read_run_config(run_dir)
                 try:
-                    done = train(
+                    # a failed run is read back (its status kept): the table shows the cost
+                    done = keep_failed(
+                        train,
                         cfg,
                         run_dir,
                         progress=progress,
@@ -864,10 +866,8 @@ def discover(
                     )
                 except Interrupted as err:
                     raise Interrupted(out, err.step, resume=again, what=what) from None
-                except RunFailed:  # keep going: the table shows what the failure cost
-                    done = json.loads((run_dir / "summary.json").read_text())
-                    if label == "learned" and "rule_equation" not in done:
-                        raise  # the starting rule already diverged: nothing to compare
+                if label == "learned" and "rule_equation" not in done:
+                    raise RunFailed(out, done["status"])  # the start diverged: no comparison
             done.setdefault("meta_test", {})
             if done.get("status", "ok") != "ok":
                 failed[label] = done["status"]
@@ -977,9 +977,7 @@ def aggregate_seeds(
     return agg
 
 
-def run_seeds(
-    out: Path, seeds: int, base_seed: int, run_one, *, progress: bool = True
-) -> dict[str, Any]:
+def run_seeds(out: Path, seeds: int, base_seed: int, run_one) -> dict[str, Any]:
     """Run ``run_one(seed, run_dir)`` (a train or discover) for ``seeds`` meta-training
     seeds ``base_seed, base_seed + 1, ...`` one after another into ``out/seed-<s>`` and
     aggregate them (:func:`aggregate_seeds`). A failed seed is recorded and the others
@@ -993,13 +991,9 @@ def run_seeds(
     summaries: dict[int, dict] = {}
     failed: dict[int, str] = {}
     for s in ids:
-        run_dir = out / f"seed-{s}"
-        try:
-            summaries[s] = run_one(s, run_dir)
-        except RunFailed as err:
-            failed[s] = err.status
-            path = run_dir / "summary.json"
-            summaries[s] = json.loads(path.read_text()) if path.is_file() else {}
+        summaries[s] = keep_failed(run_one, s, out / f"seed-{s}")
+        if summaries[s].get("status", "ok") != "ok":
+            failed[s] = summaries[s]["status"]
     agg = aggregate_seeds(out, ids, summaries, failed)
     if failed:
         raise RunFailed(out, agg["status"])
