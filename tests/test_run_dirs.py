@@ -240,3 +240,20 @@ def test_discover_interrupted_twice_then_resumed_matches_an_uninterrupted_run(
     assert (out / "baselines/backprop/summary.json").is_file()
     assert (out / "baselines/fa/metrics.jsonl").read_text() == fa_metrics
     assert json.loads((out / "summary.json").read_text())["meta_test"] == summary["meta_test"]
+
+
+def test_discover_whose_learned_rule_fails_still_finishes_the_table(tmp_path, task):
+    """The learned run fails (no better than its start): the baselines still run, the
+    table and summary are written with the failure as status, then RunFailed (exit 1)."""
+    from metaplastic import _run as r
+    from metaplastic._errors import RunFailed
+
+    out = tmp_path / "disc"
+    table = {"lr": 1e-9, "require_improvement": True}
+    with pytest.raises(RunFailed, match="no_improvement"):
+        r.discover(out, table, progress=False, task=str(task))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"].startswith("no_improvement:")
+    assert set(summary["meta_test"]) == {"learned", "fa", "backprop"}
+    assert set(summary["test"]) == {"learned", "fa", "backprop"}
+    assert (out / "results.md").is_file()
