@@ -141,6 +141,8 @@ def discover(
     seed, episodes, out, force, trust_user_terms, quiet, meta_batch, eval_episodes, resume, seeds
 ):
     """Meta-learn a rule for online FA learning on digits; compare with baselines."""
+    if seeds < 1:  # before any directory is made
+        raise MetaplasticError(f"--seeds must be at least 1, got {seeds}")
     from ._report import results_table
     from ._run import Interrupted, check_new_run_dir, run_seeds
     from ._run import discover as run_discover
@@ -271,6 +273,8 @@ def train_cmd(
     seeds,
 ):
     """Meta-train RULE on TASK and evaluate it on held-out episodes."""
+    if seeds < 1:  # before any directory is made
+        raise MetaplasticError(f"--seeds must be at least 1, got {seeds}")
     from ._config import build_config
     from ._distributed import init_distributed
     from ._report import results_table
