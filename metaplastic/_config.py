@@ -68,13 +68,15 @@ class TaskConfig:
     """``[task]``: N-way K-shot online classification on a data set (``kind =
     "classification"``), or principal-component extraction by one linear neuron (``kind =
     "pca"``: ``dim`` inputs, ``steps`` online samples, covariance eigenvalues
-    ``eig_decay**k``)."""
+    ``eig_decay**k``, every input multiplied by ``input_scale``)."""
 
     name: str = "task"
     kind: str = "classification"
     dim: int = 5
     steps: int = 300
     eig_decay: float = 0.5
+    #: pca: every input is multiplied by this (covariance ``input_scale**2 * C``)
+    input_scale: float = 1.0
     dataset: str = "digits"
     n_way: int = 5
     k_shot: int = 20
@@ -112,11 +114,24 @@ class TrainConfig:
     feedback: str = "fa"
     outer: str = "adam"
     lr: float = 0.003
+    #: gradient outer loops: the step size decays (cosine) from lr to lr * lr_end over the
+    #: run (1 = constant)
+    lr_end: float = 1.0
     clip: float = 1.0
     #: > 0: meta-gradients whose largest entry exceeds this are rescaled to it before the
     #: optimiser (1e12 recommended where rules can explode; 0 = off, the default, which keeps
     #: the published numbers bit-for-bit: any change to the compiled step reorders sums)
     grad_limit: float = 0.0
+    #: the coordinates the gradient outer loop steps in: "none" (the raw coefficients) or
+    #: "episode" (each coefficient in units of the weight change its term makes over one
+    #: episode at the starting rule, measured before step 1; lr, clip and l1 then mean the
+    #: same for any input scale, input size, unroll length or term degree; see
+    #: metaplastic.outer._units)
+    units: str = "none"
+    #: > 0: an episode stops (and counts as diverged) when a weight exceeds this multiple of
+    #: its layer's largest initial weight; it keeps a finite loss and meta-gradient that
+    #: point away from the blow-up instead of NaN (metaplastic._inner.guard). 0 = off
+    weight_limit: float = 0.0
     meta_batch: int = 16
     episodes: int = 4800
     l1: float = 0.0
@@ -147,13 +162,13 @@ class TrainConfig:
     #: bit-identical for any ``devices``), -1 = a device's whole share at once (faster for
     #: small networks on CPU, but the last bits then depend on the device count)
     vmap_width: int = 0
-    #: validation episodes (images disjoint from meta-training and meta-test) on which the
-    #: starting and the learned rule are compared at the end of a run
     #: what the outer loop minimises on the query set: "cross_entropy" or "prob_error"
     #: (1 - mean probability of the right class); see metaplastic._inner.query_metrics
     objective: str = "cross_entropy"
     #: query logits are divided by this before the objective's softmax
     query_temperature: float = 1.0
+    #: validation episodes (images disjoint from meta-training and meta-test) on which the
+    #: starting and the learned rule are compared at the end of a run
     val_episodes: int = 200
     #: a run fails (non-zero exit) when the learned rule diverges on more than this fraction
     #: of validation episodes (the starting rule too: then the run stops before step 1)
@@ -261,6 +276,7 @@ def _validate(obj, where: str) -> None:
         refuse_strategy,
         strategy_names,
     )
+    from .outer._units import UNITS
 
     if isinstance(obj, RuleConfig):
         _validate_rule(obj, where)
@@ -269,7 +285,7 @@ def _validate(obj, where: str) -> None:
 
         if obj.kind not in TASK_KINDS:
             raise unknown_name("task kind", obj.kind, TASK_KINDS, f"{where}.kind")
-        _positive(obj, where, "dim", "steps", "eig_decay")
+        _positive(obj, where, "dim", "steps", "eig_decay", "input_scale")
         if obj.eig_decay >= 1.0:
             raise MetaplasticError(
                 f"{where}.eig_decay must be below 1 (a unique top component), got {obj.eig_decay}"
@@ -329,6 +345,8 @@ def _validate(obj, where: str) -> None:
             raise MetaplasticError(f"{where}.population must be at least 2, got {obj.population}")
         if obj.gradient not in GRADIENT_MODES:
             raise unknown_name("gradient mode", obj.gradient, GRADIENT_MODES, f"{where}.gradient")
+        if obj.units not in UNITS:
+            raise unknown_name("coefficient units", obj.units, UNITS, f"{where}.units")
         _positive(
             obj,
             where,
@@ -346,6 +364,15 @@ def _validate(obj, where: str) -> None:
                 raise MetaplasticError(
                     f"{where}.{n} must be a fraction between 0 and 1, got {getattr(obj, n)}"
                 )
+        if not 0.0 <= obj.lr_end <= 1.0:
+            raise MetaplasticError(
+                f"{where}.lr_end must be a fraction of train.lr between 0 and 1, got {obj.lr_end}"
+            )
+        if not (obj.weight_limit == 0 or 1.0 < obj.weight_limit < float("inf")):
+            raise MetaplasticError(
+                f"{where}.weight_limit must be 0 (off) or a finite factor above 1, "
+                f"got {obj.weight_limit}"
+            )
         if not 0 <= obj.seed < 2**32:
             raise MetaplasticError(
                 f"{where}.seed must be an integer in [0, 2**32), got {obj.seed} (larger seeds "

@@ -88,6 +88,34 @@ def apply_rule(rule: AbstractRule, carry: Carry, pres, posts, errs, feedback: st
     )
 
 
+def weight_limits(state: NetState, factor: float) -> tuple[Array, ...] | None:
+    """Per layer ``factor * max|W_0|``: the bound of :func:`guard` (``None`` when off)."""
+    if not factor > 0:
+        return None
+    return tuple(factor * jnp.max(jnp.abs(w)) for w in state.W)
+
+
+def guard(old: Carry, new: Carry, stopped: Array, limits) -> tuple[Carry, Array]:
+    """Stop an episode whose weights blow up, keeping its gradient finite and informative.
+
+    When any weight of ``new`` leaves ``[-limit, limit]`` of its layer (or is not finite),
+    the episode *stops*: from then on the carry stays at ``old``, the last state within the
+    bound, and ``stopped`` is set. Without this a rule past a cliff makes the weights
+    overflow, the episode's loss and meta-gradient become NaN and the outer loop can only
+    drop it, blind to why. A stopped episode ends with large but finite weights, so its
+    loss is large and its meta-gradient points away from the cliff. Stopped episodes still
+    count as diverged everywhere results are reported. ``limits=None``: no guard.
+    """
+    if limits is None:
+        return new, stopped
+    out = jnp.array(False)
+    for w, lim in zip(new.net.W, limits, strict=True):
+        out = out | ~jnp.all(jnp.abs(w) <= lim)  # NaN compares False: caught too
+    stop = stopped | out
+    carry = jax.tree_util.tree_map(lambda o, n: jnp.where(stop, o, n), old, new)
+    return carry, stop
+
+
 def forward_backward(net: Network, feedback: str, carry: Carry, x, label):
     """Activities and errors for one labelled sample.
 
@@ -160,28 +188,35 @@ def run_episode(
     remat: bool = False,
     objective: str = "cross_entropy",
     temperature: float = 1.0,
+    weight_limit: float = 0.0,
 ) -> InnerResult:
     """Online learning over ``episode.train_*`` with ``lax.scan``, then query metrics.
 
     The network and (for ``fa``) the feedback matrices are drawn fresh from ``key``.
     ``remat=True`` wraps each step in ``jax.checkpoint`` (less memory for reverse-mode
-    meta-gradients, at the cost of recomputing the forward pass).
+    meta-gradients, at the cost of recomputing the forward pass). ``weight_limit > 0``
+    stops the episode when a weight exceeds that multiple of its layer's largest initial
+    weight (:func:`guard`); the episode then counts as diverged.
     """
     carry0 = start_carry(rule, net, feedback, key)
+    limits = weight_limits(carry0.net, weight_limit)
 
-    def body(carry, xy):
+    def body(state, xy):
+        carry, stopped = state
         x, label = xy
-        carry, loss, correct = online_step(rule, net, feedback, carry, x, label)
-        return carry, (loss, correct)
+        new, loss, correct = online_step(rule, net, feedback, carry, x, label)
+        return guard(carry, new, stopped, limits), (loss, correct)
 
     if remat:
         body = jax.checkpoint(body)
-    carry, (losses, corrects) = jax.lax.scan(body, carry0, (episode.train_x, episode.train_y))
+    (carry, stopped), (losses, corrects) = jax.lax.scan(
+        body, (carry0, jnp.array(False)), (episode.train_x, episode.train_y)
+    )
     state = carry.net
     qloss, qacc = query_metrics(
         net, state, episode.query_x, episode.query_y, objective, temperature
     )
     leaves = jax.tree_util.tree_leaves(state)
     diverged = ~jnp.all(jnp.array([jnp.all(jnp.isfinite(w)) for w in leaves]))
-    diverged = diverged | ~jnp.isfinite(qloss)
+    diverged = diverged | ~jnp.isfinite(qloss) | stopped
     return InnerResult(state, losses, corrects, qloss, qacc, diverged)

@@ -1,13 +1,21 @@
 """Ground-truth task: principal-component extraction by one linear neuron (DESIGN.md 4.2).
 
 Each episode draws a random orthonormal basis ``Q`` and a covariance
-``C = Q diag(lambda) Q^T`` with ``lambda_k = eig_decay**k`` (so ``lambda_1 = 1``), then
+``C = s^2 Q diag(lambda) Q^T`` with ``lambda_k = eig_decay**k`` and ``s = input_scale``
+(so ``lambda_1 = s^2``; ``s = 1`` by default), then
 presents ``steps`` Gaussian inputs ``x ~ N(0, C)`` online to one linear neuron ``y = w.x``
 whose weights change by the rule after every sample (``e = e_pre = 0``: no error signal).
+The neuron starts from ``w0 ~ N(0, I / dim) * init_scale``: a random direction of norm
+about ``init_scale = 1``, so the task is to turn ``w`` onto the top component while keeping
+its norm, which is what Oja's rule does. (From a smaller start a finite-horizon optimum also
+grows the norm, and meta-learning then adds growth terms such as ``W x^2`` to Oja's.)
 
 Meta-loss: the PCA reconstruction error of the final ``w``, in closed form,
 ``E||x - w w^T x||^2 = tr C - 2 w^T C w + ||w||^2 w^T C w``, minus its minimum
-``tr C - lambda_1`` and divided by ``tr C``. It is zero exactly at ``w = +-v_1`` with
+``tr C - lambda_1`` and divided by ``lambda_1``: the share of the top component's variance
+that ``w`` fails to capture, 1 for a silent neuron (``w = 0``) whatever the dimension,
+spectrum or input scale, so one tolerance (``train.prune_effect``) and one L1 weight mean
+the same on every such task. It is zero exactly at ``w = +-v_1`` with
 ``||w|| = 1``, the fixed point of Oja's rule ``dw = eta (x y - y^2 w)``; a Hebbian rule
 without the decay term grows ``||w||`` and pays for it. The reported "accuracy" is the
 alignment ``|cos(w, v_1)|``.
@@ -20,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from ._inner import Carry, InnerResult, apply_rule
+from ._inner import Carry, InnerResult, apply_rule, guard, weight_limits
 from ._network import NetState, Network
 from ._rules import AbstractRule
 
@@ -31,10 +39,14 @@ class PCATask(eqx.Module):
     dim: int = eqx.field(static=True)
     steps: int = eqx.field(static=True)
     eig_decay: float = eqx.field(static=True)
-    init_scale: float = eqx.field(static=True, default=0.5)
+    init_scale: float = eqx.field(static=True, default=1.0)
+    input_scale: float = eqx.field(static=True, default=1.0)
+    weight_limit: float = eqx.field(static=True, default=0.0)
 
     def eigenvalues(self):
-        return self.eig_decay ** jnp.arange(self.dim, dtype=jnp.float32)
+        """Covariance eigenvalues ``input_scale**2 * eig_decay**k``, largest first."""
+        decay = self.eig_decay ** jnp.arange(self.dim, dtype=jnp.float32)
+        return (self.input_scale**2) * decay
 
     def sample(self, key: PRNGKeyArray):
         """``(x, C, v1, w0)``: inputs ``(steps, dim)``, covariance, top eigenvector, start."""
@@ -53,7 +65,7 @@ class PCATask(eqx.Module):
         tr = jnp.sum(lam)
         wCw = w @ C @ w
         recon = tr - 2.0 * wCw + (w @ w) * wCw
-        return (recon - (tr - lam[0])) / tr
+        return (recon - (tr - lam[0])) / lam[0]
 
     def run(
         self,
@@ -67,22 +79,24 @@ class PCATask(eqx.Module):
         """One episode (``pool`` is unused: the inputs are generated)."""
         x, C, v1, w0 = self.sample(key)
         carry0 = Carry.start(rule, NetState(W=(w0,), b=None), None)
+        limits = weight_limits(carry0.net, self.weight_limit)
         zero = jnp.zeros(1, w0.dtype)
         zero_in = jnp.zeros(self.dim, w0.dtype)
 
-        def body(carry: Carry, xt):
+        def body(state, xt):
+            carry, stopped = state
             y = carry.net.W[0] @ xt
             new = apply_rule(rule, carry, [xt], [y], [zero_in, zero], "backprop")
             err = jnp.sum((xt - carry.net.W[0][0] * y[0]) ** 2)
-            return new, err
+            return guard(carry, new, stopped, limits), err
 
         if remat:
             body = jax.checkpoint(body)
-        carry, errs = jax.lax.scan(body, carry0, x)
+        (carry, stopped), errs = jax.lax.scan(body, (carry0, jnp.array(False)), x)
         w = carry.net.W[0][0]
         loss = self.loss(w, C)
         align = jnp.abs(w @ v1) / (jnp.linalg.norm(w) + 1e-12)
-        diverged = ~jnp.all(jnp.isfinite(w))
+        diverged = ~jnp.all(jnp.isfinite(w)) | stopped
         return InnerResult(carry.net, errs, jnp.zeros_like(errs), loss, align, diverged)
 
     @staticmethod
@@ -91,7 +105,6 @@ class PCATask(eqx.Module):
         return 1.0 - result.query_loss
 
     def diverged_score(self):
-        """The score of a silent neuron (``w = 0``), ``1 - lambda_1 / tr C``: a diverged
-        episode counts as no better than that."""
-        lam = self.eigenvalues()
-        return 1.0 - lam[0] / jnp.sum(lam)
+        """The score of a silent neuron (``w = 0``), 0: a diverged episode counts as no
+        better than that."""
+        return jnp.asarray(0.0, jnp.float32)

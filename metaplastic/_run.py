@@ -39,6 +39,7 @@ from ._user_terms import (
     run_user_terms,
 )
 from .outer import GradientTrainer, OuterState, make_optimizer
+from .outer._units import episode_units, units_record
 
 #: Stop a gradient run after this many bad (reverted, backed-off) meta-steps in a row: the
 #: step size is then 2**-8 of the configured one and the rule is stuck at a cliff.
@@ -96,7 +97,13 @@ def build_setup(cfg: RunConfig) -> Setup:
             raise MetaplasticError(
                 f"task {cfg.task.name}: a pca task is one linear neuron; set network.hidden = []"
             )
-        task = PCATask(cfg.task.dim, cfg.task.steps, cfg.task.eig_decay)
+        task = PCATask(
+            cfg.task.dim,
+            cfg.task.steps,
+            cfg.task.eig_decay,
+            input_scale=cfg.task.input_scale,
+            weight_limit=cfg.train.weight_limit,
+        )
         net = Network(sizes=(cfg.task.dim, 1), activation="linear", bias=False)
         return Setup(net, task, None, None)
     key = (cfg.task.dataset, cfg.task.data_dir, cfg.task.emnist_split)
@@ -112,6 +119,7 @@ def build_setup(cfg: RunConfig) -> Setup:
         cfg.task.q_query,
         objective=cfg.train.objective,
         temperature=cfg.train.query_temperature,
+        weight_limit=cfg.train.weight_limit,
     )
     task.check(meta_train, f"task {cfg.task.name} (meta-train split)")
     task.check(meta_val, f"task {cfg.task.name} (validation split; see task.val_fraction)")
@@ -162,6 +170,11 @@ def build_rule(cfg: RunConfig, n_layers: int) -> AbstractRule:
 def eval_key(cfg: RunConfig) -> jax.Array:
     """Meta-test episodes depend only on the seed, so methods are compared on the same ones."""
     return jax.random.fold_in(jax.random.key(cfg.train.seed), 2**20)
+
+
+def units_key(cfg: RunConfig) -> jax.Array:
+    """Probe episodes (meta-train images) that measure ``train.units = "episode"``."""
+    return jax.random.fold_in(jax.random.key(cfg.train.seed), 2**22)
 
 
 def validation_key(cfg: RunConfig) -> jax.Array:
@@ -220,6 +233,11 @@ def _scalar(x):
     return _to_float(a)
 
 
+#: with train.weight_limit, a stopped episode's meta-gradient is scaled to at most this many
+#: times the batch's median per-episode norm (GradientTrainer._clip_stopped)
+STOPPED_CLIP = 3.0
+
+
 def make_trainer(cfg: RunConfig, setup: Setup, rule):
     """The outer loop ``cfg.train.outer`` names: an optax optimiser or an evosax strategy."""
     from .outer import OPTIMIZERS
@@ -228,10 +246,13 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule):
     t = cfg.train
     problem = setup.problem(cfg, "train")
     if t.outer in OPTIMIZERS:
+        units = None
+        if t.units == "episode":
+            units = episode_units(problem, rule, units_key(cfg))
         return GradientTrainer(
             problem,
             rule,
-            make_optimizer(t.outer, t.lr, t.clip),
+            make_optimizer(t.outer, t.lr, t.clip, t.lr_end, t.episodes // t.meta_batch),
             meta_batch=t.meta_batch,
             l1=t.l1,
             mode=t.gradient,
@@ -239,6 +260,8 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule):
             vmap_width=t.vmap_width,
             grad_limit=t.grad_limit,
             max_diverged=t.max_step_diverged,
+            units=units,
+            stopped_clip=STOPPED_CLIP if t.weight_limit > 0 else 0.0,
         )
     return EvolutionTrainer(
         problem,
@@ -673,6 +696,11 @@ def train(
             "feedback": t.feedback,
         },
     }
+    units = getattr(trainer, "units", None)
+    if units is not None:  # train.units = "episode": the measured unit of each coefficient
+        summary["train"]["units"] = dict(
+            zip(learned.coefficients(), units_record(units), strict=True)
+        )
     if evaluate:
         summary["meta_test"][label] = evaluate_run(cfg, learned, setup)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -26,6 +26,7 @@ class ClassificationTask(eqx.Module):
     q_query: int = eqx.field(static=True)
     objective: str = eqx.field(static=True, default="cross_entropy")
     temperature: float = eqx.field(static=True, default=1.0)
+    weight_limit: float = eqx.field(static=True, default=0.0)
 
     def check(self, pool: ImagePool, where: str = "task") -> None:
         """Raise a clear error when the pool cannot supply this task."""
@@ -54,6 +55,7 @@ class ClassificationTask(eqx.Module):
             remat=remat,
             objective=self.objective,
             temperature=self.temperature,
+            weight_limit=self.weight_limit,
         )
 
     @staticmethod

@@ -26,12 +26,25 @@ GRADIENT_MODES = ("auto", "forward", "reverse")
 FORWARD_MODE_MAX_COEFFS = 16
 
 
-def make_optimizer(name: str, lr: float, clip: float | None = None) -> optax.GradientTransformation:
-    """An optax optimiser by name; ``clip`` adds global-norm clipping of the meta-gradient."""
+def make_optimizer(
+    name: str,
+    lr: float,
+    clip: float | None = None,
+    lr_end: float = 1.0,
+    steps: int = 0,
+) -> optax.GradientTransformation:
+    """An optax optimiser by name; ``clip`` adds global-norm clipping of the meta-gradient.
+
+    ``lr_end < 1`` (with ``steps``): the step size follows a cosine from ``lr`` down to
+    ``lr * lr_end`` over ``steps`` meta-steps, so the last iterates settle instead of
+    jittering by about ``lr`` around the optimum (a constant ``lr`` when ``lr_end = 1``).
+    """
     if name not in OPTIMIZERS:
         raise unknown_name("optimizer", name, OPTIMIZERS, "train.outer")
     if not lr > 0:
         raise MetaplasticError(f"train.lr must be positive, got {lr}")
+    if lr_end < 1.0 and steps > 0:
+        lr = optax.cosine_decay_schedule(lr, steps, alpha=lr_end)
     opt = OPTIMIZERS[name](lr)
     if clip is not None and clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(clip), opt)
@@ -103,6 +116,8 @@ class GradientTrainer(eqx.Module):
     sharding: AxisSharding
     grad_limit: float = eqx.field(static=True)
     max_diverged: float = eqx.field(static=True)
+    units: AbstractRule | None = None  # see outer._units; None = raw coefficients
+    stopped_clip: float = eqx.field(static=True, default=0.0)
 
     def __init__(
         self,
@@ -116,7 +131,11 @@ class GradientTrainer(eqx.Module):
         vmap_width=0,
         grad_limit=0.0,
         max_diverged=0.25,
+        units=None,
+        stopped_clip=0.0,
     ):
+        self.units = units
+        self.stopped_clip = float(stopped_clip)
         self.grad_limit = float(grad_limit)
         self.max_diverged = float(max_diverged)
         if mode not in GRADIENT_MODES:
@@ -152,6 +171,35 @@ class GradientTrainer(eqx.Module):
             bad_run=jnp.array(0, jnp.int32),
         )
 
+    def _to_units(self, tree):
+        """``theta / u`` (identity without units)."""
+        if self.units is None:
+            return tree
+        return jax.tree_util.tree_map(lambda x, u: x / u, tree, self.units)
+
+    def _times_units(self, tree):
+        """``x * u``: a gradient in theta to one in phi, or a step in phi to one in theta."""
+        if self.units is None:
+            return tree
+        return jax.tree_util.tree_map(lambda x, u: x * u.astype(x.dtype), tree, self.units)
+
+    def _clip_stopped(self, grads_b, stopped):
+        """Episodes stopped by the weight guard have losses and gradients orders of magnitude
+        above the others (the weights sit at the guard's bound). Their direction is what
+        matters -- away from the blow-up -- so each is scaled down to at most
+        ``stopped_clip`` times the batch's median per-episode gradient norm (measured in the
+        optimiser's units), so that one of them cannot swamp the average or Adam's moments.
+        """
+        sq = 0.0
+        for g in jax.tree_util.tree_leaves(self._times_units(grads_b)):
+            sq = sq + jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
+        norm = jnp.sqrt(sq)
+        cap = self.stopped_clip * jnp.median(jnp.where(jnp.isfinite(norm), norm, 0.0))
+        scale = jnp.where(stopped & (norm > cap), cap / jnp.where(norm > 0, norm, 1.0), 1.0)
+        return jax.tree_util.tree_map(
+            lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), grads_b
+        )
+
     def loss_and_grad(self, params, keys):
         """``(grads, aux)`` of the meta-loss at ``params`` on the episodes of ``keys``.
 
@@ -170,8 +218,8 @@ class GradientTrainer(eqx.Module):
 
         grads_b, (ql, qa, dv) = self.sharding.map(one, jax.random.key_data(keys))
 
-        def penalty(p):
-            return self.l1 * eqx.combine(p, self.static).l1()
+        def penalty(p):  # on the coefficients in their units (phi = theta / u)
+            return self.l1 * eqx.combine(self._to_units(p), self.static).l1()
 
         pen, pen_grad = jax.value_and_grad(penalty)(params)
         # Episodes whose loss or gradient is not finite (the rule blew up there) are left out
@@ -179,6 +227,8 @@ class GradientTrainer(eqx.Module):
         ok = jnp.isfinite(ql)
         for g in jax.tree_util.tree_leaves(grads_b):
             ok = ok & jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)
+        if self.stopped_clip > 0:
+            grads_b = self._clip_stopped(grads_b, dv & ok)
         n_ok = jnp.sum(ok.astype(jnp.int32))
         all_ok = n_ok == ok.shape[0]
 
@@ -201,6 +251,9 @@ class GradientTrainer(eqx.Module):
             "query_loss": qloss,
             "query_accuracy": qacc,
             "diverged": jnp.sum((dv | ~ok).astype(jnp.int32)),
+            # left out of the average (not finite); episodes stopped by train.weight_limit
+            # are diverged but finite: they stay in, their gradient points off the cliff
+            "dropped": jnp.sum((~ok).astype(jnp.int32)),
         }
         return grads, aux
 
@@ -218,12 +271,18 @@ class GradientTrainer(eqx.Module):
         grads, aux = self.loss_and_grad(state.params, keys)
         leaves = jax.tree_util.tree_leaves(grads)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in leaves]))
-        good = finite & (aux["diverged"] <= self.max_diverged * self.meta_batch)
+        good = finite & (aux["dropped"] <= self.max_diverged * self.meta_batch)
         safe = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
+        # with units the optimiser works on phi = theta / u: its gradient is g * u, and its
+        # step in phi is a step of (step * u) in theta
+        safe = self._times_units(safe)
         extra = {}
         if self.grad_limit > 0:  # off by default: see TrainConfig.grad_limit
             safe, extra["grad_rescaled"] = bound_gradient(safe, self.grad_limit)
-        updates, new_opt = self.optimizer.update(safe, state.opt_state, state.params)
+        updates, new_opt = self.optimizer.update(
+            safe, state.opt_state, self._to_units(state.params)
+        )
+        updates = self._times_units(updates)
         updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
         new_params = optax.apply_updates(state.params, updates)
 

@@ -1,0 +1,144 @@
+"""Coefficient units (``train.units = "episode"``): what they measure and how the gradient
+outer loop uses them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metaplastic._errors import MetaplasticError
+from metaplastic._meta import Problem
+from metaplastic._network import Network
+from metaplastic._pca import PCATask
+from metaplastic._rule_kinds import MONOMIALS, TaylorRule, monomial_index
+from metaplastic._rules import TermPoolRule
+from metaplastic.outer import GradientTrainer
+from metaplastic.outer._units import episode_units
+
+DEGREE = np.array([a + b + d for a, b, c, d in MONOMIALS])  # powers of x, y, e (not W)
+
+
+def _pca_problem(scale: float, steps: int = 40) -> Problem:
+    return Problem(
+        Network((6, 1), activation="linear", bias=False),
+        "backprop",
+        PCATask(6, steps, 0.7, input_scale=scale),
+        None,
+    )
+
+
+def test_units_scale_as_the_inverse_power_of_the_inputs():
+    """At theta = 0 the weights do not move, so dW_T/dtheta_k = sum_t m_k(t), which scales as
+    input_scale**degree: the unit of every live monomial scales exactly as its inverse. Error
+    monomials are identically zero on pca and get the median unit."""
+    rule = TaylorRule(np.zeros(81, np.float32))
+    key = jax.random.key(3)
+    u1 = np.asarray(episode_units(_pca_problem(1.0), rule, key).theta, np.float64)
+    u2 = np.asarray(episode_units(_pca_problem(2.0), rule, key).theta, np.float64)
+    live = np.array([d == 0 for a, b, c, d in MONOMIALS])
+    np.testing.assert_allclose(u2[live] / u1[live], 2.0 ** -DEGREE[live], rtol=2e-3)
+    np.testing.assert_allclose(u1[~live], np.median(u1[live]))
+    # the Oja pair: x*y (degree 2) and W*y**2 (degree 2)
+    assert u2[monomial_index("x*y")] == pytest.approx(u1[monomial_index("x*y")] / 4, rel=2e-3)
+
+
+def test_units_shrink_with_the_unroll_length():
+    """A term with a drift (here the constant term: dW_T/dtheta = T) has a unit ~ 1/T."""
+    rule = TaylorRule(np.zeros(81, np.float32))
+    key = jax.random.key(0)
+    i = monomial_index("1")
+    u40 = float(episode_units(_pca_problem(1.0, 40), rule, key).theta[i])
+    u400 = float(episode_units(_pca_problem(1.0, 400), rule, key).theta[i])
+    assert u40 / u400 == pytest.approx(10.0, rel=1e-3)
+
+
+def _first_step(problem, rule, units, lr=0.01, l1=0.0):
+    trainer = GradientTrainer(problem, rule, optax.adam(lr), meta_batch=4, l1=l1, units=units)
+    state = trainer.init(rule, jax.random.key(1))
+    new, aux = trainer.step(state)
+    assert bool(aux["step_ok"])
+    return np.asarray(state.params.theta), np.asarray(new.params.theta)
+
+
+def test_adam_steps_each_coefficient_by_lr_times_its_unit(small_problem):
+    """Adam's first update is lr * g / (|g| + eps) per coordinate: in phi = theta / u that
+    is about lr for every coefficient with a gradient, so theta moves by about lr * u_k."""
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian", "oja"], [0.03, 0.0, 0.0])
+    units = TermPoolRule(rule.terms, jnp.asarray([0.5, 0.01, 2.0], jnp.float32))
+    before, after = _first_step(small_problem, rule, units)
+    moved = np.abs(after - before)
+    np.testing.assert_allclose(moved, 0.01 * np.array([0.5, 0.01, 2.0]), rtol=0.02)
+    # without units every coefficient moves by about lr
+    _, raw = _first_step(small_problem, rule, None)
+    np.testing.assert_allclose(np.abs(raw - before), 0.01, rtol=0.02)
+
+
+def test_l1_penalty_is_on_the_coefficients_in_their_units(small_problem):
+    """The L1 gradient in phi is l1 * sign(phi) whatever the unit: a coefficient with a tiny
+    unit is not exempt from the penalty. With a zero meta-gradient (no live coefficient but
+    the penalised one would still be moved by Adam) we compare penalised and unpenalised
+    first steps: the difference has the sign that shrinks |theta|."""
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian"], [0.03, 0.02])
+    units = TermPoolRule(rule.terms, jnp.asarray([1.0, 1e-3], jnp.float32))
+    trainer = GradientTrainer(
+        small_problem, rule, optax.sgd(1.0), meta_batch=4, l1=1.0, units=units
+    )
+    plain = GradientTrainer(small_problem, rule, optax.sgd(1.0), meta_batch=4, l1=0.0, units=units)
+    keys = jax.random.split(jax.random.key(0), 4)
+    g1, _ = trainer.loss_and_grad(trainer.init(rule, jax.random.key(0)).params, keys)
+    g0, _ = plain.loss_and_grad(plain.init(rule, jax.random.key(0)).params, keys)
+    # d(l1 * |theta / u|)/dtheta = l1 * sign(theta) / u
+    np.testing.assert_allclose(np.asarray(g1.theta - g0.theta), [1.0, 1e3], rtol=1e-4)
+
+
+def test_units_refuse_a_network_whose_weights_are_all_zero():
+    problem = Problem(
+        Network((6, 1), activation="linear", bias=False),
+        "backprop",
+        PCATask(6, 10, 0.7, init_scale=0.0),
+        None,
+    )
+    with pytest.raises(MetaplasticError, match="train.units"):
+        episode_units(problem, TaylorRule(np.zeros(81, np.float32)), jax.random.key(0))
+
+
+def test_sgd_in_units_steps_by_lr_times_unit_squared_times_gradient(small_problem):
+    """In phi the gradient is g * u; a plain SGD step of -lr * g * u in phi is a step of
+    -lr * u**2 * g in theta (the optimiser really works on phi, not only rescales its step)."""
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian", "oja"], [0.03, 0.0, 0.0])
+    u = np.array([0.5, 0.01, 2.0], np.float32)
+    units = TermPoolRule(rule.terms, jnp.asarray(u))
+    trainer = GradientTrainer(small_problem, rule, optax.sgd(0.1), meta_batch=4, units=units)
+    state = trainer.init(rule, jax.random.key(1))
+    keys = jax.random.split(jax.random.split(jax.random.wrap_key_data(state.key))[1], 4)
+    g, _ = trainer.loss_and_grad(state.params, keys)
+    new, _ = trainer.step(state)
+    step = np.asarray(new.params.theta - state.params.theta)
+    np.testing.assert_allclose(step, -0.1 * u**2 * np.asarray(g.theta), rtol=1e-4, atol=1e-9)
+
+
+def test_units_reach_the_run_summary_and_bad_names_are_refused(tmp_path):
+    from metaplastic._config import build_config
+    from metaplastic._run import train
+
+    with pytest.raises(MetaplasticError, match="train.units"):
+        build_config("taylor", "pca", {}, ["train.units=epsiode"])
+    cfg = build_config(
+        "taylor",
+        "pca",
+        {"episodes": 16, "meta_batch": 8, "eval_episodes": 8, "val_episodes": 8},
+        [
+            "task.dim=3",
+            "task.steps=20",
+            "train.units=episode",
+            "task.input_scale=2",
+            "train.require_improvement=false",
+        ],
+    )
+    summary = train(cfg, tmp_path / "run", progress=False)
+    units = summary["train"]["units"]
+    assert set(units) == set(summary["coefficients"]) and len(units) == 81
+    assert units["x*y"] > 0 and units["W*y**2"] > 0
