@@ -231,13 +231,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise MetaplasticError(f"{where}: expected a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise MetaplasticError(
+                f"{where}: expected a finite number, got a huge integer"
+            ) from None
         if value != value or value in (float("inf"), float("-inf")):
             raise MetaplasticError(f"{where}: expected a finite number, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):
             raise MetaplasticError(f"{where}: expected a string, got {value!r}")
+        try:  # a lone surrogate (a non-UTF-8 byte in a command-line argument) cannot be saved
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MetaplasticError(f"{where}: {value!r} is not valid UTF-8 text") from None
         return value
     raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - programming error
 
@@ -460,10 +469,10 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise MetaplasticError(f"{path}: file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise MetaplasticError(f"{path}: invalid TOML ({err}); fix the syntax") from None
     except (OSError, UnicodeDecodeError) as err:
         raise MetaplasticError(f"{path}: cannot read ({err})") from None
+    except ValueError as err:  # TOMLDecodeError, or an integer of over 4300 digits
+        raise MetaplasticError(f"{path}: invalid TOML ({err}); fix the syntax") from None
 
 
 def is_path_spec(spec: str) -> bool:
@@ -531,7 +540,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise unknown_name("config table", section, SECTIONS, f"--set {text}")
     try:
         value = tomllib.loads(f"v = {rhs.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or an integer of over 4300 digits
         value = rhs.strip()
     return section, key.strip(), value
 
@@ -556,10 +565,16 @@ def build_config(
 
 
 def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
+    """Apply ``section.key=value`` overrides (the last one of a key wins). Each table is
+    validated once, with all its overrides in place, so their order does not matter and
+    keys that depend on each other change together (``rule.terms`` with ``rule.init``)."""
+    tables: dict[str, dict[str, Any]] = {}
     for text in overrides:
         section, key, value = parse_override(text)
+        tables.setdefault(section, {})[key] = value
+    for section, values in tables.items():
         cls = SECTIONS[section]
-        new = parse_section(cls, {key: value}, f"--set {section}", getattr(cfg, section))
+        new = parse_section(cls, values, f"--set {section}", getattr(cfg, section))
         cfg = cfg.replace(**{section: new})
     return cfg
 

@@ -13,6 +13,8 @@ meta-train; ``digits`` is split per class with a seeded permutation.
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +52,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             raw = gzip.decompress(raw)
     except FileNotFoundError:
         raise MetaplasticError(f"{path}: IDX file not found") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise MetaplasticError(
             f"{path}: cannot read IDX file ({err}); the file is corrupt"
         ) from None
@@ -65,16 +67,20 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < head:
         raise MetaplasticError(f"{path}: truncated IDX header")
     dims = tuple(int(d) for d in np.frombuffer(raw[4:head], dtype=">u4"))
-    need = int(np.prod(dims)) * dtype.itemsize
+    need = math.prod(dims) * dtype.itemsize  # exact: np.prod wraps around past 2**63
     have = len(raw) - head
     if have != need:
         what = "truncated" if have < need else "has trailing bytes"
         raise MetaplasticError(
             f"{path}: IDX file {what}: header says {dims} ({need} bytes of data), found {have}"
         )
-    return (
-        np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
-    )
+    try:
+        arr = np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims)
+    except ValueError as err:  # e.g. (2**32 - 1, 0, 2**32 - 1): empty, yet too big for numpy
+        raise MetaplasticError(
+            f"{path}: IDX header says {dims}, which numpy cannot hold ({err})"
+        ) from None
+    return arr.astype(dtype.newbyteorder("="))
 
 
 @dataclass(frozen=True)

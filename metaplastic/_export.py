@@ -216,8 +216,9 @@ def equation_rule_from_export(rule: AbstractRule, threshold: float):
 
     eq = EquationRule.from_text(exported_texts(rule, threshold), _base(rule).state_rate())
     if isinstance(rule, PlasticFeedback):
-        fb = jnp.asarray(np.round(np.asarray(rule.theta_fb, np.float64), 4), jnp.float32)
-        return PlasticFeedback(eq, fb)
+        # the numbers the exported feedback equation shows: 4 significant digits, as its text
+        fb = [float(sp.sstr(sp.Float(float(v), 4))) for v in np.asarray(rule.theta_fb)]
+        return PlasticFeedback(eq, jnp.asarray(fb, jnp.float32))
     return eq
 
 
