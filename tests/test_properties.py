@@ -48,6 +48,7 @@ from metaplastic._symbolic import is_matrix
 from metaplastic._terms import TERMS
 from metaplastic.outer import GRADIENT_MODES, OPTIMIZERS
 from metaplastic.outer._evolution import ES_OBJECTIVES, FITNESS_SHAPING, strategy_names
+from metaplastic.outer._units import UNITS
 
 from .conftest import random_signals
 
@@ -329,6 +330,7 @@ def _task_tables():
             "dim": _count,
             "steps": _count,
             "eig_decay": _open_fraction,
+            "input_scale": _positive,
             "dataset": st.sampled_from(DATASETS),
             "n_way": st.integers(2, 2**31),
             "k_shot": _count,
@@ -367,8 +369,14 @@ def _train_tables():
             "feedback": st.sampled_from(FEEDBACK_MODES),
             "outer": st.sampled_from([*OPTIMIZERS, *strategy_names()]),
             "lr": _positive,
+            "lr_end": _fraction,
             "clip": _nonneg,
             "grad_limit": _nonneg,
+            "units": st.sampled_from(UNITS),
+            "weight_limit": st.one_of(
+                st.just(0.0),
+                st.floats(1.0, exclude_min=True, allow_nan=False, allow_infinity=False),
+            ),
             "meta_batch": _count,
             "l1": _nonneg,
             "gradient": st.sampled_from(GRADIENT_MODES),
