@@ -135,6 +135,26 @@ def table(records: list[dict]) -> list[str]:
     return lines
 
 
+def pivot(records: list[dict]) -> list[str]:
+    """Rows dim x steps, columns eig_decay; a cell lists, over the input scales (and seeds),
+    how many points succeeded and the exported ratios."""
+    decays = sorted({r["eig_decay"] for r in records})
+    rows = sorted({(r["dim"], r["steps"]) for r in records})
+    lines = [
+        "| dim | steps | " + " | ".join(f"decay {g:g}" for g in decays) + " |",
+        "|---|---|" + "---|" * len(decays),
+    ]
+    for d, t in rows:
+        cells = []
+        for g in decays:
+            pts = [r for r in records if (r["dim"], r["steps"], r["eig_decay"]) == (d, t, g)]
+            ok = sum(r["success"] for r in pts)
+            ratios = sorted({"—" if r["ratio"] is None else f"{r['ratio']:.3f}" for r in pts})
+            cells.append(f"{ok}/{len(pts)} ({', '.join(ratios)})" if pts else "")
+        lines.append(f"| {d} | {t} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("results/oja_grid"))
@@ -144,6 +164,9 @@ def main() -> None:
         ap.add_argument(f"--{name}", default=",".join(map(str, default)), help="axis values")
     ap.add_argument("--decays", default=",".join(map(str, DECAYS)), help="axis values")
     ap.add_argument("--fresh", action="store_true", help="drop earlier results in --out")
+    ap.add_argument(
+        "--report", action="store_true", help="only rewrite results.md from results.json"
+    )
     ap.add_argument(
         "--set", action="append", default=[], help="extra override for every run (ablations)"
     )
@@ -161,6 +184,8 @@ def main() -> None:
     ]
     points = grid(axes, args.corners, [int(s) for s in args.seeds.split(",")])
     records = []
+    if args.report:
+        points = [p for p in points if point_name(p) in done]
     for i, p in enumerate(points):
         name = point_name(p)
         rec = done.get(name) or run_point(p, args.out, args.set)
@@ -184,7 +209,9 @@ def main() -> None:
     ]
     if args.set:
         head.insert(1, f"Overrides: {' '.join(args.set)}")
-    (args.out / "results.md").write_text("\n".join(head + table(records)) + "\n")
+    body = head + ["Successes over the input scales (exported ratios):", ""] + pivot(records)
+    body += ["", "Every point:", ""] + table(records)
+    (args.out / "results.md").write_text("\n".join(body) + "\n")
     print("\n".join(head))
 
 

@@ -197,3 +197,22 @@ def test_bench_vmap_width_runs(tmp_path):
     for outer in ("adam_forward", "open_es"):
         assert set(data[outer]) == {"-1"}
         assert all(v["ms_per_episode"] > 0 for v in data[outer].values())
+
+
+def test_oja_grid_runs_a_point_and_resumes(tmp_path):
+    """One tiny grid point: train + export through the CLI, a record with the exported
+    equation, the table; a second call finds the point done and does not re-run it."""
+    out = tmp_path / "grid"
+    args = ["--dims", "3", "--scales", "2", "--steps", "30", "--decays", "0.5", "--out"]
+    sets = ["--set", "train.episodes=32", "--set", "train.eval_episodes=16"]
+    sets += ["--set", "train.val_episodes=16", "--set", "train.prune_episodes=16"]
+    run_script("oja_grid.py", *args, str(out), *sets)
+    rec = json.loads((out / "results.json").read_text())["points"]
+    assert len(rec) == 1 and rec[0]["dim"] == 3 and rec[0]["input_scale"] == 2.0
+    assert rec[0]["exit"] in (0, 1) and rec[0]["status"]
+    run_dir = out / "runs" / "d3_s2_T30_g0.5_seed0"
+    assert (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
+    stamp = (run_dir / "summary.json").stat().st_mtime_ns
+    run_script("oja_grid.py", *args, str(out), *sets)
+    assert (run_dir / "summary.json").stat().st_mtime_ns == stamp
+    assert "Oja rediscovery grid" in (out / "results.md").read_text()
