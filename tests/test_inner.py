@@ -127,6 +127,18 @@ def test_divergence_is_flagged(small_net, small_task, pools, key):
     assert float(res.query_accuracy) == 0.0
 
 
+def test_an_overflowing_query_loss_is_divergence_even_with_finite_weights(
+    small_net, small_task, pools, key
+):
+    """Weights that stay finite but are so large that the logits overflow: the query loss
+    is not finite, and that alone flags the episode as diverged."""
+    ep = small_task.sample(key, pools[0])
+    res = run_episode(TermPoolRule.from_names(["constant"], [1e36]), small_net, "fa", key, ep)
+    assert all(bool(jnp.all(jnp.isfinite(w))) for w in res.state.W)
+    assert not bool(jnp.isfinite(res.query_loss))
+    assert bool(res.diverged)
+
+
 def test_non_finite_logits_are_never_correct(small_net, key):
     """Query images whose logits are not finite count as wrong even when argmax hits."""
     state = small_net.init(key)

@@ -107,6 +107,9 @@ def test_bad_meta_step_reverts_to_the_last_good_rule_and_backs_off(small_problem
     s3, aux3 = tr.step(s2)
     assert bool(aux3["step_ok"]) and int(s3.bad_run) == 0
     assert 0.5 < float(s3.lr_scale) < 0.6
+    # bad steps in a row count from the very first step (a fresh state has none behind it)
+    s1_first_bad, _ = tr.step(eqx.tree_at(lambda s: s.params, s0, bad_params))
+    assert int(s1_first_bad.bad_run) == 1 and int(s1_first_bad.skipped) == 1
 
 
 def test_step_size_scale_multiplies_the_update(small_problem):

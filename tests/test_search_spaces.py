@@ -133,6 +133,46 @@ def test_python_export_runs(kind):
     np.testing.assert_allclose(np.asarray(out), np.asarray(rule(0, s)), rtol=1e-3, atol=1e-4)
 
 
+def test_python_export_of_a_per_layer_rule_has_one_function_per_layer():
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian"], [[1.0, 0.0], [0.5, 0.25]])
+    namespace: dict = {}
+    exec(compile(format_rule(rule, "python", 0.0), "<export>", "exec"), namespace)
+    s = random_signals(9)
+    col = lambda v: jnp.asarray(v)[:, None]  # noqa: E731
+    for layer in (0, 1):
+        fn = namespace[f"delta_w_layer{layer}"]
+        out = fn(col(s.x), col(s.y), col(s.e), col(s.e_pre), s.W)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(rule(layer, s)), rtol=1e-5)
+
+
+def test_mlp_sympy_form_with_two_hidden_layers_and_biases():
+    rng = np.random.default_rng(1)
+    rule = MLPRule.init((3, 2), 0.3, seed=2)
+    biases = tuple(jnp.asarray(rng.normal(size=b.shape), jnp.float32) for b in rule.biases)
+    last = jnp.asarray(rng.normal(size=(2, 1)), jnp.float32)
+    rule = eqx.tree_at(lambda r: (r.weights[-1], r.biases), rule, (last, biases))
+    s = random_signals(5)
+    want = np.asarray(rule(0, s), np.float64)
+    np.testing.assert_allclose(_numeric(rule.to_sympy(), s), want, rtol=2e-4, atol=2e-5)
+
+
+def test_pca_task_start_scale_and_online_error():
+    """``w0`` scales with ``init_scale``; the pca task's per-step ``train_loss`` is the
+    reconstruction error ``||x_t - w (w . x_t)||^2`` of the sample before the update."""
+    from metaplastic._pca import PCATask
+
+    key = jax.random.key(3)
+    task = PCATask(4, 5, 0.5)
+    x, _, _, w0 = task.sample(key)
+    w0_big = PCATask(4, 5, 0.5, init_scale=2.0).sample(key)[3]
+    np.testing.assert_allclose(np.asarray(w0_big), 2.0 * np.asarray(w0), rtol=1e-6)
+    still = TermPoolRule.from_names(["hebbian"], [0.0])  # no plasticity: w stays w0
+    res = task.run(still, Network((4, 1)), "backprop", key)
+    w, xs = np.asarray(w0[0], np.float64), np.asarray(x, np.float64)
+    want = np.sum((xs - np.outer(xs @ w, w)) ** 2, axis=1)
+    np.testing.assert_allclose(np.asarray(res.train_loss), want, rtol=1e-4)
+
+
 def test_taylor_oja_is_the_single_neuron_oja_term():
     theta = np.zeros(81)
     theta[monomial_index("x*y")] = 1.0
@@ -294,6 +334,30 @@ def test_prune_by_effect_keeps_what_matters():
     assert [r["coefficient"] for r in report if r.get("pruned")] == ["hebbian", "oja"]
     with pytest.raises(MetaplasticError, match="distil"):
         prune_by_effect(RULES["mlp"], score, 0.01)
+
+
+def test_prune_by_effect_names_per_layer_coefficients_and_reports_progress():
+    """Per-layer coefficients (3 terms, 2 layers) are tried smallest first and named
+    ``term@layer``; a coefficient of exactly 1 is tried, one that is already 0 is not."""
+    theta = [[0.5, 0.001, 0.0], [0.3, 0.002, 1.0]]
+    rule = TermPoolRule.from_names(["pseudo_gradient", "hebbian", "oja"], theta)
+
+    def score(r):  # only layer 1's pseudo-gradient coefficient matters
+        return 1.0 - abs(float(r.theta[1, 0]) - 0.3)
+
+    seen = []
+    pruned, report = prune_by_effect(rule, score, tolerance=0.01, progress=seen.append)
+    np.testing.assert_allclose(np.asarray(pruned.theta), [[0.0, 0.0, 0.0], [0.3, 0.0, 0.0]])
+    tried = [(r["coefficient"], r["pruned"]) for r in report[1:]]
+    assert tried == [
+        ("hebbian@0", True),
+        ("hebbian@1", True),
+        ("pseudo_gradient@1", False),
+        ("pseudo_gradient@0", True),
+        ("oja@1", True),
+        ("pseudo_gradient@1", False),  # second sweep: only the one left
+    ]
+    assert seen == list(range(1, len(report)))  # coefficients tried so far, after each
 
 
 def test_distillation_recovers_a_known_polynomial(small_problem):

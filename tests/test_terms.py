@@ -127,6 +127,10 @@ def test_per_layer_coefficients():
     with pytest.raises(Exception, match="per-layer"):
         rule.to_sympy()
     assert "x" in str(rule.to_sympy(layer=2))
+    # each layer's equation has that layer's coefficients
+    names = ["pseudo_gradient", "hebbian"]
+    assert rule.to_sympy(layer=2) == TermPoolRule.from_names(names, [1.0, 0.5]).to_sympy()
+    assert rule.to_sympy(layer=0) == TermPoolRule.from_names(names, [1.0, 0.0]).to_sympy()
 
 
 def test_threshold_prunes_small_terms():

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from metaplastic._cli import main
 from metaplastic._errors import MetaplasticError
-from metaplastic._export import rule_from_json, rule_to_json
+from metaplastic._export import read_rule_file, rule_from_json, rule_to_json
 from metaplastic._rules import TermPoolRule
 
 from .conftest import tiny_task
@@ -171,3 +171,8 @@ def test_a_module_term_is_imported_by_name_only_when_trusted(tmp_path, monkeypat
         rule_from_json(data, run_dir=tmp_path)
     back = rule_from_json(data, run_dir=tmp_path, trust_user_terms=True)
     assert back.names == rule.names
+    # the same from a run directory's rule.json: untrusted unless asked for
+    (tmp_path / "rule.json").write_text(json.dumps(data))
+    with pytest.raises(MetaplasticError, match="--trust-user-terms"):
+        read_rule_file(tmp_path)
+    assert read_rule_file(tmp_path, trust_user_terms=True).names == rule.names
