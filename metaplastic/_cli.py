@@ -458,6 +458,15 @@ def _fail_if_diverged(cfg, res: dict, what: str) -> None:
 )
 @click.option("--prune-episodes", type=int, default=None, help="Validation episodes for pruning.")
 @click.option(
+    "--prune-refit",
+    type=int,
+    default=None,
+    metavar="STEPS",
+    help="With --prune-effect: a coefficient whose removal alone costs more than TOL is "
+    "still dropped if refitting the others for STEPS meta-steps brings the score back "
+    "(default: train.prune_refit; 0 = off).",
+)
+@click.option(
     "--check/--no-check",
     default=True,
     help="Parse the exported equation back and report its held-out accuracy next to the "
@@ -478,6 +487,7 @@ def export(
     threshold,
     prune_effect,
     prune_episodes,
+    prune_refit,
     check,
     check_episodes,
     allow_failed,
@@ -495,8 +505,11 @@ def export(
         raise MetaplasticError("--threshold must be >= 0")
     prune_effect = cfg.train.prune_effect if prune_effect is None else prune_effect
     prune_episodes = cfg.train.prune_episodes if prune_episodes is None else prune_episodes
+    prune_refit = cfg.train.prune_refit if prune_refit is None else prune_refit
     if prune_effect < 0:
         raise MetaplasticError("--prune-effect must be >= 0")
+    if prune_refit < 0:
+        raise MetaplasticError("--prune-refit must be >= 0")
     if prune_episodes < 1 or (check_episodes is not None and check_episodes < 1):
         raise MetaplasticError("--prune-episodes and --check-episodes must be at least 1")
     text, report = export_run(
@@ -507,6 +520,7 @@ def export(
         th,
         prune_effect=prune_effect or None,
         prune_episodes=prune_episodes,
+        prune_refit=prune_refit,
         check=check,
         check_episodes=check_episodes,
     )

@@ -143,6 +143,11 @@ class TrainConfig:
     prune_threshold: float = 1e-4
     prune_effect: float = 0.0
     prune_episodes: int = 200
+    #: > 0: pruning by effect may also drop a coefficient whose removal alone costs more
+    #: than prune_effect, if after refitting the remaining coefficients for this many
+    #: meta-steps on meta-train episodes (gradient outer loop, same lr schedule) the score is
+    #: back within prune_effect; 0 = plain removal only
+    prune_refit: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     population: int = 16
@@ -328,6 +333,11 @@ def _validate(obj, where: str) -> None:
             raise refuse_strategy(obj.outer, f"{where}.outer") or unknown_name(
                 "outer loop", obj.outer, choices, f"{where}.outer"
             )
+        if obj.prune_refit > 0 and obj.outer not in OPTIMIZERS:
+            raise MetaplasticError(
+                f"{where}.prune_refit refits with the gradient outer loop; {where}.outer = "
+                f"{obj.outer!r} is an evolution strategy: set {where}.prune_refit = 0"
+            )
         from ._inner import OBJECTIVES
 
         if obj.objective not in OBJECTIVES:
@@ -398,6 +408,7 @@ def _validate(obj, where: str) -> None:
             "grad_limit",
             "prune_threshold",
             "prune_effect",
+            "prune_refit",
             "checkpoint_every",
         ):
             if getattr(obj, n) < 0:

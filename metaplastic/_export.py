@@ -143,6 +143,14 @@ def rule_from_json(
         raise MetaplasticError(
             f"{where}: not a metaplastic rule file (kind one of {', '.join(RULE_KINDS)})"
         )
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise MetaplasticError(f"{where}: format_version {version!r} is not a positive integer")
+    if version > RULE_JSON_VERSION:
+        raise MetaplasticError(
+            f"{where}: written in rule-file format {version}; this metaplastic reads formats "
+            f"up to {RULE_JSON_VERSION}: upgrade metaplastic"
+        )
     manifest = check_manifest(data.get("user_terms"), where)
     try:
         with run_user_terms(run_dir, manifest, trusted=trust_user_terms):
@@ -243,11 +251,20 @@ def prune_by_effect(
     tolerance: float,
     progress=None,
     max_passes: int = 3,
+    refit=None,
 ) -> tuple[AbstractRule, list[dict[str, Any]]]:
     """Greedily zero coefficients, smallest first, while the score stays within
     ``tolerance`` of the unpruned rule's; sweep again (at most ``max_passes`` times) while a
     sweep still removes something, since a term may only become removable once the terms it
     compensated for are gone.
+
+    ``refit(rule, keep) -> rule`` (optional): when zeroing a coefficient alone costs more
+    than ``tolerance``, the remaining coefficients (``keep``: a bool array like the
+    coefficients, False where zeroed) are re-optimised and the coefficient is dropped if the
+    refitted rule is back within ``tolerance``; the refitted values are kept. Without it a
+    term that the others can replace (for instance one of several terms that all shrink the
+    weights) stays, because the others, fitted alongside it, are too small on their own.
+    Each coefficient is refitted at most once (in the first sweep that tries it).
 
     ``accuracy(rule) -> float`` must measure on validation episodes (the validation split, not
     the meta-test set); :func:`export_run` passes the mean query accuracy (classification)
@@ -263,6 +280,7 @@ def prune_by_effect(
     current = theta.copy()
     names = list(rule.coefficients())
     report = [{"pass": 0, "coefficient": "(none)", "score": full, "pruned": False}]
+    refitted_once: set = set()  # each coefficient gets at most one refit (they are costly)
     for sweep in range(1, max_passes + 1):
         changed = False
         for idx in [i for i in live if current[i] != 0.0]:
@@ -270,15 +288,28 @@ def prune_by_effect(
             trial[idx] = 0.0
             score = float(accuracy(eqx.tree_at(where, rule, jnp.asarray(trial))))
             drop = full - score < tolerance
-            report.append(
-                {
-                    "pass": sweep,
-                    "coefficient": _coef_label(names, theta.shape, idx, mask),
-                    "value": float(theta[idx]),
-                    "score": score,
-                    "pruned": drop,
-                }
-            )
+            entry = {
+                "pass": sweep,
+                "coefficient": _coef_label(names, theta.shape, idx, mask),
+                "value": float(theta[idx]),
+                "score": score,
+                "pruned": drop,
+            }
+            if not drop and refit is not None and idx not in refitted_once and np.any(trial):
+                refitted_once.add(idx)
+                refitted = refit(eqx.tree_at(where, rule, jnp.asarray(trial)), trial != 0.0)
+                new = np.asarray(where(refitted), np.float32)
+                score = float(accuracy(eqx.tree_at(where, rule, jnp.asarray(new))))
+                drop = bool(np.all(np.isfinite(new))) and full - score < tolerance
+                entry.update(refit_score=score, pruned=drop)
+                if drop:
+                    entry["refit"] = {
+                        _coef_label(names, theta.shape, j, mask): float(new[j])
+                        for j in np.ndindex(new.shape)
+                        if new[j] != 0.0
+                    }
+                    trial = new
+            report.append(entry)
             if drop:
                 current, changed = trial, True
             if progress:
@@ -297,6 +328,32 @@ def _coef_label(names: list[str], shape, idx, mask) -> str:
     return names[pos] if pos < len(names) else str(idx)
 
 
+def _refitter(cfg, setup, steps: int):
+    """``refit(rule, keep)`` for :func:`prune_by_effect`: ``steps`` meta-steps of the run's
+    gradient outer loop (its units, lr schedule over these steps, L1, meta-batch) on
+    meta-train episodes, with the coefficients where ``keep`` is False frozen at 0."""
+    import dataclasses
+
+    from ._run import make_trainer
+
+    t = dataclasses.replace(cfg.train, episodes=steps * cfg.train.meta_batch)
+    refit_cfg = dataclasses.replace(cfg, train=t)
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**23)
+
+    def refit(rule: AbstractRule, keep: np.ndarray) -> AbstractRule:
+        where = coefficient_getter(rule)
+        params, _ = eqx.partition(rule, eqx.is_inexact_array)
+        trainable = jax.tree_util.tree_map(jnp.zeros_like, params)
+        trainable = eqx.tree_at(where, trainable, jnp.asarray(keep, jnp.float32))
+        trainer = make_trainer(refit_cfg, setup, rule, trainable=trainable)
+        state = trainer.init(rule, key)
+        for _ in range(steps):
+            state, _aux = trainer.step(state)
+        return jax.tree_util.tree_map(np.asarray, trainer.rule(state))
+
+    return refit
+
+
 def export_run(
     run_dir: Path,
     cfg,
@@ -306,6 +363,7 @@ def export_run(
     *,
     prune_effect: float | None = None,
     prune_episodes: int = 200,
+    prune_refit: int = 0,
     check: bool = True,
     check_episodes: int | None = None,
 ) -> tuple[str, str]:
@@ -334,10 +392,18 @@ def export_run(
             scores = evaluate_rule(problem, r, key, prune_episodes, metric="score")
             return float(np.mean(np.where(np.isfinite(scores), scores, -1.0)))
 
-        exported, steps = prune_by_effect(rule, accuracy, prune_effect)
-        record["prune_by_effect"] = {"episodes": prune_episodes, "steps": steps}
+        refit = _refitter(cfg, setup, prune_refit) if prune_refit > 0 else None
+        exported, steps = prune_by_effect(rule, accuracy, prune_effect, refit=refit)
+        record["prune_by_effect"] = {
+            "episodes": prune_episodes,
+            "refit_steps": prune_refit,
+            "steps": steps,
+        }
     text = format_rule(exported, fmt, threshold)
     record["equations"] = exported_texts(exported, threshold)
+    record["coefficients"] = {
+        k: v for k, v in exported.coefficients().items() if v != 0.0 and abs(v) > threshold
+    }
     report = ""
     if check:
         setup = setup or build_setup(cfg)

@@ -238,8 +238,11 @@ def _scalar(x):
 STOPPED_CLIP = 3.0
 
 
-def make_trainer(cfg: RunConfig, setup: Setup, rule):
-    """The outer loop ``cfg.train.outer`` names: an optax optimiser or an evosax strategy."""
+def make_trainer(cfg: RunConfig, setup: Setup, rule, trainable=None):
+    """The outer loop ``cfg.train.outer`` names: an optax optimiser or an evosax strategy.
+
+    ``trainable`` (gradient outer loops only): a 1/0 pytree like the rule's parameters;
+    coefficients at 0 stay frozen (see :class:`~metaplastic.outer.GradientTrainer`)."""
     from .outer import OPTIMIZERS
     from .outer._evolution import EvolutionTrainer
 
@@ -262,6 +265,12 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule):
             max_diverged=t.max_step_diverged,
             units=units,
             stopped_clip=STOPPED_CLIP if t.weight_limit > 0 else 0.0,
+            trainable=trainable,
+        )
+    if trainable is not None:
+        raise MetaplasticError(
+            f"freezing coefficients (train.prune_refit) needs a gradient outer loop; "
+            f"train.outer = {t.outer!r} is an evolution strategy: set train.prune_refit = 0"
         )
     return EvolutionTrainer(
         problem,

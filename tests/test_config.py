@@ -82,6 +82,8 @@ BAD_TASKS = [
     ("[task]\n[train]\nseed = 4294967296\n", "seed must be an integer in"),
     ("[task]\n[train]\nseed = -1\n", "seed must be an integer in"),
     ("[task]\n[train]\nmax_skipped = 1.5\n", "must be a fraction"),
+    ("[task]\n[train]\nprune_refit = -1\n", "prune_refit must be >= 0"),
+    ("[task]\n[train]\nouter = 'Open_ES'\nprune_refit = 10\n", "prune_refit refits with"),
 ]
 
 

@@ -9,7 +9,13 @@ import pytest
 
 from metaplastic._data import split_pools
 from metaplastic._errors import MetaplasticError
-from metaplastic._export import equations, format_rule, rule_from_json, rule_to_json
+from metaplastic._export import (
+    RULE_JSON_VERSION,
+    equations,
+    format_rule,
+    rule_from_json,
+    rule_to_json,
+)
 from metaplastic._rules import TermPoolRule
 from metaplastic._tasks import ClassificationTask
 
@@ -25,6 +31,12 @@ def test_json_round_trip_and_pruning():
     back = rule_from_json(data)
     np.testing.assert_array_equal(np.asarray(back.theta), np.asarray(rule.theta))
     assert back.names == rule.names
+    assert data["format_version"] == RULE_JSON_VERSION
+    # a file from a newer format is refused with the fix, not misread
+    with pytest.raises(MetaplasticError, match="upgrade metaplastic"):
+        rule_from_json({**data, "format_version": RULE_JSON_VERSION + 1})
+    with pytest.raises(MetaplasticError, match="format_version"):
+        rule_from_json({**data, "format_version": "2"})
 
 
 def test_per_layer_equations():

@@ -175,3 +175,30 @@ def test_stalled_outer_loop_is_reported():
     msg = watch.update(state(2.0), ok)
     assert msg is not None and "train.grad_limit" in msg
     assert watch.update(state(2.0), ok) is None  # warned once
+
+
+def test_frozen_coefficients_stay_exactly_and_the_others_learn(small_problem):
+    """``trainable`` 0 freezes a coefficient exactly (no gradient reaches the optimiser, no
+    update; with an L1 penalty too); the trainable ones move as without the mask."""
+    rule = TermPoolRule.from_names(POOL_TERMS, THETA)
+    params, _ = eqx.partition(rule, eqx.is_inexact_array)
+    mask = eqx.tree_at(lambda p: p.theta, params, jnp.array([1.0, 0.0, 1.0]))
+    free = _trainer(small_problem, rule, "forward", l1=0.01)
+    frozen = GradientTrainer(
+        small_problem,
+        rule,
+        make_optimizer("adam", 1e-2),
+        meta_batch=3,
+        l1=0.01,
+        mode="forward",
+        trainable=mask,
+    )
+    s_free, s_frozen = free.init(rule, jax.random.key(4)), frozen.init(rule, jax.random.key(4))
+    s_free, s_frozen = free.step(s_free)[0], frozen.step(s_frozen)[0]
+    th_free, th_frozen = np.asarray(s_free.params.theta), np.asarray(s_frozen.params.theta)
+    assert th_frozen[1] == np.float32(THETA[1]) and th_free[1] != np.float32(THETA[1])
+    # same start, same episodes: the trainable ones take the same first step as unmasked
+    np.testing.assert_allclose(th_frozen[[0, 2]], th_free[[0, 2]], rtol=1e-6)
+    assert np.all(th_frozen[[0, 2]] != np.asarray(THETA, np.float32)[[0, 2]])
+    s_frozen = frozen.step(s_frozen)[0]  # Adam's moments for it stay 0: still exact
+    assert np.asarray(s_frozen.params.theta)[1] == np.float32(THETA[1])

@@ -360,6 +360,47 @@ def test_prune_by_effect_names_per_layer_coefficients_and_reports_progress():
     assert seen == list(range(1, len(report)))  # coefficients tried so far, after each
 
 
+def test_prune_by_effect_refits_the_others_to_drop_a_redundant_term():
+    """Two terms that do the same job (the score needs their sum to be 1.1): removing one
+    alone costs 0.5, but after refitting the other it costs nothing, so it is dropped and
+    the refitted value is kept. A term nothing can replace (weight decay here) stays even
+    after a refit, and a coefficient is refitted at most once."""
+    names = ["hebbian", "oja", "weight_decay", "pseudo_gradient"]
+    rule = TermPoolRule.from_names(names, [0.5, 0.6, 0.3, 0.001])
+
+    def score(r):
+        th = np.asarray(r.theta)
+        return 1.0 - abs(th[0] + th[1] - 1.1) - (0.5 if th[2] == 0.0 else 0.0)
+
+    calls = []
+
+    def refit(r, keep):  # the best values for the kept ones: hebbian + oja back to 1.1
+        calls.append(keep.tolist())
+        th = np.asarray(r.theta).copy()
+        pair = keep & np.array([True, True, False, False])
+        if pair.any():
+            th[pair] += (1.1 - th[0] - th[1]) / pair.sum()
+        return eqx.tree_at(lambda q: q.theta, r, jnp.asarray(th, jnp.float32))
+
+    plain, _ = prune_by_effect(rule, score, tolerance=0.01)
+    np.testing.assert_allclose(np.asarray(plain.theta), [0.5, 0.6, 0.3, 0.0])
+    pruned, report = prune_by_effect(rule, score, tolerance=0.01, refit=refit)
+    np.testing.assert_allclose(np.asarray(pruned.theta), [0.0, 1.1, 0.3, 0.0], rtol=1e-6)
+    hebb = [r for r in report if r["coefficient"] == "hebbian"]
+    assert hebb[0]["pruned"] and hebb[0]["refit"] == {
+        "oja": pytest.approx(1.1),
+        "weight_decay": pytest.approx(0.3),
+    }
+    decay = [r for r in report if r["coefficient"] == "weight_decay"]
+    assert len(decay) == 2 and not any(r["pruned"] for r in decay)
+    assert ["refit_score" in r for r in decay] == [True, False]  # refitted once only
+    assert calls == [
+        [True, True, False, False],  # without weight decay: refit fails
+        [False, True, True, False],  # without hebbian: oja takes over
+        [False, False, True, False],  # without oja (hebbian gone): fails
+    ]
+
+
 def test_distillation_recovers_a_known_polynomial(small_problem):
     from metaplastic._distill import distill
 

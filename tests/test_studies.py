@@ -206,6 +206,7 @@ def test_oja_grid_runs_a_point_and_resumes(tmp_path):
     args = ["--dims", "3", "--scales", "2", "--steps", "30", "--decays", "0.5", "--out"]
     sets = ["--set", "train.episodes=32", "--set", "train.eval_episodes=16"]
     sets += ["--set", "train.val_episodes=16", "--set", "train.prune_episodes=16"]
+    sets += ["--set", "train.prune_refit=3"]
     run_script("oja_grid.py", *args, str(out), *sets)
     rec = json.loads((out / "results.json").read_text())["points"]
     assert len(rec) == 1 and rec[0]["dim"] == 3 and rec[0]["input_scale"] == 2.0

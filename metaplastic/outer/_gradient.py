@@ -118,6 +118,10 @@ class GradientTrainer(eqx.Module):
     max_diverged: float = eqx.field(static=True)
     units: AbstractRule | None = None  # see outer._units; None = raw coefficients
     stopped_clip: float = eqx.field(static=True, default=0.0)
+    #: 1/0 per coefficient (a pytree like the rule's parameters): 0 freezes that coefficient
+    #: exactly (no gradient reaches the optimiser, no update). None = all trainable. Used to
+    #: refit the coefficients left after pruning (``train.prune_refit``).
+    trainable: AbstractRule | None = None
 
     def __init__(
         self,
@@ -133,8 +137,10 @@ class GradientTrainer(eqx.Module):
         max_diverged=0.25,
         units=None,
         stopped_clip=0.0,
+        trainable=None,
     ):
         self.units = units
+        self.trainable = trainable
         self.stopped_clip = float(stopped_clip)
         self.grad_limit = float(grad_limit)
         self.max_diverged = float(max_diverged)
@@ -182,6 +188,12 @@ class GradientTrainer(eqx.Module):
         if self.units is None:
             return tree
         return jax.tree_util.tree_map(lambda x, u: x * u.astype(x.dtype), tree, self.units)
+
+    def _only_trainable(self, tree):
+        """Zero the entries of frozen coefficients (identity when all are trainable)."""
+        if self.trainable is None:
+            return tree
+        return jax.tree_util.tree_map(lambda x, m: x * m.astype(x.dtype), tree, self.trainable)
 
     def _clip_stopped(self, grads_b, stopped):
         """Episodes stopped by the weight guard have losses and gradients orders of magnitude
@@ -275,14 +287,14 @@ class GradientTrainer(eqx.Module):
         safe = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
         # with units the optimiser works on phi = theta / u: its gradient is g * u, and its
         # step in phi is a step of (step * u) in theta
-        safe = self._times_units(safe)
+        safe = self._only_trainable(self._times_units(safe))
         extra = {}
         if self.grad_limit > 0:  # off by default: see TrainConfig.grad_limit
             safe, extra["grad_rescaled"] = bound_gradient(safe, self.grad_limit)
         updates, new_opt = self.optimizer.update(
             safe, state.opt_state, self._to_units(state.params)
         )
-        updates = self._times_units(updates)
+        updates = self._only_trainable(self._times_units(updates))
         updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
         new_params = optax.apply_updates(state.params, updates)
 
