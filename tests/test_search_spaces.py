@@ -456,3 +456,24 @@ def test_pca_meta_learning_recovers_oja():
     kept = {k: v for k, v in coefs.items() if abs(v) > cfg.train.prune_threshold}
     assert set(kept) == {"x*y", "W*y**2"}, kept
     assert abs(-kept["W*y**2"] / kept["x*y"] - 1.0) < 0.1
+
+
+def test_export_refit_trains_only_the_kept_coefficients():
+    """``train.prune_refit``'s refit: the run's gradient outer loop for that many steps on
+    meta-train episodes; the coefficients not kept stay exactly 0, the kept ones move."""
+    from metaplastic._config import build_config
+    from metaplastic._export import _refitter
+    from metaplastic._run import build_setup
+
+    cfg = build_config(
+        "taylor", "pca", {"meta_batch": 4}, ["task.steps=20", "task.dim=3", "train.lr=0.05"]
+    )
+    setup = build_setup(cfg)
+    theta = np.zeros(81, np.float32)
+    theta[monomial_index("x*y")] = 0.05
+    theta[monomial_index("W*y**2")] = -0.02
+    keep = theta != 0.0
+    out = _refitter(cfg, setup, 3)(TaylorRule(theta), keep)
+    new = np.asarray(out.theta)
+    assert np.all(new[~keep] == 0.0) and np.all(np.isfinite(new))
+    assert np.all(new[keep] != theta[keep])
