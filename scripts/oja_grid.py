@@ -186,7 +186,15 @@ def main() -> None:
     res_file = args.out / "results.json"
     done = {}
     if res_file.exists() and not args.fresh:
-        done = {point_name(r): r for r in json.loads(res_file.read_text())["points"]}
+        stored = json.loads(res_file.read_text())
+        done = {point_name(r): r for r in stored["points"]}
+        if args.report:
+            args.set = stored.get("overrides", [])
+        elif done and stored.get("overrides", []) != args.set:
+            sys.exit(
+                f"{res_file} holds points run with --set {stored.get('overrides')}, not "
+                f"{args.set}: use the same overrides, another --out, or --fresh"
+            )
     axes = [
         tuple(int(v) for v in args.dims.split(",")),
         tuple(float(v) for v in args.scales.split(",")),
