@@ -264,7 +264,10 @@ def prune_by_effect(
     refitted rule is back within ``tolerance``; the refitted values are kept. Without it a
     term that the others can replace (for instance one of several terms that all shrink the
     weights) stays, because the others, fitted alongside it, are too small on their own.
-    Each coefficient is refitted at most once (in the first sweep that tries it).
+    Each coefficient is refitted at most once (in the first sweep that tries it). After
+    the sweeps, when anything was dropped, the remaining coefficients are refitted once more
+    together (the final least-squares step of sequential thresholding: the last drops were
+    judged without readjusting the rest) and that fit is kept if it scores at least as well.
 
     ``accuracy(rule) -> float`` must measure on validation episodes (the validation split, not
     the meta-test set); :func:`export_run` passes the mean query accuracy (classification)
@@ -316,6 +319,32 @@ def prune_by_effect(
                 progress(len(report) - 1)
         if not changed:
             break
+    if refit is not None and np.any(current != theta) and np.any(current):
+        # the last drops were judged without readjusting the rest: refit the final set
+        # once (the least-squares step at the end of sequential thresholding) and keep it
+        # when it scores at least as well on validation
+        before = float(accuracy(eqx.tree_at(where, rule, jnp.asarray(current))))
+        refitted = refit(eqx.tree_at(where, rule, jnp.asarray(current)), current != 0.0)
+        new = np.asarray(where(refitted), np.float32)
+        score = float(accuracy(eqx.tree_at(where, rule, jnp.asarray(new))))
+        keep = bool(np.all(np.isfinite(new))) and score >= before
+        report.append(
+            {
+                "pass": "final refit",
+                "coefficient": "(all kept)",
+                "score": before,
+                "refit_score": score,
+                "pruned": False,
+                "accepted": keep,
+                "refit": {
+                    _coef_label(names, theta.shape, j, mask): float(new[j])
+                    for j in np.ndindex(new.shape)
+                    if new[j] != 0.0
+                },
+            }
+        )
+        if keep:
+            current = new
     return eqx.tree_at(where, rule, jnp.asarray(current)), report
 
 

@@ -19,6 +19,7 @@ starts over. Only the small files of each run (summary, rule, export) are kept.
 
     python scripts/oja_grid.py                # 81 points, about 1.5 h on 1 core
     python scripts/oja_grid.py --report       # only rewrite results.md from results.json
+    python scripts/oja_grid.py --reexport     # export the finished runs again (no training)
     python scripts/oja_grid.py --corners      # 16 corners + centre, for a quick look
 """
 
@@ -77,26 +78,43 @@ def run_point(p: dict, out: Path, extra: list[str]) -> dict:
     rec["val_start"] = val.get("start", {}).get("score")
     rec["val_learned"] = val.get("learned", {}).get("score")
     rec["skipped_fraction"] = val.get("skipped_fraction")
-    rec.update(success=False, equation=None, kept={}, ratio=None)
     if tr.returncode == 0:
-        ex = cli("export", str(run), "--format", "json")
-        rec["export_exit"] = ex.returncode
-        if ex.returncode == 0:
-            exp = json.loads((run / "export.json").read_text())
-            kept = exp["coefficients"]  # after pruning (and refitting) by effect
-            rt = exp["round_trip"]
-            rec.update(
-                equation=exp["equations"][0],
-                kept=kept,
-                align_learned=rt["learned"]["accuracy"],
-                align_exported=rt["exported equation"]["accuracy"],
-            )
-            if set(kept) == OJA:
-                rec["ratio"] = -kept["W*y**2"] / kept["x*y"]
-                rec["success"] = abs(rec["ratio"] - 1.0) <= 0.1
+        export_point(rec, run, extra)
+    else:
+        rec.update(success=False, equation=None, kept={}, ratio=None)
     for f in run.iterdir() if run.exists() else []:  # keep the small files only
         if f.name not in KEEP:
             shutil.rmtree(f) if f.is_dir() else f.unlink()
+    return rec
+
+
+def export_settings(extra: list[str]) -> list[str]:
+    """The pca preset's export options (with ``--set`` overrides), passed explicitly so that
+    ``--reexport`` applies today's settings to runs trained before they existed."""
+    from metaplastic._config import apply_overrides, build_config
+
+    t = apply_overrides(build_config("taylor", "pca"), extra).train
+    return ["--prune-effect", str(t.prune_effect), "--prune-refit", str(t.prune_refit)]
+
+
+def export_point(rec: dict, run: Path, extra: list[str] | None = None) -> dict:
+    """``metaplastic export`` of a finished run; fills the record's export fields."""
+    rec.update(success=False, equation=None, kept={}, ratio=None)
+    ex = cli("export", str(run), "--format", "json", *(export_settings(extra or [])))
+    rec["export_exit"] = ex.returncode
+    if ex.returncode == 0:
+        exp = json.loads((run / "export.json").read_text())
+        kept = exp["coefficients"]  # after pruning (and refitting) by effect
+        rt = exp["round_trip"]
+        rec.update(
+            equation=exp["equations"][0],
+            kept=kept,
+            align_learned=rt["learned"]["accuracy"],
+            align_exported=rt["exported equation"]["accuracy"],
+        )
+        if set(kept) == OJA:
+            rec["ratio"] = -kept["W*y**2"] / kept["x*y"]
+            rec["success"] = abs(rec["ratio"] - 1.0) <= 0.1
     return rec
 
 
@@ -179,6 +197,13 @@ def main() -> None:
         "--report", action="store_true", help="only rewrite results.md from results.json"
     )
     ap.add_argument(
+        "--reexport",
+        action="store_true",
+        help="do not train: export the finished runs in --out again with the preset's "
+        "current export settings (training is deterministic, so this equals a fresh grid "
+        "when only the export settings changed)",
+    )
+    ap.add_argument(
         "--set", action="append", default=[], help="extra override for every run (ablations)"
     )
     args = ap.parse_args()
@@ -203,11 +228,14 @@ def main() -> None:
     ]
     points = grid(axes, args.corners, [int(s) for s in args.seeds.split(",")])
     records = []
-    if args.report:
+    if args.report or args.reexport:
         points = [p for p in points if point_name(p) in done]
     for i, p in enumerate(points):
         name = point_name(p)
-        rec = done.get(name) or run_point(p, args.out, args.set)
+        if args.reexport and done[name]["exit"] == 0:
+            rec = export_point(dict(done[name]), args.out / "runs" / name, args.set)
+        else:
+            rec = done.get(name) or run_point(p, args.out, args.set)
         records.append(rec)
         ok = sum(r["success"] for r in records)
         print(
@@ -215,7 +243,9 @@ def main() -> None:
             f"status={rec['status']} ({ok}/{len(records)} so far)",
             flush=True,
         )
-        res_file.write_text(json.dumps({"overrides": args.set, "points": records}, indent=2) + "\n")
+        seen = {point_name(r) for r in records}
+        kept = records + [r for n, r in done.items() if n not in seen]  # nothing done is lost
+        res_file.write_text(json.dumps({"overrides": args.set, "points": kept}, indent=2) + "\n")
     n_ok = sum(r["success"] for r in records)
     head = [
         f"Oja rediscovery grid: {n_ok} of {len(records)} points succeed "

@@ -398,7 +398,39 @@ def test_prune_by_effect_refits_the_others_to_drop_a_redundant_term():
         [True, True, False, False],  # without weight decay: refit fails
         [False, True, True, False],  # without hebbian: oja takes over
         [False, False, True, False],  # without oja (hebbian gone): fails
+        [False, True, True, False],  # the final refit of what is left
     ]
+    final = report[-1]
+    assert final["pass"] == "final refit" and final["accepted"]
+
+
+def test_prune_by_effect_final_refit_readjusts_after_plain_drops():
+    """A small term that compensated for the others is dropped plainly (within tolerance);
+    the final refit of the remaining set then readjusts them, and is kept because it scores
+    better; a final refit that scores worse is not kept."""
+    rule = TermPoolRule.from_names(["hebbian", "oja"], [1.0, 0.005])
+
+    def score(r):  # best at hebbian + oja = 1.005
+        th = np.asarray(r.theta)
+        return 1.0 - abs(th[0] + th[1] - 1.005)
+
+    def refit(r, keep):
+        th = np.asarray(r.theta).copy()
+        th[keep] += (1.005 - th.sum()) / keep.sum()
+        return eqx.tree_at(lambda q: q.theta, r, jnp.asarray(th, jnp.float32))
+
+    pruned, report = prune_by_effect(rule, score, tolerance=0.01, refit=refit)
+    np.testing.assert_allclose(np.asarray(pruned.theta), [1.005, 0.0], rtol=1e-6)
+    assert report[-1]["accepted"] and report[-1]["refit_score"] > report[-1]["score"]
+
+    def worse(r, keep):
+        th = np.asarray(r.theta).copy()
+        th[keep] -= 0.001
+        return eqx.tree_at(lambda q: q.theta, r, jnp.asarray(th, jnp.float32))
+
+    pruned, report = prune_by_effect(rule, score, tolerance=0.01, refit=worse)
+    np.testing.assert_allclose(np.asarray(pruned.theta), [1.0, 0.0])
+    assert not report[-1]["accepted"]
 
 
 def test_distillation_recovers_a_known_polynomial(small_problem):
