@@ -216,3 +216,53 @@ def test_evolve_minimises_a_plain_function():
     assert np.allclose(np.asarray(res.params), np.asarray(target), atol=0.1)
     assert len(res.history) == 120 and res.history[-1]["mean_fitness"] < 0.05
     assert res.best_fitness < 0.05
+
+
+#: Strategies whose first-generation scale metaplastic corrects (see ``_start_at_sigma``),
+#: plus one of each family, in the default run; the rest under slow.
+SIGMA_FAST = {"xNES", "iAMaLGaM_Full", "iAMaLGaM_Univariate", "open_es", "cma_es", "PSO"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=() if n in SIGMA_FAST else pytest.mark.slow) for n in strategy_names()],
+)
+def test_first_generation_searches_at_sigma(name):
+    """``train.sigma`` is the scale of the first generation's search around the rule, for
+    every strategy: evosax's xNES alone would search at sigma**2 and iAMaLGaM at about 1
+    whatever sigma (20x too wide here)."""
+    from metaplastic.outer._evolution import strategy_init
+
+    sigma = 0.05
+    solution = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+    population = 10 if name == "LM_MA_ES" else 64  # LM-MA-ES: at most 2 x coefficients
+    strategy, params = make_strategy(name, solution, population, sigma)
+    state = strategy_init(strategy, jax.random.key(0), solution, params, sigma)
+    members, _ = strategy.ask(jax.random.key(1), state, params)
+    spread = float(jnp.std(jnp.concatenate([members["a"], members["b"]], axis=1)))
+    assert 0.3 * sigma < spread < 3.0 * sigma
+
+
+def test_lm_ma_es_population_is_bounded_by_the_coefficients():
+    """evosax's LM-MA-ES takes sqrt(c (2 - c)) of a rate c = population / coefficients:
+    a larger population than twice the coefficients made every coefficient NaN after one
+    generation, and one coefficient stopped the search; both are refused in one line."""
+    for n, population in [(3, 8), (1, 2), (10, 22)]:
+        with pytest.raises(MetaplasticError, match="LM_MA_ES needs") as err:
+            make_strategy("LM_MA_ES", np.zeros(n), population, 0.1)
+        assert "\n" not in str(err.value)
+    from metaplastic.outer import evolve
+
+    res = evolve(
+        lambda p, key: jnp.sum((p - 1.0) ** 2),
+        jnp.zeros(3),
+        jax.random.key(0),
+        strategy="LM_MA_ES",
+        population=6,
+        generations=20,
+        sigma=0.1,
+        fitness_shaping="default",  # its recombination weights (centered ranks diverge)
+        progress=False,
+    )
+    assert np.all(np.isfinite(np.asarray(res.params)))
+    assert float(jnp.sum((res.params - 1.0) ** 2)) < 0.3  # started at 3

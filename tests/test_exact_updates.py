@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metaplastic._errors import MetaplasticError
 from metaplastic._feedback import backward
 from metaplastic._inner import Carry, apply_rule
 from metaplastic._meta import Problem
@@ -17,7 +18,7 @@ from metaplastic._rules import PlasticFeedback, TermPoolRule
 from metaplastic._signals import NeuronState
 from metaplastic._tasks import ClassificationTask
 from metaplastic.outer import GradientTrainer, make_optimizer
-from metaplastic.outer._evolution import EvolutionTrainer
+from metaplastic.outer._evolution import EvolutionTrainer, strategy_names
 
 from .conftest import random_signals
 
@@ -107,7 +108,7 @@ def _loss(problem, rule, seed=11, n=24):
     return float(problem.meta_loss(rule, keys, 0.0)[0])
 
 
-def _assert_learns(problem, start, trainer, steps):
+def _assert_learns(problem, start, trainer, steps, start_loss=None):
     """``steps`` outer steps from ``start`` must raise the step (the known direction) and
     lower the meta-loss on fixed episodes."""
     state = trainer.init(start, jax.random.key(0))
@@ -115,7 +116,9 @@ def _assert_learns(problem, start, trainer, steps):
         state, _ = trainer.step(state)
     learned = trainer.rule(state)
     assert float(learned.theta[0]) > 0.03
-    assert _loss(problem, learned) < _loss(problem, start) - 0.05
+    if start_loss is None:
+        start_loss = _loss(problem, start)
+    assert _loss(problem, learned) < start_loss - 0.05
 
 
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
@@ -126,10 +129,52 @@ def test_gradient_trainer_lowers_the_meta_loss(learnable, mode):
     _assert_learns(problem, start, tr, 4)
 
 
-def test_evolution_trainer_lowers_the_meta_loss(learnable):
-    """An ES told the negated fitness (maximising the meta-loss) drives the step down."""
+#: Direction test of every strategy ``train.outer`` accepts: one of each family in the
+#: default run (each compiles its own generation, ~5 s on 2 cores), the rest under slow.
+ES_DIRECTION_FAST = {"open_es", "snes", "cma_es", "DifferentialEvolution", "PSO", "SimpleGA"}
+#: Per-strategy settings where the common ones (population 8, sigma 0.05, Adam lr 0.02,
+#: 6 generations of 4 episodes) were not reliable, measured over start seeds 0-2 (the test
+#: uses seed 0): step-size adapting strategies (the CMA family, SAMR-GA) grow sigma on this
+#: noisy fitness and overshoot the optimum (0.1; the loss at 0.4 is back near the start's):
+#: MA-ES reached 0.61 (loss 0.05 below the start's) in 6 generations, all of them 0.10-0.32
+#: in 4; iAMaLGaM-univariate wandered back to 0.03 in 6 (seed 1), 0.11-0.17 in 5.
+ES_DIRECTION_SETTINGS = {
+    **{
+        n: {"generations": 4}
+        for n in ("cma_es", "CMA_ES", "sep_cma_es", "Sep_CMA_ES", "MA_ES", "SAMR_GA")
+    },
+    "iAMaLGaM_Univariate": {"generations": 5},
+}
+#: Strategies that cannot run on this one-coefficient problem: evosax's LM-MA-ES is refused
+#: below 2 coefficients (and above a population of 2 x coefficients), see
+#: test_lm_ma_es_population_is_bounded_by_the_coefficients (its direction on a quadratic).
+ES_DIRECTION_REFUSED = {"LM_MA_ES": "LM_MA_ES needs at least 2 coefficients"}
+
+
+@pytest.fixture(scope="module")
+def learnable_start_loss(learnable):
     problem, start = learnable
-    tr = EvolutionTrainer(
-        problem, start, "open_es", population=8, sigma=0.05, lr=0.02, meta_batch=4
-    )
-    _assert_learns(problem, start, tr, 6)
+    return _loss(problem, start)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=() if n in ES_DIRECTION_FAST else pytest.mark.slow)
+        for n in strategy_names()
+    ],
+)
+def test_every_strategy_lowers_the_meta_loss(learnable, learnable_start_loss, name):
+    """From a rule that does not learn, a few generations of every accepted strategy raise
+    the step and lower the meta-loss by a margin; an ES told the negated fitness (maximising
+    the error rate) drives the step negative, where episodes diverge, for every strategy."""
+    problem, start = learnable
+    settings = {"population": 8, "sigma": 0.05, "lr": 0.02, "generations": 6}
+    settings.update(ES_DIRECTION_SETTINGS.get(name, {}))
+    generations = settings.pop("generations")
+    if name in ES_DIRECTION_REFUSED:
+        with pytest.raises(MetaplasticError, match=ES_DIRECTION_REFUSED[name]):
+            EvolutionTrainer(problem, start, name, meta_batch=4, **settings)
+        return
+    tr = EvolutionTrainer(problem, start, name, meta_batch=4, **settings)
+    _assert_learns(problem, start, tr, generations, learnable_start_loss)

@@ -135,6 +135,19 @@ def make_strategy(
                 f"train.population must be even for {name} with antithetic sampling, "
                 f"got {population}"
             )
+    if cls is ea.LM_MA_ES:
+        # evosax's LM-MA-ES sets its path rates c_c[i] = population / (4^i n) and takes
+        # sqrt(c_c (2 - c_c)): population > 2n makes every coefficient NaN after the first
+        # generation; with n = 1 its first direction weight c_d[0] = 1/n wipes out every
+        # search step from the second generation on, so the search stops
+        n = ravel_pytree(solution)[0].size
+        if n < 2 or population > 2 * n:
+            raise MetaplasticError(
+                f"train.outer {name!r}: evosax's LM_MA_ES needs at least 2 coefficients and "
+                f"train.population <= 2 x their number (else its mean becomes NaN or its "
+                f"search stops), got population {population} for {n} coefficient(s); "
+                "choose MA_ES or CMA_ES"
+            )
     try:
         strategy = cls(population_size=population, solution=solution, **kwargs)
     except (AssertionError, TypeError, ValueError) as err:
@@ -165,7 +178,7 @@ def strategy_init(strategy, key: PRNGKeyArray, solution: Any, params, sigma: flo
     an empty state), so the first generation's fitness replaces them.
     """
     if not isinstance(strategy, PopulationBasedAlgorithm):
-        return strategy.init(key, solution, params)
+        return _start_at_sigma(strategy, strategy.init(key, solution, params), sigma)
     n = strategy.population_size
     flat, unravel = ravel_pytree(solution)
     noise = sigma * jax.random.normal(key, (n, flat.size), flat.dtype)
@@ -176,6 +189,22 @@ def strategy_init(strategy, key: PRNGKeyArray, solution: Any, params, sigma: flo
     state = state.replace(fitness=unevaluated)
     if hasattr(state, "fitness_best"):  # PSO's personal bests
         state = state.replace(fitness_best=unevaluated)
+    return state
+
+
+def _start_at_sigma(strategy, state, sigma: float):
+    """Make the first generation search at scale ~``sigma`` where evosax's state does not.
+
+    xNES draws ``mean + std * z @ B`` with ``B = std_init * I`` as well as ``std = std_init``,
+    a scale of ``sigma**2``; start ``B`` at ``I``. iAMaLGaM draws with ``std + sqrt(C)``
+    (univariate) or covariance ``C + std**2 I`` (full) from ``C = I``, a scale of about 1
+    whatever ``sigma``; start ``C`` at ``sigma**2`` (a scale of 1.4-2 ``sigma``), which it then
+    adapts from its elites.
+    """
+    if type(strategy) is ea.xNES:  # not SNES, which subclasses it
+        return state.replace(B=jnp.eye(strategy.num_dims, dtype=state.B.dtype))
+    if type(strategy) in (ea.iAMaLGaM_Full, ea.iAMaLGaM_Univariate):
+        return state.replace(C=jnp.asarray(sigma**2, state.C.dtype) * state.C)
     return state
 
 
