@@ -364,49 +364,57 @@ def _train_tables():
     def episodes(t):  # episodes >= meta_batch
         return st.integers(t["meta_batch"], 2**31).map(lambda n: {**t, "episodes": n})
 
-    return st.fixed_dictionaries(
-        {
-            "feedback": st.sampled_from(FEEDBACK_MODES),
-            "outer": st.sampled_from([*OPTIMIZERS, *strategy_names()]),
-            "lr": _positive,
-            "lr_end": _fraction,
-            "clip": _nonneg,
-            "grad_limit": _nonneg,
-            "units": st.sampled_from(UNITS),
-            "weight_limit": st.one_of(
-                st.just(0.0),
-                st.floats(1.0, exclude_min=True, allow_nan=False, allow_infinity=False),
-            ),
-            "meta_batch": _count,
-            "l1": _nonneg,
-            "gradient": st.sampled_from(GRADIENT_MODES),
-            "remat": st.booleans(),
-            "seed": st.integers(0, 2**32 - 1),
-            "eval_episodes": _count,
-            "log_every": _count,
-            "prune_threshold": _nonneg,
-            "prune_effect": _nonneg,
-            "prune_episodes": _count,
-            "checkpoint_every": st.integers(0, 2**31),
-            "keep_checkpoints": _count,
-            "population": st.integers(2, 2**31),
-            "sigma": _positive,
-            "sigma_decay": _positive,
-            "antithetic": st.booleans(),
-            "fitness_shaping": st.sampled_from(list(FITNESS_SHAPING)),
-            "penalty": _floats,
-            "es_fitness": st.sampled_from(ES_OBJECTIVES),
-            "devices": st.integers(0, 2**31),
-            "vmap_width": st.integers(-1, 2**31),
-            "objective": st.sampled_from(OBJECTIVES),
-            "query_temperature": _positive,
-            "val_episodes": _count,
-            "max_diverged": _fraction,
-            "max_step_diverged": _fraction,
-            "max_skipped": _fraction,
-            "require_improvement": st.booleans(),
-        }
-    ).flatmap(episodes)
+    def prune_refit(t):  # refitting needs a gradient outer loop
+        steps = st.integers(0, 2**31) if t["outer"] in OPTIMIZERS else st.just(0)
+        return steps.map(lambda n: {**t, "prune_refit": n})
+
+    return (
+        st.fixed_dictionaries(
+            {
+                "feedback": st.sampled_from(FEEDBACK_MODES),
+                "outer": st.sampled_from([*OPTIMIZERS, *strategy_names()]),
+                "lr": _positive,
+                "lr_end": _fraction,
+                "clip": _nonneg,
+                "grad_limit": _nonneg,
+                "units": st.sampled_from(UNITS),
+                "weight_limit": st.one_of(
+                    st.just(0.0),
+                    st.floats(1.0, exclude_min=True, allow_nan=False, allow_infinity=False),
+                ),
+                "meta_batch": _count,
+                "l1": _nonneg,
+                "gradient": st.sampled_from(GRADIENT_MODES),
+                "remat": st.booleans(),
+                "seed": st.integers(0, 2**32 - 1),
+                "eval_episodes": _count,
+                "log_every": _count,
+                "prune_threshold": _nonneg,
+                "prune_effect": _nonneg,
+                "prune_episodes": _count,
+                "checkpoint_every": st.integers(0, 2**31),
+                "keep_checkpoints": _count,
+                "population": st.integers(2, 2**31),
+                "sigma": _positive,
+                "sigma_decay": _positive,
+                "antithetic": st.booleans(),
+                "fitness_shaping": st.sampled_from(list(FITNESS_SHAPING)),
+                "penalty": _floats,
+                "es_fitness": st.sampled_from(ES_OBJECTIVES),
+                "devices": st.integers(0, 2**31),
+                "vmap_width": st.integers(-1, 2**31),
+                "objective": st.sampled_from(OBJECTIVES),
+                "query_temperature": _positive,
+                "val_episodes": _count,
+                "max_diverged": _fraction,
+                "max_step_diverged": _fraction,
+                "max_skipped": _fraction,
+                "require_improvement": st.booleans(),
+            }
+        )
+        .flatmap(episodes)
+        .flatmap(prune_refit)
+    )
 
 
 def _config_tables():
@@ -515,6 +523,7 @@ MIN_COUNT = {
     ("train", "eval_episodes"): 1,
     ("train", "log_every"): 1,
     ("train", "prune_episodes"): 1,
+    ("train", "prune_refit"): 0,
     ("train", "checkpoint_every"): 0,
     ("train", "keep_checkpoints"): 1,
     ("train", "population"): 2,
