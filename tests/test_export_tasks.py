@@ -35,6 +35,10 @@ def test_json_round_trip_and_pruning():
     # a file from a newer format is refused with the fix, not misread
     with pytest.raises(MetaplasticError, match="upgrade metaplastic"):
         rule_from_json({**data, "format_version": RULE_JSON_VERSION + 1})
+    # the formats that exist are 1 and 2; a bump of the version must come with a reader for
+    # it (and an update here), never silently accept files it was not written for
+    assert RULE_JSON_VERSION == 2
+    rule_from_json({**data, "format_version": 1})
     with pytest.raises(MetaplasticError, match="format_version"):
         rule_from_json({**data, "format_version": "2"})
 
