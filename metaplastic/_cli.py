@@ -496,6 +496,7 @@ def export(
     """Print a run's learned rule as an equation (and check that the equation performs)."""
     from ._export import export_run
     from ._run import check_run_usable
+    from .outer import OPTIMIZERS
 
     cfg, rule = _load_run(run_dir, trust_user_terms)
     if not allow_failed:
@@ -510,6 +511,11 @@ def export(
         raise MetaplasticError("--prune-effect must be >= 0")
     if prune_refit < 0:
         raise MetaplasticError("--prune-refit must be >= 0")
+    if prune_refit > 0 and cfg.train.outer not in OPTIMIZERS:
+        raise MetaplasticError(
+            f"--prune-refit refits with a gradient outer loop; this run used "
+            f"{cfg.train.outer!r} (an evolution strategy): use --prune-refit 0"
+        )
     if prune_episodes < 1 or (check_episodes is not None and check_episodes < 1):
         raise MetaplasticError("--prune-episodes and --check-episodes must be at least 1")
     text, report = export_run(

@@ -284,6 +284,23 @@ def prune_by_effect(
     names = list(rule.coefficients())
     report = [{"pass": 0, "coefficient": "(none)", "score": full, "pruned": False}]
     refitted_once: set = set()  # each coefficient gets at most one refit (they are costly)
+    current_score = full
+
+    def labelled(values) -> dict[str, float]:
+        return {
+            _coef_label(names, theta.shape, j, mask): float(values[j])
+            for j in np.ndindex(values.shape)
+            if values[j] != 0.0
+        }
+
+    def refitted(values):
+        """Refit the nonzero ``values``: (coefficients, validation score), the score None
+        when the refit is not finite."""
+        new = np.asarray(where(refit(eqx.tree_at(where, rule, jnp.asarray(values)), values != 0)))
+        if not np.all(np.isfinite(new)):
+            return new, None
+        return new, float(accuracy(eqx.tree_at(where, rule, jnp.asarray(new))))
+
     for sweep in range(1, max_passes + 1):
         changed = False
         for idx in [i for i in live if current[i] != 0.0]:
@@ -300,21 +317,15 @@ def prune_by_effect(
             }
             if not drop and refit is not None and idx not in refitted_once and np.any(trial):
                 refitted_once.add(idx)
-                refitted = refit(eqx.tree_at(where, rule, jnp.asarray(trial)), trial != 0.0)
-                new = np.asarray(where(refitted), np.float32)
-                score = float(accuracy(eqx.tree_at(where, rule, jnp.asarray(new))))
-                drop = bool(np.all(np.isfinite(new))) and full - score < tolerance
+                new, score = refitted(trial)
+                drop = score is not None and full - score < tolerance
                 entry.update(refit_score=score, pruned=drop)
                 if drop:
-                    entry["refit"] = {
-                        _coef_label(names, theta.shape, j, mask): float(new[j])
-                        for j in np.ndindex(new.shape)
-                        if new[j] != 0.0
-                    }
+                    entry["refit"] = labelled(new)
                     trial = new
             report.append(entry)
             if drop:
-                current, changed = trial, True
+                current, current_score, changed = trial, score, True
             if progress:
                 progress(len(report) - 1)
         if not changed:
@@ -323,24 +334,17 @@ def prune_by_effect(
         # the last drops were judged without readjusting the rest: refit the final set
         # once (the least-squares step at the end of sequential thresholding) and keep it
         # when it scores at least as well on validation
-        before = float(accuracy(eqx.tree_at(where, rule, jnp.asarray(current))))
-        refitted = refit(eqx.tree_at(where, rule, jnp.asarray(current)), current != 0.0)
-        new = np.asarray(where(refitted), np.float32)
-        score = float(accuracy(eqx.tree_at(where, rule, jnp.asarray(new))))
-        keep = bool(np.all(np.isfinite(new))) and score >= before
+        new, score = refitted(current)
+        keep = score is not None and score >= current_score
         report.append(
             {
                 "pass": "final refit",
                 "coefficient": "(all kept)",
-                "score": before,
+                "score": current_score,
                 "refit_score": score,
                 "pruned": False,
                 "accepted": keep,
-                "refit": {
-                    _coef_label(names, theta.shape, j, mask): float(new[j])
-                    for j in np.ndindex(new.shape)
-                    if new[j] != 0.0
-                },
+                "refit": labelled(new) if score is not None else {},
             }
         )
         if keep:
@@ -431,7 +435,7 @@ def export_run(
     text = format_rule(exported, fmt, threshold)
     record["equations"] = exported_texts(exported, threshold)
     record["coefficients"] = {
-        k: v for k, v in exported.coefficients().items() if v != 0.0 and abs(v) > threshold
+        k: v for k, v in exported.coefficients().items() if abs(v) > threshold
     }
     report = ""
     if check:

@@ -269,8 +269,8 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule, trainable=None):
         )
     if trainable is not None:
         raise MetaplasticError(
-            f"freezing coefficients (train.prune_refit) needs a gradient outer loop; "
-            f"train.outer = {t.outer!r} is an evolution strategy: set train.prune_refit = 0"
+            f"freezing coefficients needs a gradient outer loop; train.outer = {t.outer!r} "
+            "is an evolution strategy"
         )
     return EvolutionTrainer(
         problem,

@@ -152,13 +152,13 @@ def table(records: list[dict]) -> list[str]:
     for r in records:
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
         fr = finite_rate_ratio(r)
-        ratio += " | " + ("—" if fr is None else f"{fr:.3f}")
+        finite = "—" if fr is None else f"{fr:.3f}"
         eq = f"`dW = {r['equation']}`" if r["equation"] else "—"
         al = f"{r['align_exported']:.3f}" if r.get("align_exported") is not None else "—"
         status = r["status"] if isinstance(r["status"], str) else " ".join(r["status"])
         lines.append(
             f"| {r['dim']} | {r['input_scale']:g} | {r['steps']} | {r['eig_decay']:g} | "
-            f"{r['seed']} | {status[:60]} | {eq} | {ratio} | {al} | "
+            f"{r['seed']} | {status[:60]} | {eq} | {ratio} | {finite} | {al} | "
             f"{'yes' if r['success'] else '**no**'} | {r['train_s']:.0f} |"
         )
     return lines
@@ -207,7 +207,6 @@ def main() -> None:
         "--set", action="append", default=[], help="extra override for every run (ablations)"
     )
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     res_file = args.out / "results.json"
     done = {}
     if res_file.exists() and not args.fresh:
@@ -216,17 +215,24 @@ def main() -> None:
         if args.report:
             args.set = stored.get("overrides", [])
         elif done and stored.get("overrides", []) != args.set:
-            sys.exit(
+            ap.error(
                 f"{res_file} holds points run with --set {stored.get('overrides')}, not "
                 f"{args.set}: use the same overrides, another --out, or --fresh"
             )
-    axes = [
-        tuple(int(v) for v in args.dims.split(",")),
-        tuple(float(v) for v in args.scales.split(",")),
-        tuple(int(v) for v in args.steps.split(",")),
-        tuple(float(v) for v in args.decays.split(",")),
-    ]
-    points = grid(axes, args.corners, [int(s) for s in args.seeds.split(",")])
+    try:
+        axes = [
+            tuple(int(v) for v in args.dims.split(",")),
+            tuple(float(v) for v in args.scales.split(",")),
+            tuple(int(v) for v in args.steps.split(",")),
+            tuple(float(v) for v in args.decays.split(",")),
+        ]
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as err:
+        ap.error(
+            f"--dims, --scales, --steps, --decays and --seeds take comma-separated numbers ({err})"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    points = grid(axes, args.corners, seeds)
     records = []
     if args.report or args.reexport:
         points = [p for p in points if point_name(p) in done]

@@ -46,7 +46,8 @@ def main() -> None:
         if cfg.task.kind != "pca" or cfg.rule.kind != "taylor":
             raise MetaplasticError(f"{args.run}: not a Taylor-rule run on a pca task")
     except MetaplasticError as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     setup = build_setup(cfg)
     problem = setup.problem(cfg, "val")
     key = validation_key(cfg)

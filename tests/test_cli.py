@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -257,3 +258,23 @@ def test_evaluating_an_equation_that_blows_up_exits_1():
     assert "(8 diverged)" in res.stdout
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("metaplastic:")]
     assert len(lines) == 1 and "diverged on 8 of 8" in lines[0]
+
+
+def test_export_prune_refit_refusals(tiny_run, tmp_path):
+    """--prune-refit: negative, or on a run trained by an evolution strategy (refitting
+    uses the gradient outer loop), is one line with exit 2."""
+    out, _ = tiny_run
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", str(out), "--prune-effect", "0.01", "--prune-refit", "-1"])
+    assert res.exit_code == 2 and "--prune-refit must be >= 0" in res.stderr
+    es_run = tmp_path / "es_run"
+    shutil.copytree(out, es_run)
+    cfg = (es_run / "config.toml").read_text()
+    assert 'outer = "adam"' in cfg
+    (es_run / "config.toml").write_text(cfg.replace('outer = "adam"', 'outer = "open_es"'))
+    res = runner.invoke(
+        main, ["export", str(es_run), "--prune-effect", "0.01", "--prune-refit", "3"]
+    )
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "gradient outer loop" in res.stderr and "Traceback" not in res.output
+    assert "this run used 'open_es'" in res.stderr  # refused before any pruning work
