@@ -125,9 +125,21 @@ def _no_options_with_resume(values: dict, overrides=()) -> None:
 
 
 @main.command()
+@click.option("--rule", "rule", default=None, help="Rule preset name or TOML file (default: pool).")
+@click.option(
+    "--task", "task", default=None, help="Task preset name or TOML file (default: digits)."
+)
 @_train_options
 @click.option("--meta-batch", type=int, default=None, help="Episodes per meta-step.")
 @click.option("--eval-episodes", type=int, default=None, help="Held-out episodes (default 500).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override a config value for every method (rule.* ones: the learned rule only), "
+    "e.g. --set train.lr=0.003 (repeatable).",
+)
 @click.option(
     "--resume",
     default=None,
@@ -138,13 +150,35 @@ def _no_options_with_resume(values: dict, overrides=()) -> None:
 @click.option("--seeds", type=int, default=1, help=_SEEDS_HELP)
 @_user_errors
 def discover(
-    seed, episodes, out, force, trust_user_terms, quiet, meta_batch, eval_episodes, resume, seeds
+    rule,
+    task,
+    seed,
+    episodes,
+    out,
+    force,
+    trust_user_terms,
+    quiet,
+    meta_batch,
+    eval_episodes,
+    overrides,
+    resume,
+    seeds,
 ):
-    """Meta-learn a rule for online FA learning on digits; compare with baselines."""
+    """Meta-learn a rule for online FA learning; compare with FA and backprop baselines.
+
+    The baselines learn only their learning rate (the pseudo-gradient term), starting where
+    the learned rule's pseudo-gradient coefficient starts."""
     if seeds < 1:  # before any directory is made
         raise MetaplasticError(f"--seeds must be at least 1, got {seeds}")
     from ._report import results_table
-    from ._run import Interrupted, check_new_run_dir, run_seeds
+    from ._run import (
+        DISCOVER_METHODS,
+        DISCOVER_TASK,
+        Interrupted,
+        check_new_run_dir,
+        discover_configs,
+        run_seeds,
+    )
     from ._run import discover as run_discover
 
     out = _dir_arg(out, "--out")
@@ -160,6 +194,8 @@ def discover(
         if resume is not None:
             _no_options_with_resume(
                 {
+                    "--rule": rule,
+                    "--task": task,
                     "--seed": seed,
                     "--episodes": episodes,
                     "--meta-batch": meta_batch,
@@ -167,36 +203,38 @@ def discover(
                     "--out": out,
                     "--force": force,
                     "--seeds": seeds if seeds != 1 else None,
-                }
+                },
+                overrides,
             )
             out = resume
-        elif out is None:
-            out, fresh_dir = _default_out("discover"), True
         else:
-            check_new_run_dir(out, force=force, command="discover")
+            # every config (names, overrides, data) is checked before a directory is made
+            discover_configs(
+                train_table, task or DISCOVER_TASK, DISCOVER_METHODS, list(overrides), rule
+            )
+            if out is None:
+                out, fresh_dir = _default_out("discover"), True
+            else:
+                check_new_run_dir(out, force=force, command="discover")
+        kw = {
+            "progress": not quiet,
+            "trust_user_terms": trust_user_terms,
+            "task": task or DISCOVER_TASK,
+            "rule": rule,
+            "overrides": list(overrides),
+        }
         if seeds != 1:
             agg = run_seeds(
                 out,
                 seeds,
                 seed or 0,
-                lambda s, d: run_discover(
-                    d,
-                    dict(train_table, seed=s),
-                    progress=not quiet,
-                    trust_user_terms=trust_user_terms,
-                ),
+                lambda s, d: run_discover(d, dict(train_table, seed=s), **kw),
             )
             click.echo((out / "results.md").read_text())
             click.echo(f"run directory: {out}  (status {agg['status']})")
             return
         try:
-            summary = run_discover(
-                out,
-                train_table,
-                progress=not quiet,
-                resume=resume is not None,
-                trust_user_terms=trust_user_terms,
-            )
+            summary = run_discover(out, train_table, resume=resume is not None, **kw)
         except MetaplasticError:
             if fresh_dir:
                 _release(out)

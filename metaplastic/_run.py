@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -791,18 +792,58 @@ def _check_labels(labels: list[Any], where: str) -> list[str]:
     return list(labels)
 
 
-def _start_discover(out: Path, train_table: dict[str, Any], task: str, methods) -> list[str]:
-    """Check every config, clear ``out``, prepare each run's directory, write the plan."""
-    from ._config import build_config
+def _same_start(baseline: RunConfig, learned: RunConfig) -> RunConfig:
+    """A pseudo-gradient-only baseline starts at the learned rule's pseudo-gradient
+    coefficient, when the learned rule is a term pool that has one (the reference pool starts
+    it at 1e-3, the digits pool at 0.03): both methods then begin from the same rule."""
+    b, r = baseline.rule, learned.rule
+    if b.kind != "term_pool" or tuple(b.terms) != ("pseudo_gradient",):
+        return baseline
+    if r.kind != "term_pool" or "pseudo_gradient" not in r.terms or len(r.init) != len(r.terms):
+        return baseline
+    start = r.init[list(r.terms).index("pseudo_gradient")]
+    return baseline.replace(rule=dataclasses.replace(b, init=(start,)))
 
-    labels = _check_labels([m[0] for m in methods], "discover")
-    cfgs = {}
-    for label, rule, feedback in methods:
+
+def discover_configs(
+    train_table: dict[str, Any], task: str, methods, overrides=(), rule: str | None = None
+) -> dict[str, RunConfig]:
+    """The config of each method of a discover run. ``rule`` replaces the learned method's
+    rule; ``overrides`` (``section.key=value``) apply to every method, except ``rule.*``
+    ones, which apply to the learned rule only. ``train.feedback`` is set per method and
+    cannot be overridden."""
+    from ._config import build_config, parse_override
+
+    sections = [parse_override(o)[:2] for o in overrides]
+    if ("train", "feedback") in sections:
+        raise MetaplasticError(
+            "discover sets train.feedback per method (the learned rule and FA use fa, the "
+            "backprop baseline backprop); drop --set train.feedback, or use metaplastic train"
+        )
+    rule_over = [o for o, (sec, _) in zip(overrides, sections, strict=True) if sec == "rule"]
+    other = [o for o, (sec, _) in zip(overrides, sections, strict=True) if sec != "rule"]
+    _check_labels([m[0] for m in methods], "discover")
+    methods = sorted(methods, key=lambda m: m[0] != "learned")  # the learned rule first
+    cfgs: dict[str, RunConfig] = {}
+    for label, method_rule, feedback in methods:
         table = dict(train_table, feedback=feedback)
-        if label != "learned":  # a baseline is reported whether or not it improved
+        if label == "learned":
+            cfgs[label] = build_config(rule or method_rule, task, table, other + rule_over)
+        else:  # a baseline is reported whether or not it improved
             table.setdefault("require_improvement", False)
-        cfgs[label] = build_config(rule, task, table)
-        build_setup(cfgs[label])  # data and task shapes, before anything is deleted
+            cfg = build_config(method_rule, task, table, other)
+            cfgs[label] = _same_start(cfg, cfgs["learned"])
+    return cfgs
+
+
+def _start_discover(
+    out: Path, train_table: dict[str, Any], task: str, methods, overrides=(), rule=None
+) -> list[str]:
+    """Check every config, clear ``out``, prepare each run's directory, write the plan."""
+    labels = _check_labels([m[0] for m in methods], "discover")
+    cfgs = discover_configs(train_table, task, methods, overrides, rule)
+    for cfg in cfgs.values():
+        build_setup(cfg)  # data and task shapes, before anything is deleted
     clear_run_dir(out)
     for label in sorted(labels, key=lambda x: x != "learned"):  # out first: it holds the rest
         start_run_dir(discover_run_dir(out, label), cfgs[label])
@@ -810,8 +851,10 @@ def _start_discover(out: Path, train_table: dict[str, Any], task: str, methods) 
         "format": "metaplastic-discover",
         "version": 1,
         "methods": labels,
+        "rule": str(rule or dict((m[0], m[1]) for m in methods)["learned"]),
         "task": str(task),
         "train": {k: v for k, v in train_table.items() if v is not None},
+        "overrides": list(overrides),
     }
     atomic_write(out / DISCOVER_FILE, (json.dumps(plan, indent=2) + "\n").encode())
     return labels
@@ -857,8 +900,11 @@ def discover(
     methods=DISCOVER_METHODS,
     resume: bool = False,
     trust_user_terms: bool = False,
+    rule: str | None = None,
+    overrides=(),
 ) -> dict[str, Any]:
-    """Meta-train the pool rule under FA and the two baselines with the same budget.
+    """Meta-train a rule (default: the pool) under FA and the two baselines with the same
+    budget.
 
     The learned rule's run is ``out``; the baselines' runs are ``out/baselines/{fa,backprop}``.
     All three are evaluated on the same held-out episodes. Writes ``summary.json`` (with
@@ -869,8 +915,9 @@ def discover(
     run's directory (config, user-term copies). SIGINT/SIGTERM stops it with
     :class:`Interrupted` (the running run checkpoints). ``resume=True`` finishes what is
     missing: runs that finished are read back, the interrupted one continues from its
-    checkpoint, the others start (``train_table``, ``task`` and ``methods`` are then
-    ignored: every run's config is in its directory), then the table and files are written.
+    checkpoint, the others start (``train_table``, ``task``, ``methods``, ``rule`` and
+    ``overrides`` are then ignored: every run's config is in its directory), then the table
+    and files are written. ``rule`` and ``overrides`` are as in :func:`discover_configs`.
     """
     from ._report import plot_meta_test, results_table
 
@@ -881,7 +928,7 @@ def discover(
         if resume:
             labels = _read_discover_plan(out)
         else:
-            labels = _start_discover(out, train_table, task, methods)
+            labels = _start_discover(out, train_table, task, methods, overrides, rule)
         summaries = {}
         for i, label in enumerate(labels):
             run_dir = discover_run_dir(out, label)

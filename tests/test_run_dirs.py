@@ -257,3 +257,57 @@ def test_discover_whose_learned_rule_fails_still_finishes_the_table(tmp_path, ta
     assert set(summary["meta_test"]) == {"learned", "fa", "backprop"}
     assert set(summary["test"]) == {"learned", "fa", "backprop"}
     assert (out / "results.md").is_file()
+
+
+def test_discover_configs_rule_task_and_overrides(task):
+    """--rule replaces only the learned rule; baselines start at its pseudo-gradient
+    coefficient; rule.* overrides reach only the learned rule, others every method."""
+    from metaplastic._errors import MetaplasticError
+    from metaplastic._run import DISCOVER_METHODS, discover_configs
+
+    cfgs = discover_configs(
+        {"episodes": 4},
+        str(task),
+        DISCOVER_METHODS,
+        ["rule.init=[0.002, 0.1, 0.0]", "train.lr=0.005"],
+        rule="reference_pool",
+    )
+    assert list(cfgs) == ["learned", "fa", "backprop"]
+    assert cfgs["learned"].rule.name == "reference_pool"
+    assert cfgs["learned"].rule.init == (0.002, 0.1, 0.0)
+    for label, feedback in (("fa", "fa"), ("backprop", "backprop")):
+        c = cfgs[label]
+        assert c.rule.terms == ("pseudo_gradient",) and c.rule.init == (0.002,)
+        assert c.train.feedback == feedback and not c.train.require_improvement
+    assert {c.train.lr for c in cfgs.values()} == {0.005}
+    assert {c.train.episodes for c in cfgs.values()} == {4}
+    assert cfgs["learned"].train.feedback == "fa"
+    # a rule without a pseudo-gradient term: the baselines keep their preset start
+    cfgs = discover_configs({}, str(task), DISCOVER_METHODS, (), rule="taylor")
+    assert cfgs["fa"].rule.init == build_config("pseudo_gradient", str(task)).rule.init
+    with pytest.raises(MetaplasticError, match="train.feedback per method"):
+        discover_configs({}, str(task), DISCOVER_METHODS, ["train.feedback=dfa"])
+
+
+def test_discover_cli_passes_rule_task_and_overrides(monkeypatch, tmp_path, task):
+    import metaplastic._run as r
+
+    seen = {}
+
+    def fake(out, table, **kw):
+        seen.update(kw, table=table)
+        raise r.Interrupted(out, 1, resume="x", what="the learned run")
+
+    monkeypatch.setattr(r, "discover", fake)
+    args = ["discover", "--rule", "reference_pool", "--task", str(task), "--quiet"]
+    res = CliRunner().invoke(
+        main, [*args, "--set", "train.lr=0.01", "--out", str(tmp_path / "d"), "--seed", "3"]
+    )
+    assert res.exit_code == 130, res.output
+    assert seen["rule"] == "reference_pool" and seen["task"] == str(task)
+    assert seen["overrides"] == ["train.lr=0.01"] and seen["table"]["seed"] == 3
+    bad = CliRunner().invoke(main, [*args, "--set", "rule.init=[1]", "--out", str(tmp_path / "e")])
+    _one_line_error(bad, "rule.init")
+    assert not (tmp_path / "e").exists()  # refused before any directory is made
+    res = CliRunner().invoke(main, ["discover", "--resume", str(tmp_path / "d"), *args[1:3]])
+    _one_line_error(res, "drop --rule")
