@@ -175,6 +175,12 @@ class TrainConfig:
     #: validation episodes (images disjoint from meta-training and meta-test) on which the
     #: starting and the learned rule are compared at the end of a run
     val_episodes: int = 200
+    #: > 0: every this many meta-steps (and at the last) the current rule is scored on the
+    #: validation episodes, and the run's learned rule is the best one scored (the starting
+    #: rule included; a rule diverging on more than max_diverged of them is not eligible):
+    #: early stopping on the validation split, so a late blow-up of the outer loop does not
+    #: spoil the result. 0 = off: the learned rule is the last one
+    select_every: int = 0
     #: a run fails (non-zero exit) when the learned rule diverges on more than this fraction
     #: of validation episodes (the starting rule too: then the run stops before step 1)
     max_diverged: float = 0.05
@@ -410,6 +416,7 @@ def _validate(obj, where: str) -> None:
             "prune_effect",
             "prune_refit",
             "checkpoint_every",
+            "select_every",
         ):
             if getattr(obj, n) < 0:
                 raise MetaplasticError(f"{where}.{n} must be >= 0, got {getattr(obj, n)}")

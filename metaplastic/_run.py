@@ -548,6 +548,31 @@ def _read_metrics(path: Path, n_lines: int) -> list[dict]:
     return [json.loads(line) for line in keep]
 
 
+class _Selection:
+    """The best rule on the validation episodes so far (``train.select_every``)."""
+
+    def __init__(self, cfg: RunConfig, rule, val: tuple[np.ndarray, np.ndarray]):
+        self.limit = cfg.train.max_diverged
+        self.rule, self.step, self.score = rule, 0, self._score(val)
+
+    def _score(self, val) -> float:
+        """Mean validation score; ``-inf`` when the rule is not eligible (diverges)."""
+        scores, diverged = val
+        if int(np.sum(diverged)) > self.limit * diverged.size:
+            return float("-inf")
+        return float(np.mean(scores, dtype=np.float64))
+
+    def offer(self, rule, step: int, val) -> float:
+        """Keep ``rule`` if it beats the best so far; return its score."""
+        score = self._score(val)
+        if score > self.score:
+            self.rule, self.step, self.score = rule, step, score
+        return score
+
+    def record(self) -> dict[str, Any]:
+        return {"step": self.step, "score": self.score if np.isfinite(self.score) else None}
+
+
 def train(
     cfg: RunConfig,
     out: Path,
@@ -590,10 +615,14 @@ def train(
     metrics_path = out / "metrics.jsonl"
     start = 0
     metrics: list[dict] = []
+    select = None
     if resume:
-        loaded = load_latest(out, state)
+        loaded = load_latest(out, (state, rule) if t.select_every else state)
         if loaded is not None:
             state, header = loaded
+            if t.select_every:
+                (state, best_rule), sel = state, header.get("selection") or {}
+                select = (best_rule, int(sel.get("step", 0)), sel.get("score"))
             if header.get("config") != cfg.to_dict():
                 raise MetaplasticError(
                     f"{out / 'config.toml'} differs from the config saved in the checkpoint; "
@@ -618,9 +647,19 @@ def train(
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         raise RunFailed(out, bad_start)
 
+    if t.select_every:
+        sel = _Selection(cfg, rule, start_val)
+        if select is not None:  # resumed: the best rule so far came with the checkpoint
+            sel.rule, sel.step = select[0], select[1]
+            sel.score = float("-inf") if select[2] is None else float(select[2])
+
     def checkpoint(step: int) -> None:
         info = {"metrics_lines": len(metrics), "config": cfg.to_dict()}
-        save_checkpoint(out, state, step, info, keep=t.keep_checkpoints)
+        tree = state
+        if t.select_every:
+            info["selection"] = sel.record()
+            tree = (state, sel.rule)
+        save_checkpoint(out, tree, step, info, keep=t.keep_checkpoints)
 
     t0 = time.perf_counter()
     compile_s = None
@@ -640,9 +679,15 @@ def train(
                 jax.block_until_ready(state)
                 compile_s = time.perf_counter() - t0
             step = i + 1
-            if step % t.log_every == 0 or step == n_steps:
+            val_score = None
+            if t.select_every and (step % t.select_every == 0 or step == n_steps):
+                now = trainer.rule(state)
+                val_score = sel.offer(now, step, validate_rule(cfg, setup, now))
+            if step % t.log_every == 0 or step == n_steps or val_score is not None:
                 row = {"step": step, "episodes": step * t.meta_batch}
                 row.update({k: _scalar(v) for k, v in aux.items()})
+                if val_score is not None:  # the selection curve (-inf: diverged)
+                    row["val_score"] = val_score if np.isfinite(val_score) else None
                 row["skipped_total"] = int(state.skipped)
                 row["coefficients"] = trainer.rule(state).coefficients()
                 frozen = stall.update(state, row)
@@ -673,7 +718,10 @@ def train(
                 break
     bar.close()
     train_s = time.perf_counter() - t0
-    learned = jax.tree_util.tree_map(np.asarray, trainer.rule(state))  # host copy
+    # host copy of the learned rule: the last one, or the best on validation
+    learned = jax.tree_util.tree_map(
+        np.asarray, sel.rule if t.select_every else trainer.rule(state)
+    )
     rule_data = write_rule_files(out, learned, t.prune_threshold)
     plot_training(metrics, out, title=f"{label}: {cfg.rule.name} on {cfg.task.name}")
     final_val = validate_rule(cfg, setup, learned)
@@ -706,6 +754,11 @@ def train(
             "feedback": t.feedback,
         },
     }
+    if t.select_every:  # the learned rule is the one selected on validation
+        summary["train"]["selected_step"] = sel.step
+        summary["train"]["select_every"] = t.select_every
+        if sel.step == 0:
+            summary["train"]["selected_note"] = "no scored rule beat the starting rule"
     units = getattr(trainer, "units", None)
     if units is not None:  # train.units = "episode": the measured unit of each coefficient
         summary["train"]["units"] = dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -151,3 +152,58 @@ def test_rule_that_diverges_at_once_stops_before_step_one(tmp_path):
     assert summary["status"].startswith("diverged:")
     assert summary["validation"]["start"]["diverged"] == 8
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+
+
+def test_select_every_keeps_the_best_rule_on_validation_and_resumes_it(tmp_path, monkeypatch):
+    """train.select_every: the learned rule is the one scored best on validation episodes
+    (here, by construction, the rule of meta-step 2 of 4), also after an interrupt."""
+    import metaplastic._run as r
+
+    cfg, _ = _cfg(tmp_path, 8)  # 4 meta-steps
+    plain = tmp_path / "plain"
+    train(cfg, plain, progress=False, evaluate=False)
+    rows = [json.loads(x) for x in (plain / "metrics.jsonl").read_text().splitlines()]
+    target = np.asarray(rows[1]["coefficients"]["pseudo_gradient"])  # after meta-step 2
+    real = r.validate_rule
+
+    def closeness(cfg, setup, rule):  # best (0) exactly at the step-2 rule
+        n = cfg.train.val_episodes
+        if rule is None:
+            return real(cfg, setup, rule)
+        gap = float(np.max(np.abs(np.asarray(rule.coefficients()["pseudo_gradient"]) - target)))
+        return np.full(n, -gap), np.zeros(n, bool)
+
+    monkeypatch.setattr(r, "validate_rule", closeness)
+    sel = cfg.replace(train=dataclasses.replace(cfg.train, select_every=1))
+    run = tmp_path / "sel"
+    summary = train(sel, run, progress=False, evaluate=False)
+    assert summary["train"]["selected_step"] == 2
+    assert np.array_equal(np.asarray(summary["coefficients"]["pseudo_gradient"]), target)
+    scores = [
+        json.loads(x).get("val_score") for x in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert scores[1] == 0.0 and all(s < 0 for i, s in enumerate(scores) if i != 1)
+    # interrupted after meta-step 3 (checkpoint_every = 1), then resumed: the same selection
+    again = tmp_path / "again"
+    stop_flag = r._StopFlag
+
+    class Flag(stop_flag):
+        @property
+        def set(self):  # as if SIGINT arrived during meta-step 3
+            return _lines(again / "metrics.jsonl") == 3
+
+        @set.setter
+        def set(self, value):
+            pass
+
+    monkeypatch.setattr(r, "_StopFlag", Flag)
+    with pytest.raises(Interrupted):
+        train(sel, again, progress=False, evaluate=False)
+    monkeypatch.setattr(r, "_StopFlag", stop_flag)
+    resumed = resume_run(again, progress=False)
+    assert resumed["train"]["selected_step"] == 2 and resumed["train"]["resumed_from_step"] == 3
+    assert resumed["coefficients"] == summary["coefficients"]
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
