@@ -95,6 +95,30 @@ def plot_meta_test(meta_test: dict[str, dict], out: Path, chance: float | None =
     return "meta_test.png"
 
 
+def plot_seeds(agg: dict, path: Path, chance: float | None = None, title: str = "") -> None:
+    """Held-out accuracy of each method, one dot per meta-training seed (lines join a
+    seed's methods), from :func:`metaplastic._run.aggregate_seeds`' summary."""
+    plt = _plt()
+    names = list(agg["test"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 3.8))
+    x = np.arange(len(names))
+    for i, s in enumerate(agg["seeds"]):
+        y = [np.nan if agg["test"][n][i] is None else agg["test"][n][i] for n in names]
+        ax.plot(x, y, "o-", alpha=0.7, label=f"seed {s}")
+    means = [agg["test_stats"][n]["mean"] for n in names]
+    ax.scatter(x, [np.nan if m is None else m for m in means], marker="_", s=900, c="k")
+    if chance is not None:
+        ax.axhline(chance, color="k", ls="--", lw=1)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("meta-test query accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def results_table(meta_test: dict[str, dict]) -> str:
     """Markdown table of held-out accuracy per method."""
     lines = [

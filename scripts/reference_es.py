@@ -1,19 +1,20 @@
-"""The reference set-up (DESIGN.md 4.1) meta-trained by an evolution strategy on accuracy.
+"""The reference set-up meta-trained by an evolution strategy on the error rate, several seeds.
 
-Usage: python scripts/reference_es.py [--seed 0] [--generations 100] [--eval-episodes 500]
-                                      [--reference results/reference] [--out results/reference_es]
+Usage: python scripts/reference_es.py [--seeds 3] [--seed 0] [--generations 100]
+           [--eval-episodes 500] [--reference results/reference]
+           [--runs results/reference_es/runs] [--out results/reference_es]
 
-With the gradient outer loop, the 3-term pool on the full-size Fashion-MNIST reference set-up
-collapses into a rule that makes every output uniform (query loss ln 5, chance accuracy; see
-``scripts/reproduce_reference.py``): cross-entropy rewards that hedge. This script meta-trains
-the same pool rule (FA, theta_0 = 1e-3) with OpenAI-ES whose fitness is the query **error
-rate** (``train.es_fitness = "error"``), which does not reward hedging: population 16, 8
-episodes per generation shared by all members, sigma 0.003, Adam 3e-3 on the mean.
+Meta-trains the reference pool (FA, theta_0 = 1e-3, the ``fashion_mnist_reference`` preset)
+with OpenAI-ES whose fitness is the query error rate (``train.es_fitness = "error"``, the
+default): population 16, 8 episodes per generation shared by all members, sigma 0.003, Adam
+3e-3 on the mean, the best mean on validation episodes every 20 generations kept. Each seed
+is tested on the same held-out episodes as that seed's gradient run of
+``reproduce_reference.py`` (same seed and count; run that script first) and compared with
+its FA and backprop baselines, read from ``--reference/runs/seed-<s>/summary.json``.
 
-It tests the result on the same held-out episodes (test-split images, same seed and count) as
-``reproduce_reference.py`` and puts it next to that run's three methods, read from
-``--reference/summary.json`` (run that script first). Writes ``table.md`` and the run
-directory under ``--out``.
+Resumable (a finished seed is read back, an interrupted one continues from its checkpoint).
+Writes ``--out``/``summary.json`` (per-seed accuracies, mean ± sd, gap closure, checks),
+``table.md`` and ``meta_test.png``; run directories stay under ``--runs``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import sys
 from pathlib import Path
 
 import jax
+from reproduce_reference import checks
 
 from metaplastic._config import build_config
 from metaplastic._errors import MetaplasticError
-from metaplastic._report import results_table
-from metaplastic._run import keep_failed, train
+from metaplastic._report import plot_seeds, seeds_table
+from metaplastic._run import aggregate_seeds, keep_failed, resume_run, train
 
 ES = {"outer": "'open_es'", "es_fitness": "'error'", "population": 16, "meta_batch": 8}
 
@@ -39,56 +41,97 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--generations", type=int, default=100)
-    ap.add_argument("--eval-episodes", type=int, default=500)
-    ap.add_argument("--sigma", type=float, default=0.003)
-    ap.add_argument("--lr", type=float, default=0.003)
-    ap.add_argument("--reference", type=Path, default=Path("results/reference"))
-    ap.add_argument("--out", type=Path, default=Path("results/reference_es"))
-    args = ap.parse_args()
-    ref_file = args.reference / "summary.json"
-    if not ref_file.exists():
-        fail(
-            f"{ref_file} not found; run scripts/reproduce_reference.py first (or give --reference)"
-        )
-    ref = json.loads(ref_file.read_text())
+def run_seed(run: Path, seed: int, args) -> dict:
+    try:
+        s = json.loads((run / "summary.json").read_text())
+        if s.get("meta_test"):
+            return s  # finished
+    except (OSError, ValueError):
+        pass
+    if (run / "checkpoints").is_dir():
+        return keep_failed(resume_run, run, progress=True)
     over = [f"train.{k}={v}" for k, v in ES.items()]
     over += [f"train.sigma={args.sigma}", f"train.lr={args.lr}"]
     cfg = build_config(
         "reference_pool",
         "fashion_mnist_reference",
         {
-            "seed": args.seed,
+            "seed": seed,
             "feedback": "fa",
             "episodes": args.generations * ES["meta_batch"],
             "eval_episodes": args.eval_episodes,
         },
         over,
     )
+    return keep_failed(train, cfg, run, label="learned")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--generations", type=int, default=100)
+    ap.add_argument("--eval-episodes", type=int, default=500)
+    ap.add_argument("--sigma", type=float, default=0.003)
+    ap.add_argument("--lr", type=float, default=0.003)
+    ap.add_argument("--reference", type=Path, default=Path("results/reference"))
+    ap.add_argument("--runs", type=Path, default=Path("results/reference_es/runs"))
+    ap.add_argument("--out", type=Path, default=Path("results/reference_es"))
+    args = ap.parse_args()
+    if args.seeds < 1:
+        fail(f"--seeds must be at least 1, got {args.seeds}")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    refs = {}
+    for s in seeds:
+        f = args.reference / "runs" / f"seed-{s}" / "summary.json"
+        try:
+            refs[s] = json.loads(f.read_text())["meta_test"]
+        except (OSError, ValueError, KeyError):
+            fail(f"{f}: missing or unreadable; run scripts/reproduce_reference.py first")
+        if refs[s].get("learned", {}).get("episodes") != args.eval_episodes:
+            fail(f"{f}: tested on another number of episodes than --eval-episodes")
+    summaries, failed = {}, {}
     try:
-        s = keep_failed(train, cfg, args.out, label="FA + pool (OpenAI-ES, error fitness)")
+        for s in seeds:
+            es = run_seed(args.runs / f"seed-{s}", s, args)
+            if es.get("status", "ok") != "ok":
+                failed[s] = es["status"]
+            meta_test = {"learned": es.get("meta_test", {}).get("learned")}
+            meta_test["gradient"] = refs[s]["learned"]
+            meta_test.update({k: refs[s][k] for k in ("fa", "backprop") if k in refs[s]})
+            summaries[s] = dict(es, meta_test={k: v for k, v in meta_test.items() if v})
     except MetaplasticError as err:
         fail(str(err))
-    meta_test = {
-        "FA + learned pool (gradient, reproduce_reference.py)": ref["meta_test"]["learned"],
-        "FA + learned pool (OpenAI-ES, error fitness)": next(iter(s["meta_test"].values())),
-        "FA (learning rate learned)": ref["meta_test"]["fa"],
-        "backprop (learning rate learned)": ref["meta_test"]["backprop"],
-    }
+    agg = aggregate_seeds(args.runs, seeds, summaries, failed)
+    agg["checks"] = checks(agg)
+    agg["rules"] = {str(s): summaries[s].get("rule_equation") for s in seeds}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(agg, indent=2) + "\n")
+    plot_seeds(agg, args.out / "meta_test.png", chance=0.2, title="reference set-up, OpenAI-ES")
+    c = agg["checks"]
     text = (
-        f"Fashion-MNIST reference set-up, seed {args.seed}; OpenAI-ES {args.generations} "
-        f"generations x 16 members x 8 episodes (sigma {args.sigma}, lr {args.lr}), "
-        f"{args.eval_episodes} held-out episodes from the test split, the same as "
-        f"{args.reference}'s (Student-t 95% CIs). jax {jax.__version__}; ES training "
-        f"{s['train']['train_s']:.0f} s.\n\n"
-        + results_table(meta_test)
-        + f"\n\nES rule: `{s['rule_equation']}`\n"
+        f"Fashion-MNIST reference set-up: `learned` = pool by OpenAI-ES (error-rate fitness, "
+        f"{args.generations} generations x 16 members x 8 episodes, sigma {args.sigma}, lr "
+        f"{args.lr}), `gradient` = the same pool by the gradient outer loop, `fa`/`backprop` "
+        f"= that run's baselines; seeds {seeds[0]}..{seeds[-1]}, {args.eval_episodes} "
+        f"held-out test-split episodes per seed, the same for every method of a seed. jax "
+        f"{jax.__version__}.\n\n"
+        + seeds_table(agg)
+        + "\n\nES rules:\n"
+        + "".join(f"- seed {s}: `{agg['rules'][str(s)]}`\n" for s in seeds)
+        + f"\nES learned − FA per seed: {[_r(m) for m in c['learned_minus_fa']]}; ≥ 0.15 in "
+        f"every seed: {c['learned_beats_fa_by_15_points_every_seed']}; mean gap closure ≥ "
+        f"0.75: {c['mean_gap_closure_at_least_75pct']}\n"
     )
     (args.out / "table.md").write_text(text)
     print(text)
+    if failed:
+        print(f"reference_es: failed seeds: {agg['status']}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _r(v):
+    return None if v is None else round(v, 3)
 
 
 if __name__ == "__main__":
