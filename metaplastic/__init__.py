@@ -1,36 +1,70 @@
-"""metaplastic: discover biologically plausible synaptic plasticity rules by meta-learning."""
+"""metaplastic: discover biologically plausible synaptic plasticity rules by meta-learning.
 
-from ._config import RunConfig, build_config, load_rule, load_task
-from ._data import Dataset, ImagePool, load_dataset, split_pools
+Subpackages, lowest layer first (a layer imports only the layers below it): ``rules``
+(signals, terms, rule kinds), ``inner`` (networks, credit pathways, the online episode),
+``tasks`` (data, classification, PCA, the meta-loss problem), ``outer`` (gradient and
+evolution-strategy trainers), ``export`` (equations, pruning, distillation) and ``run`` (config,
+train/discover loops, checkpoints, reports, command line). The names below are the most used
+ones of each."""
+
+from . import export, inner, outer, rules, run, tasks
 from ._errors import MetaplasticError
-from ._export import rule_expression, rule_from_json, rule_to_json
-from ._feedback import FEEDBACK_MODES, backward, init_feedback
-from ._inner import Episode, InnerResult, online_step, run_episode
-from ._meta import Problem, evaluate_rule, mean_ci95
-from ._network import NetState, Network
-from ._pca import PCATask
-from ._rule_kinds import RULE_KINDS, EquationRule, MLPRule, TaylorRule
-from ._rules import AbstractRule, PlasticFeedback, TermPoolRule
-from ._run import discover, evaluate_run, train
-from ._signals import LocalSignals, NeuronState
-from ._symbolic import parse_equation
-from ._tasks import ClassificationTask
-from ._terms import (
+from .export import rule_expression, rule_from_json, rule_to_json
+from .inner import (
+    FEEDBACK_MODES,
+    Episode,
+    InnerResult,
+    NetState,
+    Network,
+    backward,
+    init_feedback,
+    online_step,
+    run_episode,
+)
+from .outer import GradientTrainer, OuterState, make_optimizer
+from .rules import (
+    RULE_KINDS,
     TERMS,
+    AbstractRule,
     AbstractTerm,
+    EquationRule,
     ErrorHebbian,
     Hebbian,
+    LocalSignals,
+    MLPRule,
+    NeuronState,
     Oja,
+    PlasticFeedback,
     PseudoGradient,
+    TaylorRule,
+    TermPoolRule,
     WeightDecay,
+    parse_equation,
     sympy_symbols,
+    user_term,
 )
-from ._user_terms import user_term
-from .outer import GradientTrainer, OuterState, make_optimizer
+from .run import RunConfig, build_config, discover, evaluate_run, load_rule, load_task, train
+from .tasks import (
+    ClassificationTask,
+    Dataset,
+    ImagePool,
+    PCATask,
+    Problem,
+    evaluate_rule,
+    load_dataset,
+    mean_ci95,
+    split_pools,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "export",
+    "inner",
+    "outer",
+    "rules",
+    "run",
+    "tasks",
     "RULE_KINDS",
     "TERMS",
     "EquationRule",

@@ -23,8 +23,7 @@ from pathlib import Path
 import jax
 from _timing import emit_json
 
-from metaplastic._config import build_config
-from metaplastic._run import build_rule, build_setup, make_trainer
+from metaplastic.run import build_config, build_rule, build_setup, make_trainer
 
 
 def build(task: str, overrides: list[str]):

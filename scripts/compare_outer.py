@@ -24,9 +24,16 @@ from pathlib import Path
 
 import jax
 
-from metaplastic._config import build_config
-from metaplastic._report import plot_meta_test, results_table
-from metaplastic._run import build_rule, build_setup, keep_failed, make_trainer, train
+from metaplastic.run import (
+    build_config,
+    build_rule,
+    build_setup,
+    keep_failed,
+    make_trainer,
+    plot_meta_test,
+    results_table,
+    train,
+)
 
 ES_SETTINGS = {"meta_batch": 8, "population": 16, "sigma": 0.01, "lr": 0.003}
 

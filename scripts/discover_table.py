@@ -19,8 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from metaplastic._report import plot_meta_test
-from metaplastic._run import discover, keep_failed
+from metaplastic.run import discover, keep_failed, plot_meta_test
 
 
 def main() -> None:

@@ -65,10 +65,9 @@ import numpy as np
 import optax
 from _study import add_meta_args, meta_split, resolve_meta_args
 
-from metaplastic._data import load_dataset, train_test_arrays
-from metaplastic._meta import mean_ci95
-from metaplastic._report import plot_evolution
 from metaplastic.outer import evolve
+from metaplastic.run import plot_evolution
+from metaplastic.tasks import load_dataset, mean_ci95, train_test_arrays
 
 CONDITIONS = ("ei", "ei_ln", "inorm", "inorm_gradnorm", "inorm_center")
 EPSILONS = (0.0, 0.25, 0.5, 0.75)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metaplastic._chaos import kill_and_resume
+from metaplastic.run import kill_and_resume
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     ]
     ref = args.out / "uninterrupted"
     subprocess.run(
-        [sys.executable, "-m", "metaplastic._cli", "train", "--quiet", *common, "--out", str(ref)],
+        [sys.executable, "-m", "metaplastic", "train", "--quiet", *common, "--out", str(ref)],
         check=True,
         stdout=subprocess.DEVNULL,
     )

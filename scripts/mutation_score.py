@@ -1,7 +1,7 @@
 """Mutation testing of the core modules: how many small bugs do the tests catch?
 
     python scripts/mutation_score.py                      # every mutant of every core module
-    python scripts/mutation_score.py --max-mutants 8 --modules _rules.py _inner.py  # a sample
+    python scripts/mutation_score.py --max-mutants 8 --modules rules/_rules.py  # a sample
     python scripts/mutation_score.py --list               # mutant counts only, no test runs
     python scripts/mutation_score.py --only ID [ID ...]   # re-run given mutants (prints only)
 
@@ -67,32 +67,32 @@ PLUGIN = "_mutation_plugin"  # this file's name inside a scratch copy (pytest -p
 
 #: Core module -> the test files that exercise it, fastest first (run with ``-x``).
 CORE_TESTS: dict[str, list[str]] = {
-    "metaplastic/_rules.py": [
+    "metaplastic/rules/_rules.py": [
         "tests/test_terms.py",
         "tests/test_export_tasks.py",
         "tests/test_search_spaces.py",
         "tests/test_exact_updates.py",
         "tests/test_meta_gradients.py",
     ],
-    "metaplastic/_rule_kinds.py": [
+    "metaplastic/rules/_rule_kinds.py": [
         "tests/test_search_spaces.py",
         "tests/test_meta_gradients.py",
         "tests/test_properties.py",
     ],
-    "metaplastic/_terms.py": ["tests/test_terms.py", "tests/test_search_spaces.py"],
-    "metaplastic/_signals.py": ["tests/test_search_spaces.py", "tests/test_exact_updates.py"],
-    "metaplastic/_inner.py": [
+    "metaplastic/rules/_terms.py": ["tests/test_terms.py", "tests/test_search_spaces.py"],
+    "metaplastic/rules/_signals.py": ["tests/test_search_spaces.py", "tests/test_exact_updates.py"],
+    "metaplastic/inner/_episode.py": [
         "tests/test_weight_guard.py",
         "tests/test_inner.py",
         "tests/test_exact_updates.py",
     ],
-    "metaplastic/_feedback.py": [
+    "metaplastic/inner/_feedback.py": [
         "tests/test_inner.py",
         "tests/test_search_spaces.py",
         "tests/test_exact_updates.py",
     ],
-    "metaplastic/_network.py": ["tests/test_inner.py", "tests/test_exact_updates.py"],
-    "metaplastic/_pca.py": [
+    "metaplastic/inner/_network.py": ["tests/test_inner.py", "tests/test_exact_updates.py"],
+    "metaplastic/tasks/_pca.py": [
         "tests/test_weight_guard.py",
         "tests/test_search_spaces.py",
         "tests/test_units.py",
@@ -105,7 +105,7 @@ CORE_TESTS: dict[str, list[str]] = {
     ],
     "metaplastic/outer/_units.py": ["tests/test_units.py"],
     "metaplastic/outer/_evolution.py": ["tests/test_evolution.py", "tests/test_exact_updates.py"],
-    "metaplastic/_export.py": [
+    "metaplastic/export/_export.py": [
         "tests/test_export_tasks.py",
         "tests/test_user_terms.py",
         "tests/test_search_spaces.py",

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metaplastic._config import build_config
-from metaplastic._run import keep_failed, train
+from metaplastic.run import build_config, keep_failed, train
 
 USER_POOL = """[rule]
 description = "hand-made pool: pseudo-gradient + Hebbian + Oja + weight decay"

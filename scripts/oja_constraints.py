@@ -45,11 +45,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaplastic._config import build_config
-from metaplastic._export import read_rule_file
-from metaplastic._inner import run_episode
-from metaplastic._meta import evaluate_rule, mean_ci95
-from metaplastic._run import build_rule, build_setup, eval_key, keep_failed, train, validation_key
+from metaplastic.export import read_rule_file
+from metaplastic.inner import run_episode
+from metaplastic.run import (
+    build_config,
+    build_rule,
+    build_setup,
+    eval_key,
+    keep_failed,
+    train,
+    validation_key,
+)
+from metaplastic.tasks import evaluate_rule, mean_ci95
 
 METHODS = {  # label: (rule preset, feedback)
     "backprop": ("pseudo_gradient", "backprop"),

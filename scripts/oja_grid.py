@@ -44,7 +44,7 @@ KEEP = ("summary.json", "rule.json", "export.json", "config.toml")
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "metaplastic._cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "metaplastic", *args], capture_output=True, text=True
     )
 
 
@@ -91,7 +91,7 @@ def run_point(p: dict, out: Path, extra: list[str]) -> dict:
 def export_settings(extra: list[str]) -> list[str]:
     """The pca preset's export options (with ``--set`` overrides), passed explicitly so that
     ``--reexport`` applies today's settings to runs trained before they existed."""
-    from metaplastic._config import apply_overrides, build_config
+    from metaplastic.run import apply_overrides, build_config
 
     t = apply_overrides(build_config("taylor", "pca"), extra).train
     return ["--prune-effect", str(t.prune_effect), "--prune-refit", str(t.prune_refit)]

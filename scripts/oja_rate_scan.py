@@ -25,10 +25,10 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from metaplastic._errors import MetaplasticError
-from metaplastic._export import coefficient_getter, read_rule_file
-from metaplastic._meta import evaluate_rule
-from metaplastic._run import build_setup, read_run_config, validation_key
+from metaplastic import MetaplasticError
+from metaplastic.export import coefficient_getter, read_rule_file
+from metaplastic.run import build_setup, read_run_config, validation_key
+from metaplastic.tasks import evaluate_rule
 
 FACTORS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0)
 RATIOS = (0.8, 0.9, 1.0, 1.1, 1.2)

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from _timing import emit_json, median_ms
 
-from metaplastic._bench import _trainer
-from metaplastic._errors import MetaplasticError
+from metaplastic import MetaplasticError
+from metaplastic.run import bench_trainer
 
 
 def _trace_ops(fn, args_for, runs: int) -> tuple[float, dict[str, float]]:
@@ -87,7 +87,7 @@ def main() -> None:
     if args.runs < 1 or args.top < 1:
         ap.error("--runs and --top must be at least 1")
     try:
-        cfg, setup, rule, _ = _trainer(args.rule, args.task, "forward")
+        cfg, setup, rule, _ = bench_trainer(args.rule, args.task, "forward")
     except MetaplasticError as e:
         print(f"profile_meta_step: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -27,10 +27,16 @@ from pathlib import Path
 import jax
 from reproduce_reference import checks
 
-from metaplastic._config import build_config
-from metaplastic._errors import MetaplasticError
-from metaplastic._report import plot_seeds, seeds_table
-from metaplastic._run import aggregate_seeds, keep_failed, resume_run, train
+from metaplastic import MetaplasticError
+from metaplastic.run import (
+    aggregate_seeds,
+    build_config,
+    keep_failed,
+    plot_seeds,
+    resume_run,
+    seeds_table,
+    train,
+)
 
 ES = {"outer": "'open_es'", "es_fitness": "'error'", "population": 16, "meta_batch": 8}
 

@@ -28,9 +28,15 @@ from pathlib import Path
 
 import jax
 
-from metaplastic._errors import MetaplasticError
-from metaplastic._report import plot_seeds, seeds_table
-from metaplastic._run import _finished, aggregate_seeds, discover, keep_failed
+from metaplastic import MetaplasticError
+from metaplastic.run import (
+    aggregate_seeds,
+    discover,
+    finished_summary,
+    keep_failed,
+    plot_seeds,
+    seeds_table,
+)
 
 TASK, RULE = "fashion_mnist_reference", "reference_pool"
 #: the trust issue's acceptance: learned >= FA + MARGIN in every seed, mean gap closure
@@ -44,7 +50,7 @@ def fail(msg: str) -> None:
 
 def run_seed(run_dir: Path, seed: int, args) -> dict:
     table = {"seed": seed, "eval_episodes": args.eval_episodes}
-    if all(_finished(d, k) for d, k in _dirs(run_dir)):
+    if all(finished_summary(d, k) for d, k in _dirs(run_dir)):
         return json.loads((run_dir / "summary.json").read_text())
     resume = (run_dir / "discover.json").is_file()
     return keep_failed(

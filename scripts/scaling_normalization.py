@@ -41,12 +41,10 @@ import numpy as np
 import optax
 from _study import add_meta_args, meta_split, resolve_meta_args
 
-from metaplastic._data import load_dataset, train_test_arrays
-from metaplastic._meta import mean_ci95
-from metaplastic._report import plot_evolution
-from metaplastic._signals import LocalSignals
-from metaplastic._terms import TERMS
 from metaplastic.outer import evolve
+from metaplastic.rules import TERMS, LocalSignals
+from metaplastic.run import plot_evolution
+from metaplastic.tasks import load_dataset, mean_ci95, train_test_arrays
 
 CONDITIONS = (
     "none",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 def sh(*args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "metaplastic._cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "metaplastic", *args], capture_output=True, text=True
     )
     if out.returncode != 0:
         sys.exit(f"failed: metaplastic {' '.join(args)}\n{out.stderr}")

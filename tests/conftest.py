@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from metaplastic._data import load_dataset, split_pools
-from metaplastic._meta import Problem
-from metaplastic._network import Network
-from metaplastic._signals import LocalSignals
-from metaplastic._tasks import ClassificationTask
+from metaplastic.inner._network import Network
+from metaplastic.rules._signals import LocalSignals
+from metaplastic.tasks._classification import ClassificationTask
+from metaplastic.tasks._data import load_dataset, split_pools
+from metaplastic.tasks._problem import Problem
 
 POOL_TERMS = ["pseudo_gradient", "error_hebbian", "oja"]
 

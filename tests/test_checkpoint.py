@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metaplastic._chaos import kill_and_resume
-from metaplastic._checkpoint import checkpoint_dir, load_latest, read_checkpoint
-from metaplastic._config import build_config
 from metaplastic._errors import MetaplasticError, RunFailed
-from metaplastic._run import Interrupted, resume_run, train
+from metaplastic.run._chaos import kill_and_resume
+from metaplastic.run._checkpoint import checkpoint_dir, load_latest, read_checkpoint
+from metaplastic.run._config import build_config
+from metaplastic.run._run import Interrupted, resume_run, train
 
 TASK = """
 [task]
@@ -101,7 +101,7 @@ def _like(cfg):
     """A fresh outer-loop state with the structure the run's checkpoints have."""
     import jax
 
-    from metaplastic._run import build_rule, build_setup, make_trainer
+    from metaplastic.run._run import build_rule, build_setup, make_trainer
 
     setup = build_setup(cfg)
     rule = build_rule(cfg, setup.net.n_layers)
@@ -111,7 +111,7 @@ def _like(cfg):
 def test_sigint_checkpoints_and_stops(tmp_path, monkeypatch):
     cfg, _ = _cfg(tmp_path, 20)
     run = tmp_path / "run"
-    import metaplastic._run as r
+    import metaplastic.run._run as r
 
     class Flag(r._StopFlag):
         def __enter__(self):
@@ -157,7 +157,7 @@ def test_rule_that_diverges_at_once_stops_before_step_one(tmp_path):
 def test_select_every_keeps_the_best_rule_on_validation_and_resumes_it(tmp_path, monkeypatch):
     """train.select_every: the learned rule is the one scored best on validation episodes
     (here, by construction, the rule of meta-step 2 of 4), also after an interrupt."""
-    import metaplastic._run as r
+    import metaplastic.run._run as r
 
     cfg, _ = _cfg(tmp_path, 8)  # 4 meta-steps
     plain = tmp_path / "plain"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from metaplastic._cli import main
+from metaplastic.run._cli import main
 
 from .conftest import tiny_task
 
@@ -140,7 +140,7 @@ def test_malformed_rule_file_subprocess(tmp_path):
         [
             sys.executable,
             "-m",
-            "metaplastic._cli",
+            "metaplastic",
             "train",
             "--rule",
             str(rule),
@@ -199,8 +199,8 @@ def test_rule_no_better_than_its_start_fails_and_export_refuses(tmp_path):
 
 def test_run_status_checks_in_order():
     """The end-of-run verdict: diverged, then too many bad steps, then no improvement."""
-    from metaplastic._config import build_config
-    from metaplastic._run import run_status
+    from metaplastic.run._config import build_config
+    from metaplastic.run._run import run_status
 
     cfg = build_config("pool", "digits")
     n = 100
@@ -243,7 +243,7 @@ def test_train_with_several_seeds_aggregates(tmp_path):
 
 
 def test_sign_agreement():
-    from metaplastic._run import sign_agreement
+    from metaplastic.run._run import sign_agreement
 
     coefs = [{"a": 1.0, "b": [1.0, -1.0]}, {"a": 2.0, "b": [1.0, 1.0]}, {"a": -1.0, "b": [1, 1]}]
     got = sign_agreement(coefs)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metaplastic._config import (
+from metaplastic._errors import MetaplasticError
+from metaplastic.run._config import (
     apply_overrides,
     build_config,
     config_from_dict,
@@ -13,7 +14,6 @@ from metaplastic._config import (
     load_rule,
     load_task,
 )
-from metaplastic._errors import MetaplasticError
 
 
 def test_presets_are_listed_and_load():
@@ -134,7 +134,7 @@ def test_bad_overrides(override, msg):
 
 
 def test_impossible_task_shapes():
-    from metaplastic._run import build_setup
+    from metaplastic.run._run import build_setup
 
     cfg = build_config("pool", "digits", overrides=["task.n_way=11"])
     with pytest.raises(MetaplasticError, match="larger than the 10 classes"):
@@ -146,7 +146,7 @@ def test_impossible_task_shapes():
 
 def test_output_width_separate_from_n_way():
     """network.n_out sets the output layer (0 = n_way); fewer units than classes is refused."""
-    from metaplastic._run import build_setup
+    from metaplastic.run._run import build_setup
 
     assert build_setup(build_config("pool", "digits")).net.sizes[-1] == 10  # the preset
     narrow = build_config("pool", "digits", overrides=["network.n_out=0"])
@@ -158,7 +158,7 @@ def test_output_width_separate_from_n_way():
 
 
 def test_validation_split_is_disjoint_from_meta_train_and_meta_test():
-    from metaplastic._run import build_setup
+    from metaplastic.run._run import build_setup
 
     setup = build_setup(build_config("pool", "digits"))
     rows = [

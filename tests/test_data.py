@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metaplastic._data import load_dataset, read_idx, split_pools
 from metaplastic._errors import MetaplasticError
+from metaplastic.tasks._data import load_dataset, read_idx, split_pools
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -121,7 +121,7 @@ def test_missing_files_say_how_to_get_them(tmp_path):
 def test_corrupted_idx_through_the_cli(tmp_path):
     from click.testing import CliRunner
 
-    from metaplastic._cli import main
+    from metaplastic.run._cli import main
 
     folder = write_set(tmp_path / "c")
     p = folder / "train-images-idx3-ubyte.gz"

@@ -22,8 +22,8 @@ SCRIPT = r"""
 import json, sys, tempfile
 from pathlib import Path
 import jax
-from metaplastic._config import build_config
-from metaplastic._run import train
+from metaplastic.run._config import build_config
+from metaplastic.run._run import train
 assert len(jax.devices()) == 4, jax.devices()
 tmp = Path(tempfile.mkdtemp())
 (tmp / "t.toml").write_text(sys.argv[1])
@@ -55,7 +55,7 @@ def test_one_and_four_devices_agree_bit_for_bit():
 def test_device_settings_are_validated():
     import pytest
 
-    from metaplastic._sharding import AxisSharding
+    from metaplastic.outer._sharding import AxisSharding
 
     with pytest.raises(MetaplasticError, match="sees 1 device"):
         AxisSharding(4, 8, "meta_batch")
@@ -78,8 +78,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_over_loopback_match_a_single_process(tmp_path):
-    from metaplastic._config import build_config
-    from metaplastic._run import train
+    from metaplastic.run._config import build_config
+    from metaplastic.run._run import train
 
     task = tmp_path / "t.toml"
     task.write_text(TASK)
@@ -118,7 +118,7 @@ def test_two_processes_over_loopback_match_a_single_process(tmp_path):
                 [
                     sys.executable,
                     "-m",
-                    "metaplastic._cli",
+                    "metaplastic",
                     "train",
                     *common,
                     "--set",
@@ -151,7 +151,7 @@ def test_two_processes_over_loopback_match_a_single_process(tmp_path):
 def test_multi_process_settings_are_checked():
     import pytest
 
-    from metaplastic._distributed import init_distributed
+    from metaplastic.run._distributed import init_distributed
 
     assert init_distributed(None, None, None) is False
     with pytest.raises(MetaplasticError, match="needs --num-processes and --process-id"):

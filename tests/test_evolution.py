@@ -9,10 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaplastic._config import build_config
 from metaplastic._errors import MetaplasticError
-from metaplastic._rules import TermPoolRule
-from metaplastic._run import Interrupted, resume_run, train
 from metaplastic.outer._evolution import (
     STRATEGY_ALIASES,
     UNSUPPORTED,
@@ -22,6 +19,9 @@ from metaplastic.outer._evolution import (
     make_strategy,
     strategy_names,
 )
+from metaplastic.rules._rules import TermPoolRule
+from metaplastic.run._config import build_config
+from metaplastic.run._run import Interrupted, resume_run, train
 
 from .conftest import POOL_TERMS
 from .test_checkpoint import TASK
@@ -121,7 +121,7 @@ def test_es_resume_is_bit_identical(tmp_path, monkeypatch):
     )
     ref = tmp_path / "ref"
     train(cfg, ref, progress=False, evaluate=False)
-    import metaplastic._run as r
+    import metaplastic.run._run as r
 
     calls = {"n": 0}
 

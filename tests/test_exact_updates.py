@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from metaplastic._errors import MetaplasticError
-from metaplastic._feedback import backward
-from metaplastic._inner import Carry, apply_rule
-from metaplastic._meta import Problem
-from metaplastic._network import Network
-from metaplastic._rules import PlasticFeedback, TermPoolRule
-from metaplastic._signals import NeuronState
-from metaplastic._tasks import ClassificationTask
+from metaplastic.inner._episode import Carry, apply_rule
+from metaplastic.inner._feedback import backward
+from metaplastic.inner._network import Network
 from metaplastic.outer import GradientTrainer, make_optimizer
 from metaplastic.outer._evolution import EvolutionTrainer, strategy_names
+from metaplastic.rules._rules import PlasticFeedback, TermPoolRule
+from metaplastic.rules._signals import NeuronState
+from metaplastic.tasks._classification import ClassificationTask
+from metaplastic.tasks._problem import Problem
 
 from .conftest import random_signals
 

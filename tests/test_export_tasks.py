@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaplastic._data import split_pools
 from metaplastic._errors import MetaplasticError
-from metaplastic._export import (
+from metaplastic.export._export import (
     RULE_JSON_VERSION,
     equations,
     format_rule,
     rule_from_json,
     rule_to_json,
 )
-from metaplastic._rules import TermPoolRule
-from metaplastic._tasks import ClassificationTask
+from metaplastic.rules._rules import TermPoolRule
+from metaplastic.tasks._classification import ClassificationTask
+from metaplastic.tasks._data import split_pools
 
 
 def test_json_round_trip_and_pruning():
@@ -111,7 +111,7 @@ def test_episode_images_are_distinct_and_cover_the_class():
     """Images are drawn without replacement within an episode, and every image of a class
     gets drawn across episodes (the top-k-of-uniform-keys sampler is not biased to a
     subset)."""
-    from metaplastic._data import ImagePool
+    from metaplastic.tasks._data import ImagePool
 
     n_cls, per = 3, 12
     pool = ImagePool(

@@ -7,7 +7,7 @@ import random
 import pytest
 from click.testing import CliRunner
 
-from metaplastic._cli import main
+from metaplastic.run._cli import main
 
 VALID_TASK = {
     "task": {"dataset": '"digits"', "n_way": "3", "k_shot": "2", "q_query": "2"},

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaplastic._feedback import backward, init_feedback
-from metaplastic._inner import Carry, online_step, query_metrics, run_episode
-from metaplastic._network import Network
-from metaplastic._rules import TermPoolRule
+from metaplastic.inner._episode import Carry, online_step, query_metrics, run_episode
+from metaplastic.inner._feedback import backward, init_feedback
+from metaplastic.inner._network import Network
+from metaplastic.rules._rules import TermPoolRule
 
 
 def _ce(net, state, x, label):
@@ -153,7 +153,7 @@ def test_non_finite_logits_are_never_correct(small_net, key):
 
 
 def test_problem_outcomes_count_diverged_episodes(small_problem):
-    from metaplastic._meta import evaluate_outcomes
+    from metaplastic.tasks._problem import evaluate_outcomes
 
     keys = jax.random.key(2)
     blow = TermPoolRule.from_names(["pseudo_gradient", "hebbian"], [0.1, 1e4])

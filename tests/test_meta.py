@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaplastic._meta import Problem, mean_ci95
-from metaplastic._rules import TermPoolRule
 from metaplastic.outer import GradientTrainer, OuterState, make_optimizer
+from metaplastic.rules._rules import TermPoolRule
+from metaplastic.tasks._problem import Problem, mean_ci95
 
 from .conftest import POOL_TERMS
 
@@ -154,7 +154,7 @@ def test_huge_meta_gradients_are_rescaled_not_silently_dropped():
 
 def test_stalled_outer_loop_is_reported():
     """Coefficients that stop moving while the meta-gradient is finite get one warning."""
-    from metaplastic._run import _StallWatch
+    from metaplastic.run._run import _StallWatch
 
     watch = _StallWatch("x", patience=2)
 

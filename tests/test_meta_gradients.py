@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from metaplastic._feedback import FEEDBACK_MODES
-from metaplastic._meta import Problem
-from metaplastic._network import Network
-from metaplastic._rule_kinds import RULE_KINDS, EquationRule, MLPRule, TaylorRule
-from metaplastic._rules import PlasticFeedback, TermPoolRule
-from metaplastic._tasks import ClassificationTask
+from metaplastic.inner._feedback import FEEDBACK_MODES
+from metaplastic.inner._network import Network
 from metaplastic.outer import GradientTrainer, make_optimizer
+from metaplastic.rules import RULE_KINDS, EquationRule, MLPRule, TaylorRule
+from metaplastic.rules._rules import PlasticFeedback, TermPoolRule
+from metaplastic.tasks._classification import ClassificationTask
+from metaplastic.tasks._problem import Problem
 
 #: one small, learning example per rule kind (the wrapper kind wraps a pool)
 EXAMPLES = {

@@ -26,7 +26,19 @@ import tomli_w
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from metaplastic._config import (
+from metaplastic._errors import MetaplasticError
+from metaplastic.export._export import equation_rule_from_export, format_rule, rule_from_json
+from metaplastic.inner._episode import OBJECTIVES
+from metaplastic.inner._feedback import FEEDBACK_MODES
+from metaplastic.inner._network import ACTIVATIONS
+from metaplastic.outer import GRADIENT_MODES, OPTIMIZERS
+from metaplastic.outer._evolution import ES_OBJECTIVES, FITNESS_SHAPING, strategy_names
+from metaplastic.outer._units import UNITS
+from metaplastic.rules._rule_kinds import MONOMIALS, EquationRule, TaylorRule, monomial_expr
+from metaplastic.rules._rules import PlasticFeedback, TermPoolRule
+from metaplastic.rules._symbolic import is_matrix
+from metaplastic.rules._terms import TERMS
+from metaplastic.run._config import (
     SECTIONS,
     TASK_KINDS,
     RunConfig,
@@ -35,20 +47,8 @@ from metaplastic._config import (
     config_from_dict,
     load_task,
 )
-from metaplastic._data import DATASETS, EMNIST_SPLITS, read_idx
-from metaplastic._errors import MetaplasticError
-from metaplastic._export import equation_rule_from_export, format_rule, rule_from_json
-from metaplastic._feedback import FEEDBACK_MODES
-from metaplastic._inner import OBJECTIVES
-from metaplastic._network import ACTIVATIONS
-from metaplastic._rule_kinds import MONOMIALS, EquationRule, TaylorRule, monomial_expr
-from metaplastic._rules import PlasticFeedback, TermPoolRule
-from metaplastic._run import read_run_config, start_run_dir
-from metaplastic._symbolic import is_matrix
-from metaplastic._terms import TERMS
-from metaplastic.outer import GRADIENT_MODES, OPTIMIZERS
-from metaplastic.outer._evolution import ES_OBJECTIVES, FITNESS_SHAPING, strategy_names
-from metaplastic.outer._units import UNITS
+from metaplastic.run._run import read_run_config, start_run_dir
+from metaplastic.tasks._data import DATASETS, EMNIST_SPLITS, read_idx
 
 from .conftest import random_signals
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from metaplastic._checkpoint import checkpoint_dir
-from metaplastic._cli import _default_out, main
-from metaplastic._config import build_config
+from metaplastic.run._checkpoint import checkpoint_dir
+from metaplastic.run._cli import _default_out, main
+from metaplastic.run._config import build_config
 
 from .conftest import tiny_task
 
@@ -135,7 +135,7 @@ def test_default_out_never_collides(tmp_path, monkeypatch):
 
 
 def test_discover_ctrl_c_exits_130_naming_the_resume_command(monkeypatch, tmp_path):
-    import metaplastic._run as r
+    import metaplastic.run._run as r
 
     def interrupted(out, *args, **kwargs):
         raise r.Interrupted(
@@ -152,7 +152,7 @@ def test_discover_ctrl_c_exits_130_naming_the_resume_command(monkeypatch, tmp_pa
 def test_nested_stop_flags_see_a_signal_caught_by_the_outer_one():
     import signal
 
-    from metaplastic._run import _StopFlag
+    from metaplastic.run._run import _StopFlag
 
     with _StopFlag() as outer:
         outer._handle(signal.SIGINT, None)  # Ctrl-C between two runs
@@ -173,7 +173,7 @@ def _thetas(out: Path) -> dict[str, list]:
 def test_discover_interrupted_twice_then_resumed_matches_an_uninterrupted_run(
     tmp_path, task, monkeypatch
 ):
-    import metaplastic._run as r
+    import metaplastic.run._run as r
 
     table = {"seed": 1, "episodes": 6, "eval_episodes": 8}
     ref = tmp_path / "ref"
@@ -263,7 +263,7 @@ def test_discover_configs_rule_task_and_overrides(task):
     """--rule replaces only the learned rule; baselines start at its pseudo-gradient
     coefficient; rule.* overrides reach only the learned rule, others every method."""
     from metaplastic._errors import MetaplasticError
-    from metaplastic._run import DISCOVER_METHODS, discover_configs
+    from metaplastic.run._run import DISCOVER_METHODS, discover_configs
 
     cfgs = discover_configs(
         {"episodes": 4},
@@ -290,7 +290,7 @@ def test_discover_configs_rule_task_and_overrides(task):
 
 
 def test_discover_cli_passes_rule_task_and_overrides(monkeypatch, tmp_path, task):
-    import metaplastic._run as r
+    import metaplastic.run._run as r
 
     seen = {}
 

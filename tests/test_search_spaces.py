@@ -14,27 +14,27 @@ import pytest
 import sympy as sp
 
 from metaplastic._errors import MetaplasticError
-from metaplastic._export import (
+from metaplastic.export._export import (
     equation_rule_from_export,
     format_rule,
     prune_by_effect,
     rule_from_json,
     rule_to_json,
 )
-from metaplastic._feedback import backward, init_feedback
-from metaplastic._inner import Carry, online_step, run_episode
-from metaplastic._network import Network
-from metaplastic._rule_kinds import (
+from metaplastic.inner._episode import Carry, online_step, run_episode
+from metaplastic.inner._feedback import backward, init_feedback
+from metaplastic.inner._network import Network
+from metaplastic.rules._rule_kinds import (
     MONOMIALS,
     EquationRule,
     MLPRule,
     TaylorRule,
     monomial_index,
 )
-from metaplastic._rules import PlasticFeedback, TermPoolRule
-from metaplastic._signals import NeuronState
-from metaplastic._symbolic import is_matrix, parse_equation, scalar_symbols
-from metaplastic._terms import TERMS, sympy_symbols
+from metaplastic.rules._rules import PlasticFeedback, TermPoolRule
+from metaplastic.rules._signals import NeuronState
+from metaplastic.rules._symbolic import is_matrix, parse_equation, scalar_symbols
+from metaplastic.rules._terms import TERMS, sympy_symbols
 
 from .conftest import random_signals
 
@@ -159,7 +159,7 @@ def test_mlp_sympy_form_with_two_hidden_layers_and_biases():
 def test_pca_task_start_scale_and_online_error():
     """``w0`` scales with ``init_scale``; the pca task's per-step ``train_loss`` is the
     reconstruction error ``||x_t - w (w . x_t)||^2`` of the sample before the update."""
-    from metaplastic._pca import PCATask
+    from metaplastic.tasks._pca import PCATask
 
     key = jax.random.key(3)
     task = PCATask(4, 5, 0.5)
@@ -434,7 +434,7 @@ def test_prune_by_effect_final_refit_readjusts_after_plain_drops():
 
 
 def test_distillation_recovers_a_known_polynomial(small_problem):
-    from metaplastic._distill import distill
+    from metaplastic.export._distill import distill
 
     theta = np.zeros(81, np.float32)
     theta[monomial_index("e*x")] = -0.1
@@ -449,9 +449,9 @@ def test_distillation_recovers_a_known_polynomial(small_problem):
 
 def test_pca_meta_learning_recovers_oja():
     """Small instance of the ground-truth acceptance: Taylor basis on the pca task."""
-    from metaplastic._config import build_config
-    from metaplastic._export import export_run
-    from metaplastic._run import build_rule, build_setup, make_trainer
+    from metaplastic.run._config import build_config
+    from metaplastic.run._exporting import export_run
+    from metaplastic.run._run import build_rule, build_setup, make_trainer
 
     cfg = build_config(
         "taylor",
@@ -493,9 +493,9 @@ def test_pca_meta_learning_recovers_oja():
 def test_export_refit_trains_only_the_kept_coefficients():
     """``train.prune_refit``'s refit: the run's gradient outer loop for that many steps on
     meta-train episodes; the coefficients not kept stay exactly 0, the kept ones move."""
-    from metaplastic._config import build_config
-    from metaplastic._export import _refitter
-    from metaplastic._run import build_setup
+    from metaplastic.run._config import build_config
+    from metaplastic.run._exporting import _refitter
+    from metaplastic.run._run import build_setup
 
     cfg = build_config(
         "taylor", "pca", {"meta_batch": 4}, ["task.steps=20", "task.dim=3", "train.lr=0.05"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from metaplastic._rules import TermPoolRule
-from metaplastic._terms import TERMS, sympy_symbols
+from metaplastic.rules._rules import TermPoolRule
+from metaplastic.rules._terms import TERMS, sympy_symbols
 
 from .conftest import random_signals
 

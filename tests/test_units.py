@@ -10,13 +10,13 @@ import optax
 import pytest
 
 from metaplastic._errors import MetaplasticError
-from metaplastic._meta import Problem
-from metaplastic._network import Network
-from metaplastic._pca import PCATask
-from metaplastic._rule_kinds import MONOMIALS, TaylorRule, monomial_index
-from metaplastic._rules import TermPoolRule
+from metaplastic.inner._network import Network
 from metaplastic.outer import GradientTrainer
 from metaplastic.outer._units import episode_units
+from metaplastic.rules._rule_kinds import MONOMIALS, TaylorRule, monomial_index
+from metaplastic.rules._rules import TermPoolRule
+from metaplastic.tasks._pca import PCATask
+from metaplastic.tasks._problem import Problem
 
 DEGREE = np.array([a + b + d for a, b, c, d in MONOMIALS])  # powers of x, y, e (not W)
 
@@ -121,8 +121,8 @@ def test_sgd_in_units_steps_by_lr_times_unit_squared_times_gradient(small_proble
 
 
 def test_units_reach_the_run_summary_and_bad_names_are_refused(tmp_path):
-    from metaplastic._config import build_config
-    from metaplastic._run import train
+    from metaplastic.run._config import build_config
+    from metaplastic.run._run import train
 
     with pytest.raises(MetaplasticError, match="train.units"):
         build_config("taylor", "pca", {}, ["train.units=epsiode"])

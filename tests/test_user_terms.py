@@ -15,10 +15,10 @@ import pytest
 import tomli_w
 from click.testing import CliRunner
 
-from metaplastic._cli import main
 from metaplastic._errors import MetaplasticError
-from metaplastic._export import read_rule_file, rule_from_json, rule_to_json
-from metaplastic._rules import TermPoolRule
+from metaplastic.export._export import read_rule_file, rule_from_json, rule_to_json
+from metaplastic.rules._rules import TermPoolRule
+from metaplastic.run._cli import main
 
 from .conftest import tiny_task
 

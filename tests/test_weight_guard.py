@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metaplastic._meta import Problem
-from metaplastic._network import Network
-from metaplastic._pca import PCATask
-from metaplastic._rule_kinds import TaylorRule, monomial_index
-from metaplastic._rules import TermPoolRule
-from metaplastic._tasks import ClassificationTask
+from metaplastic.inner._network import Network
 from metaplastic.outer import GradientTrainer
+from metaplastic.rules._rule_kinds import TaylorRule, monomial_index
+from metaplastic.rules._rules import TermPoolRule
+from metaplastic.tasks._classification import ClassificationTask
+from metaplastic.tasks._pca import PCATask
+from metaplastic.tasks._problem import Problem
 
 
 def _hebbian(c: float) -> TaylorRule:

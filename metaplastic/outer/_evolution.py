@@ -22,9 +22,9 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
-from .._meta import Problem
-from .._rules import AbstractRule
-from .._sharding import AxisSharding
+from ..rules._rules import AbstractRule
+from ..tasks._problem import Problem
+from ._sharding import AxisSharding
 
 #: Short names for the common strategies; any evosax algorithm class name also works.
 STRATEGY_ALIASES = {

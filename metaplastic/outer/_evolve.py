@@ -1,7 +1,7 @@
 """Evolve the coefficients of any training procedure: a generic evosax loop.
 
 :class:`~metaplastic.outer._evolution.EvolutionTrainer` meta-learns a plasticity *rule* on a
-:class:`~metaplastic._meta.Problem`. Studies that wrap their own training procedure (say,
+:class:`~metaplastic.tasks._problem.Problem`. Studies that wrap their own training procedure (say,
 mini-batch SGD plus a synaptic-scaling step whose coefficients are to be learned) need the
 same machinery on a plain function instead: :func:`evolve` takes ``fitness(params, key)``
 (lower is better, jittable) and runs one jitted generation per step, with every member and

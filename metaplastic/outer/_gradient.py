@@ -9,9 +9,9 @@ import optax
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
-from .._meta import Problem
-from .._rules import AbstractRule
-from .._sharding import AxisSharding
+from ..rules._rules import AbstractRule
+from ..tasks._problem import Problem
+from ._sharding import AxisSharding
 
 OPTIMIZERS = {
     "adam": optax.adam,

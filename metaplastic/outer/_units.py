@@ -36,8 +36,8 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import PRNGKeyArray
 
 from .._errors import MetaplasticError
-from .._meta import Problem
-from .._rules import AbstractRule
+from ..rules._rules import AbstractRule
+from ..tasks._problem import Problem
 
 #: ``train.units`` values: raw coefficients, or units of per-episode weight change
 UNITS = ("none", "episode")

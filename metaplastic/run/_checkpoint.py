@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 
-from ._errors import MetaplasticError
+from .._errors import MetaplasticError
+from .._io import atomic_write
 
 FORMAT = "metaplastic-checkpoint"
 VERSION = 1
@@ -29,28 +29,6 @@ SUFFIX = ".mpk"
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from ._errors import MetaplasticError
+from .._errors import MetaplasticError
 
 _STARTED = False
 

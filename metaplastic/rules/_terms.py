@@ -29,7 +29,7 @@ def sympy_symbols() -> dict[str, sp.Basic]:
     ``n_out x 1``), ``e_pre`` (pre error, ``n_in x 1``), ``W`` (``n_out x n_in``), the
     all-ones vectors ``one_in`` (``n_in x 1``) and ``one_out`` (``n_out x 1``), the
     per-neuron state ``ybar``, ``theta_M`` and ``nrm0`` (``n_out x 1``, see
-    :class:`~metaplastic._signals.LocalSignals`), and the dimension symbols ``n_in``,
+    :class:`~metaplastic.rules._signals.LocalSignals`), and the dimension symbols ``n_in``,
     ``n_out``.
     """
     n_in, n_out = sp.symbols("n_in n_out", integer=True, positive=True)

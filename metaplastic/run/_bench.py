@@ -21,8 +21,8 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from .._errors import MetaplasticError
 from ._config import build_config
-from ._errors import MetaplasticError
 from ._run import build_rule, build_setup, make_trainer
 
 UNROLLS = (250, 1000, 4000)
@@ -30,7 +30,7 @@ UNROLLS = (250, 1000, 4000)
 GRADIENT_MODES = ("forward", "reverse")
 
 
-def _trainer(rule_spec: str, task_spec: str, mode: str, overrides=(), remat=False):
+def bench_trainer(rule_spec: str, task_spec: str, mode: str, overrides=(), remat=False):
     """The run's own trainer (via :func:`make_trainer`) with the gradient mode forced."""
     extra = [f"train.gradient='{mode}'", f"train.remat={'true' if remat else 'false'}"]
     cfg = build_config(rule_spec, task_spec, overrides=[*overrides, *extra])
@@ -40,7 +40,7 @@ def _trainer(rule_spec: str, task_spec: str, mode: str, overrides=(), remat=Fals
 
 
 def _time_meta_step(rule_spec, task_spec, mode, repeats, steps, overrides=()):
-    cfg, _, rule, tr = _trainer(rule_spec, task_spec, mode, overrides)
+    cfg, _, rule, tr = bench_trainer(rule_spec, task_spec, mode, overrides)
     state = tr.init(rule, jax.random.key(0))
     t0 = time.perf_counter()
     state, _ = tr.step(state)
@@ -57,7 +57,7 @@ def _time_meta_step(rule_spec, task_spec, mode, repeats, steps, overrides=()):
 
 
 def _time_es_eval(rule_spec, task_spec, batch, repeats):
-    cfg, setup, rule, _ = _trainer(rule_spec, task_spec, "forward")
+    cfg, setup, rule, _ = bench_trainer(rule_spec, task_spec, "forward")
     problem = setup.problem(cfg)
     f = eqx.filter_jit(lambda r, k: problem.meta_loss(r, jax.random.split(k, batch), 0.0)[0])
     jax.block_until_ready(f(rule, jax.random.key(0)))
@@ -79,7 +79,7 @@ def _child_rss(rule_spec: str, task_spec: str, T: int, mode: str) -> dict[str, f
     k = max(1, T // cfg.task.n_way)
     overrides = [f"task.k_shot={k}", "train.meta_batch=1", "train.episodes=1"]
     remat = mode == "reverse_remat"
-    _, _, rule, tr = _trainer(
+    _, _, rule, tr = bench_trainer(
         rule_spec, task_spec, "reverse" if remat else "forward", overrides, remat=remat
     )
     state = tr.init(rule, jax.random.key(0))
@@ -150,7 +150,15 @@ def run_bench(
         for T in unrolls:
             progress(f"peak memory, {mode}, T={T} ...")
             proc = subprocess.run(
-                [sys.executable, "-m", "metaplastic._bench", rule_spec, task_spec, str(T), mode],
+                [
+                    sys.executable,
+                    "-m",
+                    "metaplastic.run._bench",
+                    rule_spec,
+                    task_spec,
+                    str(T),
+                    mode,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=900,

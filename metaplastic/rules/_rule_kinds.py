@@ -2,7 +2,7 @@
 
 All act elementwise on the synapse ``(i, j)`` of a layer, reading ``x_j`` (pre), ``y_i``
 (post), ``W_ij`` and ``e_i`` (post error); their sympy forms are elementwise expressions in
-the scalar symbols of :func:`metaplastic._symbolic.scalar_symbols`.
+the scalar symbols of :func:`metaplastic.rules._symbolic.scalar_symbols`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import sympy as sp
 from jaxtyping import Array, Float
 
-from ._errors import MetaplasticError
-from ._rules import AbstractRule, PlasticFeedback, TermPoolRule, l1_norm
+from .._errors import MetaplasticError
+from ._rules import AbstractRule, l1_norm, register_rule_kind
 from ._signals import LocalSignals
 from ._symbolic import (
     STATE_SIGNALS,
@@ -385,15 +385,5 @@ class EquationRule(AbstractRule):
         return cls.from_text(eqs, float(data.get("state_rate", 0.1)))
 
 
-#: Rule kind name -> class (the ``kind`` of rule files and exported rule JSON).
-RULE_KINDS: dict[str, type[AbstractRule]] = {
-    cls.kind: cls for cls in (TermPoolRule, TaylorRule, MLPRule, EquationRule, PlasticFeedback)
-}
-
-
-def rule_from_data(data: dict) -> AbstractRule:
-    """Rebuild a rule from :meth:`AbstractRule.to_json_data` output (raises on bad data)."""
-    kind = data.get("kind") if isinstance(data, dict) else None
-    if kind not in RULE_KINDS:
-        raise ValueError(f"unknown rule kind {kind!r}")
-    return RULE_KINDS[kind].from_json_data(data)
+for _kind in (TaylorRule, MLPRule, EquationRule):
+    register_rule_kind(_kind)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._errors import MetaplasticError, unknown_name
+from .._errors import MetaplasticError, unknown_name
 
 DATASETS = ("digits", "fashion_mnist", "mnist", "emnist", "mnist1d")
 DEFAULT_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}

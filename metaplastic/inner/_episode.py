@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ..rules._rules import AbstractRule
+from ..rules._signals import LocalSignals, NeuronState
 from ._feedback import backward, init_feedback
 from ._network import NetState, Network
-from ._rules import AbstractRule
-from ._signals import LocalSignals, NeuronState
 
 
 class Episode(eqx.Module):

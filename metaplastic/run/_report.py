@@ -97,7 +97,7 @@ def plot_meta_test(meta_test: dict[str, dict], out: Path, chance: float | None =
 
 def plot_seeds(agg: dict, path: Path, chance: float | None = None, title: str = "") -> None:
     """Held-out accuracy of each method, one dot per meta-training seed (lines join a
-    seed's methods), from :func:`metaplastic._run.aggregate_seeds`' summary."""
+    seed's methods), from :func:`metaplastic.run._run.aggregate_seeds`' summary."""
     plt = _plt()
     names = list(agg["test"])
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 3.8))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._errors import MetaplasticError, unknown_name
+from .._errors import MetaplasticError, unknown_name
 
 ACTIVATIONS = ("softplus", "relu", "tanh", "linear")
 

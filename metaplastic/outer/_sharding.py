@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._errors import MetaplasticError
+from .._errors import MetaplasticError
 
 #: ``train.vmap_width = 0`` (auto): every device runs ``lax.map`` over single entries
 #: (vmapped one at a time). Results are then bit-identical for any device count, since every

@@ -40,7 +40,7 @@ from typing import Any
 import equinox as eqx
 import sympy as sp
 
-from ._errors import MetaplasticError
+from .._errors import MetaplasticError
 from ._terms import AbstractTerm, sympy_symbols
 
 #: Folder of a run directory holding the copied user-term files.
@@ -89,7 +89,7 @@ class FunctionTerm(AbstractTerm):
 def user_term(*, sympy: Callable, description: str = "user term", stateful: bool = False):
     """Decorator marking ``fn(signals) -> (n_out, n_in)`` as a plasticity term.
 
-    ``sympy`` maps the symbol table of :func:`~metaplastic._terms.sympy_symbols` to the same
+    ``sympy`` maps the symbol table of :func:`~metaplastic.rules._terms.sympy_symbols` to the same
     update as a sympy matrix expression. ``stateful=True`` if ``fn`` reads ``s.ybar``,
     ``s.theta_M`` or ``s.nrm0``.
     """
@@ -234,7 +234,7 @@ def _copy_name(stem: str, taken: set[str]) -> str:
 
 def copy_sources(sources: dict[str, bytes | None], run_dir: Path) -> dict[str, dict[str, str]]:
     """Write each file of :func:`read_sources` to ``run_dir/user_terms/``; the manifest."""
-    from ._checkpoint import atomic_write
+    from .._io import atomic_write
 
     manifest: dict[str, dict[str, str]] = {}
     by_hash: dict[str, str] = {}

@@ -5,24 +5,20 @@ meta-train episodes with that rule (random synapses at every online step of ever
 a sparse linear regression over the monomials ``x^a y^b W^c e^d`` (a,b,c,d in 0..2) is fitted
 by sequentially thresholded least squares (``stlsq``, as in SINDy) or scikit-learn's
 ``Lasso``; R^2 is reported on held-out samples, and the polynomial becomes a
-:class:`~metaplastic._rule_kinds.TaylorRule` that is evaluated next to the original rule.
+:class:`~metaplastic.rules._rule_kinds.TaylorRule` that is evaluated next to the original rule.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import MetaplasticError, unknown_name
-from ._inner import apply_rule, forward_backward, start_carry
-from ._rule_kinds import MONOMIALS, TaylorRule
-from ._rules import AbstractRule
-from ._signals import LocalSignals
+from .._errors import MetaplasticError, unknown_name
+from ..inner._episode import apply_rule, forward_backward, start_carry
+from ..rules._rule_kinds import MONOMIALS, TaylorRule
+from ..rules._rules import AbstractRule
+from ..rules._signals import LocalSignals
 
 METHODS = ("stlsq", "lasso")
 DEFAULT_ALPHA = {"stlsq": 0.01, "lasso": 1e-3}
@@ -143,41 +139,3 @@ def distill(problem, rule, key, episodes: int, samples: int, method: str, alpha:
         "n_terms": int(np.count_nonzero(theta)),
     }
     return poly, info
-
-
-def distill_run(
-    run_dir: Path,
-    cfg,
-    rule: AbstractRule,
-    *,
-    episodes: int = 20,
-    samples: int = 20000,
-    method: str = "stlsq",
-    alpha: float | None = None,
-    check_episodes: int | None = None,
-) -> dict[str, Any]:
-    """Distil a run's rule, evaluate both on held-out episodes, write ``distilled.json``."""
-    from ._export import rule_expression, rule_to_json
-    from ._report import results_table
-    from ._run import build_setup, evaluate_run, validation_key
-
-    if cfg.task.kind != "classification":
-        raise MetaplasticError("distill samples signals from classification tasks only")
-    if method not in METHODS:
-        raise unknown_name("distillation method", method, METHODS, "--method")
-    setup = build_setup(cfg)
-    problem = setup.problem(cfg, "val")
-    poly, info = distill(problem, rule, validation_key(cfg), episodes, samples, method, alpha)
-    res = {
-        "learned": evaluate_run(cfg, rule, setup, episodes=check_episodes),
-        "distilled polynomial": evaluate_run(cfg, poly, setup, episodes=check_episodes),
-    }
-    data = rule_to_json(poly, 0.0)
-    data["distillation"] = dict(
-        info,
-        meta_test=res,
-        difference=res["distilled polynomial"]["accuracy"] - res["learned"]["accuracy"],
-    )
-    (run_dir / "distilled.json").write_text(json.dumps(data, indent=2) + "\n")
-    eq = "dW = " + str(rule_expression(poly, 0.0))
-    return dict(info, equation=eq, table=results_table(res), meta_test=res)

@@ -9,11 +9,11 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 from scipy import stats
 
+from ..inner._network import Network
+from ..rules._rules import AbstractRule
+from ._classification import ClassificationTask
 from ._data import ImagePool
-from ._network import Network
 from ._pca import PCATask
-from ._rules import AbstractRule
-from ._tasks import ClassificationTask
 
 
 class Problem(eqx.Module):

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from ._inner import Carry, InnerResult, apply_rule, guard, weight_limits
-from ._network import NetState, Network
-from ._rules import AbstractRule
+from ..inner._episode import Carry, InnerResult, apply_rule, guard, weight_limits
+from ..inner._network import NetState, Network
+from ..rules._rules import AbstractRule
 
 
 class PCATask(eqx.Module):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
-from ._errors import unknown_name
+from .._errors import unknown_name
 from ._network import NetState, Network, xavier_uniform
 
 #: Feedback pathways.
@@ -21,7 +21,7 @@ from ._network import NetState, Network, xavier_uniform
 #:   Leibo & Poggio 2016; scaled to the forward weights' mean magnitude as in Moskovitz et
 #:   al. 2018, so errors keep the size they have under backprop).
 #: * ``kolen_pollack``: B starts random (as in ``fa``) and is plastic: after every sample it
-#:   changes by the rule's feedback update (:class:`~metaplastic._rules.PlasticFeedback`,
+#:   changes by the rule's feedback update (:class:`~metaplastic.rules._rules.PlasticFeedback`,
 #:   Kolen & Pollack 1994; Akrout et al. 2019), whose coefficients are meta-learned.
 FEEDBACK_MODES = ("backprop", "fa", "dfa", "sign_symmetric", "kolen_pollack")
 

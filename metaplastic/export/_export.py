@@ -1,6 +1,6 @@
 """Export a learned rule as an equation: pruned, simplified, as text, LaTeX, JSON, Python.
 
-Works for every rule kind (:data:`metaplastic._rule_kinds.RULE_KINDS`). Pruning is by
+Works for every rule kind (:data:`metaplastic.rules._rule_kinds.RULE_KINDS`). Pruning is by
 magnitude (``threshold``) here and by effect in :func:`prune_by_effect`; the round trip
 (:func:`round_trip`) parses the exported text back into a rule and evaluates it next to the
 learned parameters.
@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import sympy as sp
 
-from ._errors import MetaplasticError, unknown_name
-from ._rules import AbstractRule, PlasticFeedback
-from ._symbolic import is_matrix, to_python
-from ._user_terms import check_manifest, manifest_of, run_user_terms
+from .._errors import MetaplasticError, unknown_name
+from ..rules._rules import AbstractRule, PlasticFeedback
+from ..rules._symbolic import is_matrix, to_python
+from ..rules._user_terms import check_manifest, manifest_of, run_user_terms
 
 FORMATS = ("text", "latex", "json", "python")
 RULE_JSON_VERSION = 2
@@ -137,7 +137,7 @@ def rule_from_json(
     matches ``data["user_terms"]``, and only with ``trust_user_terms=True``; never from the
     paths the term names hold.
     """
-    from ._rule_kinds import RULE_KINDS, rule_from_data
+    from ..rules._rules import RULE_KINDS, rule_from_data
 
     if not isinstance(data, dict) or data.get("kind") not in RULE_KINDS:
         raise MetaplasticError(
@@ -220,7 +220,7 @@ def exported_texts(rule: AbstractRule, threshold: float) -> list[str]:
 def equation_rule_from_export(rule: AbstractRule, threshold: float):
     """Parse the exported text back into an :class:`EquationRule` (what a reader of the
     paper would re-implement), keeping feedback plasticity if the rule has it."""
-    from ._rule_kinds import EquationRule
+    from ..rules._rule_kinds import EquationRule
 
     eq = EquationRule.from_text(exported_texts(rule, threshold), _base(rule).state_rate())
     if isinstance(rule, PlasticFeedback):
@@ -359,98 +359,3 @@ def _coef_label(names: list[str], shape, idx, mask) -> str:
         return str(idx)
     pos = col if len(shape) == 1 else idx[0] * len(live_cols) + col
     return names[pos] if pos < len(names) else str(idx)
-
-
-def _refitter(cfg, setup, steps: int):
-    """``refit(rule, keep)`` for :func:`prune_by_effect`: ``steps`` meta-steps of the run's
-    gradient outer loop (its units, lr schedule over these steps, L1, meta-batch) on
-    meta-train episodes, with the coefficients where ``keep`` is False frozen at 0."""
-    import dataclasses
-
-    from ._run import make_trainer
-
-    t = dataclasses.replace(cfg.train, episodes=steps * cfg.train.meta_batch)
-    refit_cfg = dataclasses.replace(cfg, train=t)
-    key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**23)
-
-    def refit(rule: AbstractRule, keep: np.ndarray) -> AbstractRule:
-        where = coefficient_getter(rule)
-        params, _ = eqx.partition(rule, eqx.is_inexact_array)
-        trainable = jax.tree_util.tree_map(jnp.zeros_like, params)
-        trainable = eqx.tree_at(where, trainable, jnp.asarray(keep, jnp.float32))
-        trainer = make_trainer(refit_cfg, setup, rule, trainable=trainable)
-        state = trainer.init(rule, key)
-        for _ in range(steps):
-            state, _aux = trainer.step(state)
-        return jax.tree_util.tree_map(np.asarray, trainer.rule(state))
-
-    return refit
-
-
-def export_run(
-    run_dir: Path,
-    cfg,
-    rule: AbstractRule,
-    fmt: str,
-    threshold: float,
-    *,
-    prune_effect: float | None = None,
-    prune_episodes: int = 200,
-    prune_refit: int = 0,
-    check: bool = True,
-    check_episodes: int | None = None,
-) -> tuple[str, str]:
-    """Prune (by magnitude, optionally by effect), format, and check the round trip.
-
-    The round trip parses the exported equation text back into a rule
-    (:func:`equation_rule_from_export`) and evaluates it on the run's meta-test episodes
-    next to the learned parameters. Writes ``export.json`` in ``run_dir``. Returns the
-    formatted rule and a report (empty when there is nothing to report).
-    """
-    from ._meta import evaluate_rule
-    from ._report import results_table
-    from ._run import build_setup, evaluate_run, validation_key
-
-    if fmt not in FORMATS:
-        raise unknown_name("format", fmt, FORMATS, "--format")
-    setup = None
-    record: dict[str, Any] = {"threshold": threshold, "prune_effect": prune_effect}
-    exported = rule
-    if prune_effect is not None:
-        setup = build_setup(cfg)
-        problem = setup.problem(cfg, "val")
-        key = validation_key(cfg)
-
-        def accuracy(r):
-            scores = evaluate_rule(problem, r, key, prune_episodes, metric="score")
-            return float(np.mean(np.where(np.isfinite(scores), scores, -1.0)))
-
-        refit = _refitter(cfg, setup, prune_refit) if prune_refit > 0 else None
-        exported, steps = prune_by_effect(rule, accuracy, prune_effect, refit=refit)
-        record["prune_by_effect"] = {
-            "episodes": prune_episodes,
-            "refit_steps": prune_refit,
-            "steps": steps,
-        }
-    text = format_rule(exported, fmt, threshold)
-    record["equations"] = exported_texts(exported, threshold)
-    record["coefficients"] = {
-        k: v for k, v in exported.coefficients().items() if abs(v) > threshold
-    }
-    report = ""
-    if check:
-        setup = setup or build_setup(cfg)
-        eq_rule = equation_rule_from_export(exported, threshold)
-        res = {
-            "learned": evaluate_run(cfg, rule, setup, episodes=check_episodes),
-            "exported equation": evaluate_run(cfg, eq_rule, setup, episodes=check_episodes),
-        }
-        gap = res["exported equation"]["accuracy"] - res["learned"]["accuracy"]
-        record["round_trip"] = dict(res, difference=gap)
-        report = (
-            results_table(res)
-            + f"\nround trip: the exported equation scores {gap:+.4f} against the learned "
-            "parameters on the same held-out episodes"
-        )
-    (run_dir / "export.json").write_text(json.dumps(record, indent=2) + "\n")
-    return text, report

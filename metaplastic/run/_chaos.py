@@ -31,7 +31,7 @@ def kill_and_resume(
     Returns the number of kills that landed (a kill is skipped if the run finished first).
     Raises ``RuntimeError`` if the final resume fails.
     """
-    base = [sys.executable, "-m", "metaplastic._cli", "train", "--quiet"]
+    base = [sys.executable, "-m", "metaplastic", "train", "--quiet"]
     first = base + list(train_args) + ["--out", str(run_dir)]
     resume = base + ["--resume", str(run_dir)]
     metrics = run_dir / "metrics.jsonl"

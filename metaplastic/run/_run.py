@@ -19,28 +19,29 @@ import jax.numpy as jnp
 import numpy as np
 import tomli_w
 
-from ._checkpoint import atomic_write, load_latest, save_checkpoint
-from ._config import RunConfig
-from ._data import ImagePool, load_dataset, split_pools, split_validation
-from ._distributed import process_dir
-from ._errors import MetaplasticError, RunFailed
-from ._export import write_rule_files
-from ._meta import Problem, evaluate_outcomes, mean_ci95
-from ._network import Network
-from ._pca import PCATask
-from ._report import plot_training
-from ._rule_kinds import EquationRule, MLPRule, TaylorRule
-from ._rules import AbstractRule, PlasticFeedback, TermPoolRule
-from ._tasks import ClassificationTask
-from ._user_terms import (
+from .._errors import MetaplasticError, RunFailed
+from .._io import atomic_write
+from ..export._export import write_rule_files
+from ..inner._network import Network
+from ..outer import GradientTrainer, OuterState, make_optimizer
+from ..outer._units import episode_units, units_record
+from ..rules._rule_kinds import EquationRule, MLPRule, TaylorRule
+from ..rules._rules import AbstractRule, PlasticFeedback, TermPoolRule
+from ..rules._user_terms import (
     USER_TERMS_DIR,
     check_manifest,
     copy_sources,
     read_sources,
     run_user_terms,
 )
-from .outer import GradientTrainer, OuterState, make_optimizer
-from .outer._units import episode_units, units_record
+from ..tasks._classification import ClassificationTask
+from ..tasks._data import ImagePool, load_dataset, split_pools, split_validation
+from ..tasks._pca import PCATask
+from ..tasks._problem import Problem, evaluate_outcomes, mean_ci95
+from ._checkpoint import load_latest, save_checkpoint
+from ._config import RunConfig
+from ._distributed import process_dir
+from ._report import plot_training
 
 #: Stop a gradient run after this many bad (reverted, backed-off) meta-steps in a row: the
 #: step size is then 2**-8 of the configured one and the rule is stuck at a cliff.
@@ -244,8 +245,8 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule, trainable=None):
 
     ``trainable`` (gradient outer loops only): a 1/0 pytree like the rule's parameters;
     coefficients at 0 stay frozen (see :class:`~metaplastic.outer.GradientTrainer`)."""
-    from .outer import OPTIMIZERS
-    from .outer._evolution import EvolutionTrainer
+    from ..outer import OPTIMIZERS
+    from ..outer._evolution import EvolutionTrainer
 
     t = cfg.train
     problem = setup.problem(cfg, "train")
@@ -933,7 +934,7 @@ def _read_discover_plan(out: Path) -> list[str]:
     return _check_labels(data["methods"], str(path))
 
 
-def _finished(run_dir: Path, label: str) -> dict[str, Any] | None:
+def finished_summary(run_dir: Path, label: str) -> dict[str, Any] | None:
     """The summary of a run that finished (evaluated as ``label``), else ``None``."""
     try:
         s = json.loads((run_dir / "summary.json").read_text())
@@ -986,7 +987,7 @@ def discover(
         for i, label in enumerate(labels):
             run_dir = discover_run_dir(out, label)
             what = "the learned run" if label == "learned" else f"the {label} baseline"
-            done = _finished(run_dir, label) if resume else None
+            done = finished_summary(run_dir, label) if resume else None
             if done is None:
                 cfg, _ = read_run_config(run_dir)
                 try:

@@ -11,7 +11,7 @@ import numpy as np
 import sympy as sp
 from jaxtyping import Array, Float
 
-from ._errors import MetaplasticError, unknown_name
+from .._errors import MetaplasticError, unknown_name
 from ._signals import LocalSignals
 from ._terms import TERMS, AbstractTerm, sympy_symbols
 
@@ -299,9 +299,35 @@ class PlasticFeedback(AbstractRule):
 
     @classmethod
     def from_json_data(cls, data: dict) -> PlasticFeedback:
-        from ._rule_kinds import rule_from_data
-
         fb = np.asarray(data["theta_fb"], dtype=np.float32)
         if fb.shape != (2,):
             raise ValueError("theta_fb must have two entries")
         return cls(rule_from_data(data["rule"]), jnp.asarray(fb))
+
+
+#: Rule kind name -> class (the ``kind`` of rule files and exported rule JSON). Every kind
+#: registers itself with :func:`register_rule_kind` where it is defined; importing
+#: :mod:`metaplastic.rules` registers the built-in ones.
+RULE_KINDS: dict[str, type[AbstractRule]] = {}
+
+
+def register_rule_kind(cls: type[AbstractRule]) -> type[AbstractRule]:
+    """Add a rule class to :data:`RULE_KINDS` under its ``kind`` (usable as a decorator)."""
+    if not isinstance(getattr(cls, "kind", None), str) or not cls.kind:
+        raise TypeError(f"{cls.__name__} needs a class attribute kind (a non-empty string)")
+    if RULE_KINDS.get(cls.kind, cls) is not cls:
+        raise ValueError(f"rule kind {cls.kind!r} is already registered")
+    RULE_KINDS[cls.kind] = cls
+    return cls
+
+
+def rule_from_data(data: dict) -> AbstractRule:
+    """Rebuild a rule from :meth:`AbstractRule.to_json_data` output (raises on bad data)."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in RULE_KINDS:
+        raise ValueError(f"unknown rule kind {kind!r}")
+    return RULE_KINDS[kind].from_json_data(data)
+
+
+register_rule_kind(TermPoolRule)
+register_rule_kind(PlasticFeedback)

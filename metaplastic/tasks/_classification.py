@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
+from .._errors import MetaplasticError
+from ..inner._episode import Episode, run_episode
 from ._data import ImagePool
-from ._errors import MetaplasticError
-from ._inner import Episode, run_episode
 
 
 class ClassificationTask(eqx.Module):

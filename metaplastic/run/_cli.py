@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ._errors import MetaplasticError, RunFailed
+from .._errors import MetaplasticError, RunFailed
 
 
 def _default_out(prefix: str, now: _dt.datetime | None = None) -> Path:
@@ -399,7 +399,7 @@ def train_cmd(
 def _load_run(run_dir: Path, trust_user_terms: bool = False, rule: bool = True):
     """A run's config and (with ``rule``) its learned rule; user terms load only when
     trusted, and only from the run's verified copies."""
-    from ._export import read_rule_file
+    from ..export._export import read_rule_file
     from ._run import read_run_config
 
     cfg, _ = read_run_config(run_dir)
@@ -532,9 +532,9 @@ def export(
     trust_user_terms,
 ):
     """Print a run's learned rule as an equation (and check that the equation performs)."""
-    from ._export import export_run
+    from ..outer import OPTIMIZERS
+    from ._exporting import export_run
     from ._run import check_run_usable
-    from .outer import OPTIMIZERS
 
     cfg, rule = _load_run(run_dir, trust_user_terms)
     if not allow_failed:
@@ -586,7 +586,7 @@ def export(
 @_user_errors
 def distill(run_dir, episodes, samples, method, alpha, check_episodes, trust_user_terms):
     """Fit a sparse polynomial to a run's learned rule (e.g. an MLP rule) and evaluate it."""
-    from ._distill import distill_run
+    from ._exporting import distill_run
 
     cfg, rule = _load_run(run_dir, trust_user_terms)
     if episodes < 1 or samples < 100:
@@ -671,8 +671,8 @@ def bench(rule, task, json_path, repeats, unrolls, meta_batch, modes, vmap_width
 @_user_errors
 def list_cmd(what):
     """List rule presets, task presets or built-in terms."""
+    from ..rules._terms import TERMS
     from ._config import list_presets, load_rule, load_task
-    from ._terms import TERMS
 
     if what == "terms":
         for name, cls in TERMS.items():

@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import MetaplasticError, unknown_name
+from .._errors import MetaplasticError, unknown_name
 
 PRESET_KINDS = ("rules", "tasks")
 
 
 def preset_dir(kind: str) -> Path:
     """Folder holding the shipped presets of ``kind`` (``rules`` or ``tasks``)."""
-    here = Path(__file__).resolve().parent
-    installed = here / "presets" / kind
+    package = Path(__file__).resolve().parent.parent  # metaplastic/
+    installed = package / "presets" / kind
     if installed.is_dir():
         return installed
-    return here.parent / kind  # source checkout / editable install
+    return package.parent / kind  # source checkout / editable install
 
 
 def list_presets(kind: str) -> list[str]:
@@ -130,7 +130,7 @@ class TrainConfig:
     units: str = "none"
     #: > 0: an episode stops (and counts as diverged) when a weight exceeds this multiple of
     #: its layer's largest initial weight; it keeps a finite loss and meta-gradient that
-    #: point away from the blow-up instead of NaN (metaplastic._inner.guard). 0 = off
+    #: point away from the blow-up instead of NaN (metaplastic.inner._episode.guard). 0 = off
     weight_limit: float = 0.0
     meta_batch: int = 16
     episodes: int = 4800
@@ -168,7 +168,7 @@ class TrainConfig:
     #: small networks on CPU, but the last bits then depend on the device count)
     vmap_width: int = 0
     #: what the outer loop minimises on the query set: "cross_entropy" or "prob_error"
-    #: (1 - mean probability of the right class); see metaplastic._inner.query_metrics
+    #: (1 - mean probability of the right class); see metaplastic.inner._episode.query_metrics
     objective: str = "cross_entropy"
     #: query logits are divided by this before the objective's softmax
     query_temperature: float = 1.0
@@ -286,22 +286,22 @@ def _positive(obj, where: str, *names: str) -> None:
 
 
 def _validate(obj, where: str) -> None:
-    from ._feedback import FEEDBACK_MODES
-    from ._network import ACTIVATIONS
-    from .outer import GRADIENT_MODES, OPTIMIZERS
-    from .outer._evolution import (
+    from ..inner._feedback import FEEDBACK_MODES
+    from ..inner._network import ACTIVATIONS
+    from ..outer import GRADIENT_MODES, OPTIMIZERS
+    from ..outer._evolution import (
         ES_OBJECTIVES,
         FITNESS_SHAPING,
         is_strategy,
         refuse_strategy,
         strategy_names,
     )
-    from .outer._units import UNITS
+    from ..outer._units import UNITS
 
     if isinstance(obj, RuleConfig):
         _validate_rule(obj, where)
     elif isinstance(obj, TaskConfig):
-        from ._data import DATASETS
+        from ..tasks._data import DATASETS
 
         if obj.kind not in TASK_KINDS:
             raise unknown_name("task kind", obj.kind, TASK_KINDS, f"{where}.kind")
@@ -344,7 +344,7 @@ def _validate(obj, where: str) -> None:
                 f"{where}.prune_refit refits with the gradient outer loop; {where}.outer = "
                 f"{obj.outer!r} is an evolution strategy: set {where}.prune_refit = 0"
             )
-        from ._inner import OBJECTIVES
+        from ..inner._episode import OBJECTIVES
 
         if obj.objective not in OBJECTIVES:
             raise unknown_name("objective", obj.objective, OBJECTIVES, f"{where}.objective")
@@ -426,8 +426,9 @@ TASK_KINDS = ("classification", "pca")
 
 
 def _validate_rule(obj: RuleConfig, where: str) -> None:
-    from ._rule_kinds import RULE_KINDS, monomial_index
-    from ._terms import TERMS
+    from ..rules._rule_kinds import monomial_index
+    from ..rules._rules import RULE_KINDS
+    from ..rules._terms import TERMS
 
     kinds = [k for k in RULE_KINDS if k != "plastic_feedback"]
     if obj.kind not in kinds:
@@ -470,7 +471,7 @@ def _validate_rule(obj: RuleConfig, where: str) -> None:
             raise MetaplasticError(f"{where}.mlp_hidden: give positive widths, e.g. [16]")
         _positive(obj, where, "mlp_scale")
     elif obj.kind == "equation":
-        from ._symbolic import parse_equation
+        from ..rules._symbolic import parse_equation
 
         if not obj.equations:
             raise MetaplasticError(f"{where}.equations: give at least one equation")

@@ -38,7 +38,7 @@ from sympy.parsing.sympy_parser import (
     parse_expr,
 )
 
-from ._errors import MetaplasticError
+from .._errors import MetaplasticError
 from ._terms import sympy_symbols
 
 #: Column-vector signals in (n_out,) and (n_in,) and the weight matrix.

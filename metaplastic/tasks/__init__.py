@@ -1,0 +1,41 @@
+"""Tasks the rules are meta-learned on: data sets and their splits, online few-shot
+classification, principal-component extraction (the Oja ground truth), and the
+:class:`Problem` that turns a task, a network and a rule into a meta-loss."""
+
+from ._classification import (
+    ClassificationTask,
+)
+from ._data import (
+    DATASETS,
+    Dataset,
+    ImagePool,
+    load_dataset,
+    split_pools,
+    split_validation,
+    train_test_arrays,
+)
+from ._pca import (
+    PCATask,
+)
+from ._problem import (
+    Problem,
+    evaluate_outcomes,
+    evaluate_rule,
+    mean_ci95,
+)
+
+__all__ = [
+    "ClassificationTask",
+    "DATASETS",
+    "Dataset",
+    "ImagePool",
+    "PCATask",
+    "Problem",
+    "evaluate_outcomes",
+    "evaluate_rule",
+    "load_dataset",
+    "mean_ci95",
+    "split_pools",
+    "split_validation",
+    "train_test_arrays",
+]
