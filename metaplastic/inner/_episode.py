@@ -9,7 +9,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..rules._rules import AbstractRule
 from ..rules._signals import LocalSignals, NeuronState
-from ._feedback import backward, init_feedback
+from ._feedback import as_pathway
 from ._network import NetState, Network
 
 
@@ -53,16 +53,18 @@ class Carry(eqx.Module):
         return cls(state0, B, neurons)
 
 
-def start_carry(rule: AbstractRule, net: Network, feedback: str, key: PRNGKeyArray) -> Carry:
-    """Fresh network weights and feedback matrices drawn from ``key``."""
+def start_carry(rule: AbstractRule, net: Network, feedback, key: PRNGKeyArray) -> Carry:
+    """Fresh network weights and feedback matrices drawn from ``key`` (``feedback``: a
+    credit pathway or its name)."""
     k_net, k_fb = jax.random.split(key)
-    return Carry.start(rule, net.init(k_net), init_feedback(feedback, net, k_fb))
+    return Carry.start(rule, net.init(k_net), as_pathway(feedback).init(net, k_fb))
 
 
-def apply_rule(rule: AbstractRule, carry: Carry, pres, posts, errs, feedback: str = "fa") -> Carry:
+def apply_rule(rule: AbstractRule, carry: Carry, pres, posts, errs, feedback="fa") -> Carry:
     """Apply the rule at every layer given its pre/post activities and the errors
     ``errs = [e_0, ..., e_L]``; advance the per-neuron state and plastic feedback."""
     state = carry.net
+    plastic = as_pathway(feedback).plastic
     rate = rule.state_rate()
     new_W, new_b, new_n, new_B = [], [], [], []
     for layer, W in enumerate(state.W):
@@ -78,12 +80,12 @@ def apply_rule(rule: AbstractRule, carry: Carry, pres, posts, errs, feedback: st
         new_W.append(W + rule(layer, s))
         if state.b is not None:
             new_b.append(state.b[layer] + rule.bias(layer, s))
-        if feedback == "kolen_pollack":
+        if plastic:
             new_B.append(carry.B[layer] + rule.feedback_delta(layer, s, carry.B[layer]))
     net_state = NetState(W=tuple(new_W), b=tuple(new_b) if state.b is not None else None)
     return Carry(
         net_state,
-        tuple(new_B) if feedback == "kolen_pollack" else carry.B,
+        tuple(new_B) if plastic else carry.B,
         tuple(new_n) if carry.neurons is not None else None,
     )
 
@@ -116,7 +118,7 @@ def guard(old: Carry, new: Carry, stopped: Array, limits) -> tuple[Carry, Array]
     return carry, stop
 
 
-def forward_backward(net: Network, feedback: str, carry: Carry, x, label):
+def forward_backward(net: Network, feedback, carry: Carry, x, label):
     """Activities and errors for one labelled sample.
 
     Returns ``(pres, posts, errs, loss, correct)``: each layer's pre-synaptic activity,
@@ -129,13 +131,13 @@ def forward_backward(net: Network, feedback: str, carry: Carry, x, label):
     loss = -jax.nn.log_softmax(logits)[label]
     correct = (jnp.argmax(logits) == label).astype(logits.dtype)
     e_out = p - jax.nn.one_hot(label, logits.shape[-1], dtype=p.dtype)
-    errs = backward(net, carry.net, carry.B, hs, e_out, feedback)
+    errs = as_pathway(feedback).errors(net, carry.net, carry.B, hs, e_out)
     L = net.n_layers
     posts = [hs[layer + 1] if layer < L - 1 else p for layer in range(L)]
     return hs[:L], posts, errs, loss, correct
 
 
-def online_step(rule: AbstractRule, net: Network, feedback: str, carry: Carry, x, label):
+def online_step(rule: AbstractRule, net: Network, feedback, carry: Carry, x, label):
     """One online update on one sample; returns the new carry, the loss and correctness."""
     pres, posts, errs, loss, correct = forward_backward(net, feedback, carry, x, label)
     return apply_rule(rule, carry, pres, posts, errs, feedback), loss, correct
@@ -181,7 +183,7 @@ def query_metrics(
 def run_episode(
     rule: AbstractRule,
     net: Network,
-    feedback: str,
+    feedback,
     key: PRNGKeyArray,
     episode: Episode,
     *,

@@ -25,6 +25,7 @@ from ._exporting import (
 from ._report import (
     plot_curves,
     plot_evolution,
+    plot_lines,
     plot_meta_test,
     plot_seeds,
     results_table,
@@ -84,6 +85,7 @@ __all__ = [
     "parse_override",
     "plot_curves",
     "plot_evolution",
+    "plot_lines",
     "plot_meta_test",
     "plot_seeds",
     "read_run_config",

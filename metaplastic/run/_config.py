@@ -111,7 +111,14 @@ class TrainConfig:
     """``[train]``: outer loop. ``episodes`` counts meta-training episodes in total; the
     outer loop takes ``episodes // meta_batch`` steps."""
 
+    #: the credit pathway (a name in metaplastic.inner.CREDIT_PATHWAYS)
     feedback: str = "fa"
+    #: feedback = "predictive_coding": "fixed_prediction" (equals backprop with pc_rate 1
+    #: and enough steps) or "strict"; inference steps (0 = the number of layers for
+    #: fixed_prediction, 20 for strict) and step size
+    pc_variant: str = "fixed_prediction"
+    pc_steps: int = 0
+    pc_rate: float = 1.0
     outer: str = "adam"
     lr: float = 0.003
     #: gradient outer loops: the step size decays (cosine) from lr to lr * lr_end over the
@@ -286,7 +293,7 @@ def _positive(obj, where: str, *names: str) -> None:
 
 
 def _validate(obj, where: str) -> None:
-    from ..inner._feedback import FEEDBACK_MODES
+    from ..inner._feedback import CREDIT_PATHWAYS
     from ..inner._network import ACTIVATIONS
     from ..outer import GRADIENT_MODES, OPTIMIZERS
     from ..outer._evolution import (
@@ -332,8 +339,11 @@ def _validate(obj, where: str) -> None:
         if obj.n_out < 0:
             raise MetaplasticError(f"{where}.n_out must be >= 0 (0 = task.n_way), got {obj.n_out}")
     elif isinstance(obj, TrainConfig):
-        if obj.feedback not in FEEDBACK_MODES:
-            raise unknown_name("feedback mode", obj.feedback, FEEDBACK_MODES, f"{where}.feedback")
+        if obj.feedback not in CREDIT_PATHWAYS:
+            raise unknown_name(
+                "feedback mode", obj.feedback, tuple(CREDIT_PATHWAYS), f"{where}.feedback"
+            )
+        CREDIT_PATHWAYS[obj.feedback].from_config(obj)  # checks the pathway's own settings
         if obj.outer not in OPTIMIZERS and not is_strategy(obj.outer):
             choices = list(OPTIMIZERS) + strategy_names()
             raise refuse_strategy(obj.outer, f"{where}.outer") or unknown_name(

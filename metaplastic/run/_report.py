@@ -151,6 +151,29 @@ def plot_curves(runs: dict[str, list[dict]], key: str, ylabel: str, out_file: Pa
     plt.close(fig)
 
 
+def plot_lines(
+    series: dict[str, tuple[list[float], list[float]]],
+    xlabel: str,
+    ylabel: str,
+    out_file: Path,
+    logx: bool = False,
+    logy: bool = False,
+) -> None:
+    """One line per ``label: (x, y)`` (markers at the points), optional log axes."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, "o-", ms=3, lw=1.5, label=label)
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=110)
+    plt.close(fig)
+
+
 def plot_evolution(
     history: list[dict], names: list[str], out_file: Path, ylabel: str = "fitness"
 ) -> None:

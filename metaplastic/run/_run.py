@@ -22,6 +22,7 @@ import tomli_w
 from .._errors import MetaplasticError, RunFailed
 from .._io import atomic_write
 from ..export._export import write_rule_files
+from ..inner._feedback import CREDIT_PATHWAYS, AbstractCreditPathway, check_mode
 from ..inner._network import Network
 from ..outer import GradientTrainer, OuterState, make_optimizer
 from ..outer._units import episode_units, units_record
@@ -83,7 +84,7 @@ class Setup:
         pools = {"train": self.meta_train, "val": self.meta_val, "test": self.meta_test}
         return Problem(
             net=self.net,
-            feedback=cfg.train.feedback,
+            feedback=make_pathway(cfg),
             task=self.task,
             pool=pools[pool],
             remat=cfg.train.remat,
@@ -164,9 +165,14 @@ def build_rule(cfg: RunConfig, n_layers: int) -> AbstractRule:
         rule = TermPoolRule.from_names(
             r.terms, init, mask, per_layer, rate=r.state_rate, target=r.scaling_target
         )
-    if cfg.train.feedback == "kolen_pollack":
+    if make_pathway(cfg).plastic:
         rule = PlasticFeedback(rule, jnp.asarray(r.feedback_init, jnp.float32))
     return rule
+
+
+def make_pathway(cfg: RunConfig) -> AbstractCreditPathway:
+    """The credit pathway ``train.feedback`` names, with its settings from ``[train]``."""
+    return CREDIT_PATHWAYS[check_mode(cfg.train.feedback)].from_config(cfg.train)
 
 
 def eval_key(cfg: RunConfig) -> jax.Array:

@@ -42,7 +42,7 @@ class ClassificationTask(eqx.Module):
                 "task.k_shot or task.q_query"
             )
 
-    def run(self, rule, net, feedback: str, key: PRNGKeyArray, pool: ImagePool, remat=False):
+    def run(self, rule, net, feedback, key: PRNGKeyArray, pool: ImagePool, remat=False):
         """Sample one episode from ``pool`` and learn it online (:func:`run_episode`)."""
         k_task, k_net = jax.random.split(key)
         ep = self.sample(k_task, pool)

@@ -71,7 +71,7 @@ class PCATask(eqx.Module):
         self,
         rule: AbstractRule,
         net: Network,
-        feedback: str,
+        feedback,
         key: PRNGKeyArray,
         pool=None,
         remat=False,

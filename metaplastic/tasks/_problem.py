@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -17,10 +19,12 @@ from ._pca import PCATask
 
 
 class Problem(eqx.Module):
-    """Everything fixed during meta-training except the rule: network, feedback, task, data."""
+    """Everything fixed during meta-training except the rule: network, credit pathway
+    (``feedback``: an :class:`~metaplastic.inner.AbstractCreditPathway` or its name), task,
+    data."""
 
     net: Network
-    feedback: str = eqx.field(static=True)
+    feedback: Any = eqx.field(static=True)
     task: ClassificationTask | PCATask
     pool: ImagePool | None
     remat: bool = eqx.field(static=True, default=False)
