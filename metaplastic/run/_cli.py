@@ -257,7 +257,8 @@ def discover(
 @click.option(
     "--feedback",
     default=None,
-    help="Credit assignment: backprop, fa, dfa, sign_symmetric or kolen_pollack.",
+    help="Credit assignment: backprop, fa, dfa, sign_symmetric, kolen_pollack or "
+    "predictive_coding (or a registered pathway).",
 )
 @click.option("--lr", type=float, default=None, help="Outer learning rate.")
 @click.option(
