@@ -1,4 +1,4 @@
-"""Micro-benchmarks behind the inner-loop speed-ups (README "Performance"); prints JSON.
+"""Micro-benchmarks behind the inner-loop speed-ups (docs/performance.md); prints JSON.
 
 Each case is a jitted ``lax.scan`` of 250 steps on the reference network's first layer
 (170 x 784), or the episode sampler's per-class draw, timed after compilation (median of

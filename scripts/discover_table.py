@@ -1,4 +1,4 @@
-"""Reproduce the README's results table: `metaplastic discover` with defaults, several seeds.
+"""Reproduce the discover results table (docs/results/discover.md): defaults, several seeds.
 
 Usage: python scripts/discover_table.py [--seeds 0 1 2] [--out results/discover]
 

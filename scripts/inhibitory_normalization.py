@@ -1,5 +1,5 @@
 """Inhibitory normalisation of activity and errors in EI networks (after Eyono, Levenstein,
-Ghosh, Cornford & Richards 2026; DESIGN.md 4.4).
+Ghosh, Cornford & Richards 2026).
 
 Networks 784-H-H-10 obeying Dale's law (every layer ``h = W_EX x + b - W_EI (W_IX x)`` with
 ``W_EX, W_IX, W_EI >= 0``, clamped after each update; ``n_I = 0.1 n_E`` inhibitory units;
@@ -19,7 +19,7 @@ test, for ``eps`` in {0, 0.25, 0.5, 0.75}. Hidden-layer conditions:
 * ``inorm_gradnorm``: I-Norm plus GradNorm, an identity in the forward pass whose backward
   pass maps the error ``d`` at ``z`` to ``(d - mean(d) - zh mean(d zh)) / sqrt(var(z) +
   1e-5)`` with ``zh = (z - mean z) / sqrt(var z + 1e-5)``: the layer-norm Jacobian at ``z``
-  (DESIGN's formula, which writes ``z`` for ``zh`` because I-Norm's ``z`` is already close to
+  (a formula that writes ``z`` for ``zh`` because I-Norm's ``z`` is already close to
   normalised).
 * ``inorm_center``: I-Norm plus the "center" ablation, ``d - mean(d)`` only.
 

@@ -1,4 +1,4 @@
-"""Synaptic scaling as normalisation (after Shen, Wang & Navlakha 2021; DESIGN.md 4.3).
+"""Synaptic scaling as normalisation (after Shen, Wang & Navlakha 2021).
 
 An MLP (784-128-128-10, ReLU) is trained by mini-batch SGD on Fashion-MNIST (``--quick``:
 digits) under seven conditions: no normalisation, batch norm, layer norm, weight norm, and

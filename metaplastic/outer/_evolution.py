@@ -222,7 +222,7 @@ def search_center(strategy, state) -> Any:
 #: Cross-entropy rewards hedging: a rule that makes every output uniform scores ln(N), better
 #: than a rule that learns a little but is confidently wrong sometimes, and noisy ES
 #: estimates drift into that no-learning optimum (OpenAI-ES on digits reaches chance with
-#: ``loss``, README "Gradient vs ES"); the error rate does not reward it.
+#: ``loss``, docs/outer-loops.md "Gradient vs ES"); the error rate does not reward it.
 ES_OBJECTIVES = ("error", "loss")
 DEFAULT_ES_OBJECTIVE = "error"
 

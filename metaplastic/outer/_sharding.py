@@ -18,7 +18,7 @@ from .._errors import MetaplasticError
 #: forward-mode meta-gradients (meta-batch 16) against 4.0 ms with the whole meta-batch
 #: vmapped at once, and 0.59 against 0.39 ms per member-episode for OpenAI-ES (population
 #: 16); widths 4 and 8 lie in between. At the reference size batching does not help
-#: (README "Performance"). ``-1`` vmaps each device's whole share at once.
+#: (docs/performance.md). ``-1`` vmaps each device's whole share at once.
 AUTO_VMAP_WIDTH = 1
 #: ``train.vmap_width`` value for "vmap each device's whole share at once" (the former
 #: default: fastest on small networks, not bit-identical across device counts).

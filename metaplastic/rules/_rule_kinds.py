@@ -73,7 +73,7 @@ class TaylorRule(AbstractRule):
 
     81 coefficients (``theta`` of shape ``(81,)`` shared, or ``(L, 81)`` per layer) in the
     order of :data:`MONOMIALS`; ``mask`` switches monomials off. Oja's single-neuron rule is
-    ``theta_1100 = 1, theta_0210 = -1``. DESIGN.md 4.2 (Confavreux et al. 2020).
+    ``theta_1100 = 1, theta_0210 = -1``. (Confavreux et al. 2020).
     Biases do not change.
     """
 

@@ -287,7 +287,7 @@ class ScalingFixed(AbstractTerm):
     """Synaptic scaling to a fixed target: ``dW_i: = (rho - ybar_i) W_i:``.
 
     Each neuron scales all its incoming weights multiplicatively so that its running-average
-    activity ``ybar`` moves toward ``rho`` (``target``). DESIGN.md 4.3 (after Shen, Wang &
+    activity ``ybar`` moves toward ``rho`` (``target``). (After Shen, Wang &
     Navlakha 2021, whose exact update was not available to us).
     """
 
@@ -308,7 +308,7 @@ class ScalingLayerMean(AbstractTerm):
     """Load-balancing scaling: ``dW_i: = (mean_k ybar_k - ybar_i) W_i:``.
 
     The fixed target of :class:`ScalingFixed` is replaced by the layer's mean running
-    activity, which pushes the layer toward using all its neurons equally. DESIGN.md 4.3.
+    activity, which pushes the layer toward using all its neurons equally.
     """
 
     name: ClassVar[str] = "scaling_layer_mean"
@@ -329,7 +329,6 @@ class ScalingNorm(AbstractTerm):
 
     With coefficient 1 this rescales every row back to the norm it had at the start of the
     episode (a weight-normalisation analogue); smaller coefficients move part of the way.
-    DESIGN.md 4.3.
     """
 
     name: ClassVar[str] = "scaling_norm"

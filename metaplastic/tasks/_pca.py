@@ -1,4 +1,4 @@
-"""Ground-truth task: principal-component extraction by one linear neuron (DESIGN.md 4.2).
+"""Ground-truth task: principal-component extraction by one linear neuron (Oja 1982).
 
 Each episode draws a random orthonormal basis ``Q`` and a covariance
 ``C = s^2 Q diag(lambda) Q^T`` with ``lambda_k = eig_decay**k`` and ``s = input_scale``
