@@ -119,3 +119,14 @@ def test_a_pathway_from_outside_the_package_registers_and_trains(tmp_path, task)
         assert summary["status"] == "ok" and summary["train"]["feedback"] == "half_fa_test"
     finally:
         CREDIT_PATHWAYS.pop("half_fa_test", None)
+
+
+def test_trainer_registry_maps_outer_names_to_trainer_classes():
+    from metaplastic.outer import TRAINERS, GradientTrainer, trainer_for
+    from metaplastic.outer._evolution import EvolutionTrainer
+
+    assert trainer_for("adam") is GradientTrainer and trainer_for("sgd") is GradientTrainer
+    assert trainer_for("open_es") is EvolutionTrainer and trainer_for("CMA_ES") is EvolutionTrainer
+    assert set(TRAINERS) >= {"gradient", "evolution"}
+    with pytest.raises(Exception, match="no trainer serves"):
+        trainer_for("not_an_outer_loop")

@@ -25,6 +25,7 @@ from .._errors import MetaplasticError, unknown_name
 from ..rules._rules import AbstractRule
 from ..tasks._problem import Problem
 from ._sharding import AxisSharding
+from ._trainer import AbstractTrainer
 
 #: Short names for the common strategies; any evosax algorithm class name also works.
 STRATEGY_ALIASES = {
@@ -252,7 +253,7 @@ class ESState(eqx.Module):
     diverged_members: Array  # member evaluations replaced by the penalty, in total
 
 
-class EvolutionTrainer(eqx.Module):
+class EvolutionTrainer(AbstractTrainer):
     """Meta-learns a rule's coefficients with an evosax strategy.
 
     One :meth:`step` is one jitted generation: ask for ``population`` coefficient vectors,
@@ -307,6 +308,38 @@ class EvolutionTrainer(eqx.Module):
         self.penalty = float(penalty)
         self.sharding = AxisSharding(devices, population, "population", vmap_width)
         self.mode = f"es:{type(self.strategy).__name__}"
+
+    @classmethod
+    def accepts(cls, outer: str) -> bool:
+        return is_strategy(outer)
+
+    @classmethod
+    def from_config(cls, train, problem, rule, *, units_key=None, trainable=None):
+        """The evosax strategy ``train.outer`` with the run's population, sigma, fitness and
+        sharding. Evolution strategies cannot freeze coefficients (``trainable``)."""
+        t = train
+        if trainable is not None:
+            raise MetaplasticError(
+                f"freezing coefficients needs a gradient outer loop; train.outer = {t.outer!r} "
+                "is an evolution strategy"
+            )
+        return cls(
+            problem,
+            rule,
+            t.outer,
+            population=t.population,
+            sigma=t.sigma,
+            sigma_decay=t.sigma_decay,
+            lr=t.lr,
+            antithetic=t.antithetic,
+            fitness_shaping=t.fitness_shaping,
+            meta_batch=t.meta_batch,
+            l1=t.l1,
+            penalty=t.penalty,
+            devices=t.devices,
+            vmap_width=t.vmap_width,
+            objective=t.es_fitness,
+        )
 
     def rule(self, state: ESState) -> AbstractRule:
         return eqx.combine(search_center(self.strategy, state.es_state), self.static)

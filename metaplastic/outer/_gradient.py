@@ -12,6 +12,7 @@ from .._errors import MetaplasticError, unknown_name
 from ..rules._rules import AbstractRule
 from ..tasks._problem import Problem
 from ._sharding import AxisSharding
+from ._trainer import AbstractTrainer, register_trainer
 
 OPTIMIZERS = {
     "adam": optax.adam,
@@ -94,7 +95,12 @@ class OuterState(eqx.Module):
     bad_run: Array = None  # bad meta-steps in a row (0 after a good one)
 
 
-class GradientTrainer(eqx.Module):
+#: with train.weight_limit, a stopped episode's meta-gradient is scaled to at most this many
+#: times the batch's median per-episode norm (GradientTrainer._clip_stopped)
+STOPPED_CLIP = 3.0
+
+
+class GradientTrainer(AbstractTrainer):
     """Meta-learns a rule's coefficients by gradient descent on the meta-loss.
 
     One call of :meth:`step` is one jitted meta-step: sample ``meta_batch`` episodes, run
@@ -159,6 +165,38 @@ class GradientTrainer(eqx.Module):
             n = sum(x.size for x in jax.tree_util.tree_leaves(params))
             mode = "forward" if n <= FORWARD_MODE_MAX_COEFFS else "reverse"
         self.mode = mode
+
+    @classmethod
+    def accepts(cls, outer: str) -> bool:
+        return outer in OPTIMIZERS
+
+    @classmethod
+    def from_config(cls, train, problem, rule, *, units_key=None, trainable=None):
+        """An optax optimiser ``train.outer`` with the run's step-size schedule, clipping,
+        L1, gradient mode, sharding, divergence limits, coefficient units and freezing."""
+        from ._units import episode_units
+
+        t = train
+        units = None
+        if t.units == "episode":
+            if units_key is None:
+                raise MetaplasticError("train.units = 'episode' needs a probe key (units_key)")
+            units = episode_units(problem, rule, units_key)
+        return cls(
+            problem,
+            rule,
+            make_optimizer(t.outer, t.lr, t.clip, t.lr_end, t.episodes // t.meta_batch),
+            meta_batch=t.meta_batch,
+            l1=t.l1,
+            mode=t.gradient,
+            devices=t.devices,
+            vmap_width=t.vmap_width,
+            grad_limit=t.grad_limit,
+            max_diverged=t.max_step_diverged,
+            units=units,
+            stopped_clip=STOPPED_CLIP if t.weight_limit > 0 else 0.0,
+            trainable=trainable,
+        )
 
     def rule(self, state_or_params) -> AbstractRule:
         params = getattr(state_or_params, "params", state_or_params)
@@ -316,3 +354,6 @@ class GradientTrainer(eqx.Module):
         )
         aux = dict(aux, grad_finite=finite, step_ok=good, lr_scale=lr_scale, **extra)
         return new_state, aux
+
+
+register_trainer("gradient", GradientTrainer)

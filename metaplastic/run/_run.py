@@ -24,8 +24,8 @@ from .._io import atomic_write
 from ..export._export import write_rule_files
 from ..inner._feedback import CREDIT_PATHWAYS, AbstractCreditPathway, check_mode
 from ..inner._network import Network
-from ..outer import GradientTrainer, OuterState, make_optimizer
-from ..outer._units import episode_units, units_record
+from ..outer import AbstractTrainer, OuterState, trainer_for
+from ..outer._units import units_record
 from ..rules._rule_kinds import EquationRule, MLPRule, TaylorRule
 from ..rules._rules import AbstractRule, PlasticFeedback, TermPoolRule
 from ..rules._user_terms import (
@@ -241,62 +241,15 @@ def _scalar(x):
     return _to_float(a)
 
 
-#: with train.weight_limit, a stopped episode's meta-gradient is scaled to at most this many
-#: times the batch's median per-episode norm (GradientTrainer._clip_stopped)
-STOPPED_CLIP = 3.0
-
-
-def make_trainer(cfg: RunConfig, setup: Setup, rule, trainable=None):
-    """The outer loop ``cfg.train.outer`` names: an optax optimiser or an evosax strategy.
+def make_trainer(cfg: RunConfig, setup: Setup, rule, trainable=None) -> AbstractTrainer:
+    """The outer loop ``cfg.train.outer`` names (an optax optimiser, an evosax strategy, or
+    a registered trainer), built by its class from ``[train]``.
 
     ``trainable`` (gradient outer loops only): a 1/0 pytree like the rule's parameters;
     coefficients at 0 stay frozen (see :class:`~metaplastic.outer.GradientTrainer`)."""
-    from ..outer import OPTIMIZERS
-    from ..outer._evolution import EvolutionTrainer
-
-    t = cfg.train
+    cls = trainer_for(cfg.train.outer)
     problem = setup.problem(cfg, "train")
-    if t.outer in OPTIMIZERS:
-        units = None
-        if t.units == "episode":
-            units = episode_units(problem, rule, units_key(cfg))
-        return GradientTrainer(
-            problem,
-            rule,
-            make_optimizer(t.outer, t.lr, t.clip, t.lr_end, t.episodes // t.meta_batch),
-            meta_batch=t.meta_batch,
-            l1=t.l1,
-            mode=t.gradient,
-            devices=t.devices,
-            vmap_width=t.vmap_width,
-            grad_limit=t.grad_limit,
-            max_diverged=t.max_step_diverged,
-            units=units,
-            stopped_clip=STOPPED_CLIP if t.weight_limit > 0 else 0.0,
-            trainable=trainable,
-        )
-    if trainable is not None:
-        raise MetaplasticError(
-            f"freezing coefficients needs a gradient outer loop; train.outer = {t.outer!r} "
-            "is an evolution strategy"
-        )
-    return EvolutionTrainer(
-        problem,
-        rule,
-        t.outer,
-        population=t.population,
-        sigma=t.sigma,
-        sigma_decay=t.sigma_decay,
-        lr=t.lr,
-        antithetic=t.antithetic,
-        fitness_shaping=t.fitness_shaping,
-        meta_batch=t.meta_batch,
-        l1=t.l1,
-        penalty=t.penalty,
-        devices=t.devices,
-        vmap_width=t.vmap_width,
-        objective=t.es_fitness,
-    )
+    return cls.from_config(cfg.train, problem, rule, units_key=units_key(cfg), trainable=trainable)
 
 
 def validate_rule(cfg: RunConfig, setup: Setup, rule) -> tuple[np.ndarray, np.ndarray]:
