@@ -88,6 +88,7 @@ CORE_TESTS: dict[str, list[str]] = {
     ],
     "metaplastic/inner/_feedback.py": [
         "tests/test_inner.py",
+        "tests/test_pathways.py",
         "tests/test_search_spaces.py",
         "tests/test_exact_updates.py",
     ],

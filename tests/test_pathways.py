@@ -101,14 +101,8 @@ def test_a_pathway_from_outside_the_package_registers_and_trains(tmp_path, task)
             return CREDIT_PATHWAYS["fa"]().init(net, key)
 
         def errors(self, net, state, B, hs, e_out):
-            mats = tuple(0.5 * b for b in B)
-            L = net.n_layers
-            errs = [None] * (L + 1)
-            errs[L] = e_out
-            for j in range(L - 1, -1, -1):
-                back = errs[j + 1] @ mats[j]
-                errs[j] = back * net.act_deriv_from_output(hs[j]) if j > 0 else back
-            return errs
+            halved = tuple(0.5 * b for b in B)
+            return CREDIT_PATHWAYS["fa"]().errors(net, state, halved, hs, e_out)
 
     register_pathway(HalfFA)
     try:

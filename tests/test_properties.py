@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from metaplastic._errors import MetaplasticError
 from metaplastic.export._export import equation_rule_from_export, format_rule, rule_from_json
 from metaplastic.inner._episode import OBJECTIVES
-from metaplastic.inner._feedback import FEEDBACK_MODES
+from metaplastic.inner._feedback import FEEDBACK_MODES, PC_VARIANTS
 from metaplastic.inner._network import ACTIVATIONS
 from metaplastic.outer import GRADIENT_MODES, OPTIMIZERS
 from metaplastic.outer._evolution import ES_OBJECTIVES, FITNESS_SHAPING, strategy_names
@@ -372,6 +372,9 @@ def _train_tables():
         st.fixed_dictionaries(
             {
                 "feedback": st.sampled_from(FEEDBACK_MODES),
+                "pc_variant": st.sampled_from(PC_VARIANTS),
+                "pc_steps": st.integers(0, 2**31),
+                "pc_rate": st.floats(0.0, 1.0, exclude_min=True, allow_nan=False),
                 "outer": st.sampled_from([*OPTIMIZERS, *strategy_names()]),
                 "lr": _positive,
                 "lr_end": _fraction,
@@ -406,6 +409,7 @@ def _train_tables():
                 "objective": st.sampled_from(OBJECTIVES),
                 "query_temperature": _positive,
                 "val_episodes": _count,
+                "select_every": st.integers(0, 2**31),
                 "max_diverged": _fraction,
                 "max_step_diverged": _fraction,
                 "max_skipped": _fraction,
@@ -530,6 +534,8 @@ MIN_COUNT = {
     ("train", "devices"): 0,
     ("train", "vmap_width"): -1,
     ("train", "val_episodes"): 1,
+    ("train", "select_every"): 0,
+    ("train", "pc_steps"): 0,
 }
 
 #: Numbers at the edges: beyond the float range, beyond int64, not finite.

@@ -245,8 +245,8 @@ def test_discover_interrupted_twice_then_resumed_matches_an_uninterrupted_run(
 def test_discover_whose_learned_rule_fails_still_finishes_the_table(tmp_path, task):
     """The learned run fails (no better than its start): the baselines still run, the
     table and summary are written with the failure as status, then RunFailed (exit 1)."""
-    from metaplastic import _run as r
     from metaplastic._errors import RunFailed
+    from metaplastic.run import _run as r
 
     out = tmp_path / "disc"
     table = {"lr": 1e-9, "require_improvement": True}

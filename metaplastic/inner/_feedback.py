@@ -204,7 +204,8 @@ class PredictiveCoding(AbstractCreditPathway):
             new = [e[j + 1] @ state.W[j] for j in range(L)]
             return [(1.0 - self.rate) * a + self.rate * n for a, n in zip(eps, new, strict=True)]
 
-        eps0 = [jnp.zeros_like(hs[j]) for j in range(L)]
+        dtype = jnp.result_type(e_out, *state.W)
+        eps0 = [jnp.zeros(hs[j].shape, dtype) for j in range(L)]
         return to_e(jax.lax.fori_loop(0, steps, body, eps0))
 
     def _strict(self, net, state, hs, e_out):
@@ -235,7 +236,9 @@ class PredictiveCoding(AbstractCreditPathway):
                 new.append(v[j] + self.rate * (-eps[j] + u @ state.W[j]))
             return new
 
-        hidden = jax.lax.fori_loop(0, self.steps or 20, body, list(hs[1:L]))
+        dtype = jnp.result_type(e_out, *state.W)
+        start = [h.astype(dtype) for h in hs[1:L]]
+        hidden = jax.lax.fori_loop(0, self.steps or 20, body, start)
         eps = eps_of([hs[0], *hidden])
         errs = [None] * (L + 1)
         errs[L] = eps[L]
@@ -303,5 +306,9 @@ def backward(
     mode="fa",
 ) -> list[Array]:
     """Errors at every layer's units, ``[e_0, e_1, ..., e_L]``, by pathway ``mode`` (a name
-    or a pathway); see the module docstring for the equations."""
-    return as_pathway(mode).errors(net, state, B, hs, e_out)
+    or a pathway); see the module docstring for the equations. ``B = None`` with a pathway
+    that keeps feedback matrices (``fa``, the default) sends errors through ``W`` (backprop)."""
+    pathway = as_pathway(mode)
+    if B is None and isinstance(pathway, FeedbackAlignment):
+        pathway = Backprop()
+    return pathway.errors(net, state, B, hs, e_out)

@@ -293,7 +293,7 @@ def _positive(obj, where: str, *names: str) -> None:
 
 
 def _validate(obj, where: str) -> None:
-    from ..inner._feedback import CREDIT_PATHWAYS
+    from ..inner._feedback import CREDIT_PATHWAYS, PC_VARIANTS
     from ..inner._network import ACTIVATIONS
     from ..outer import GRADIENT_MODES, OPTIMIZERS
     from ..outer._evolution import (
@@ -343,6 +343,12 @@ def _validate(obj, where: str) -> None:
             raise unknown_name(
                 "feedback mode", obj.feedback, tuple(CREDIT_PATHWAYS), f"{where}.feedback"
             )
+        if obj.pc_variant not in PC_VARIANTS:
+            raise unknown_name(
+                "predictive-coding variant", obj.pc_variant, PC_VARIANTS, f"{where}.pc_variant"
+            )
+        if not 0.0 < obj.pc_rate <= 1.0:
+            raise MetaplasticError(f"{where}.pc_rate must lie in (0, 1], got {obj.pc_rate}")
         CREDIT_PATHWAYS[obj.feedback].from_config(obj)  # checks the pathway's own settings
         if obj.outer not in OPTIMIZERS and not is_strategy(obj.outer):
             choices = list(OPTIMIZERS) + strategy_names()
@@ -427,6 +433,7 @@ def _validate(obj, where: str) -> None:
             "prune_refit",
             "checkpoint_every",
             "select_every",
+            "pc_steps",
         ):
             if getattr(obj, n) < 0:
                 raise MetaplasticError(f"{where}.{n} must be >= 0, got {getattr(obj, n)}")
