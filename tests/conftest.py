@@ -14,6 +14,27 @@ from metaplastic.tasks._problem import Problem
 
 POOL_TERMS = ["pseudo_gradient", "error_hebbian", "oja"]
 
+#: XLA's CPU compiler maps memory for every compiled program; a whole-suite process holds
+#: thousands of them and can reach the kernel's per-process limit on memory maps
+#: (vm.max_map_count, 65530 by default), after which a compile crashes with a segmentation
+#: fault. Past this many maps, the compiled-program caches are dropped between test files.
+MAX_MAPS = 40_000
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to watch
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_compile_caches():
+    yield
+    if _memory_maps() > MAX_MAPS:
+        jax.clear_caches()
+
 
 @pytest.fixture(scope="session")
 def digits():
