@@ -33,7 +33,7 @@ def test_backprop_errors_are_exact_gradients(key):
     label = 2
     hs = net.forward(state, x)
     e_out = jax.nn.softmax(hs[-1]) - jax.nn.one_hot(label, 3)
-    errs = backward(net, state, None, hs, e_out)
+    errs = backward(net, state, None, hs, e_out, "backprop")
     gW = jax.grad(lambda W: _ce(net, eqx.tree_at(lambda s: s.W, state, W), x, label))(state.W)
     for layer in range(net.n_layers):
         np.testing.assert_allclose(

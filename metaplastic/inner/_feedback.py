@@ -306,9 +306,5 @@ def backward(
     mode="fa",
 ) -> list[Array]:
     """Errors at every layer's units, ``[e_0, e_1, ..., e_L]``, by pathway ``mode`` (a name
-    or a pathway); see the module docstring for the equations. ``B = None`` with a pathway
-    that keeps feedback matrices (``fa``, the default) sends errors through ``W`` (backprop)."""
-    pathway = as_pathway(mode)
-    if B is None and isinstance(pathway, FeedbackAlignment):
-        pathway = Backprop()
-    return pathway.errors(net, state, B, hs, e_out)
+    or a pathway); see the module docstring for the equations."""
+    return as_pathway(mode).errors(net, state, B, hs, e_out)
