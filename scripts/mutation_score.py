@@ -89,10 +89,15 @@ CORE_TESTS: dict[str, list[str]] = {
     "metaplastic/inner/_feedback.py": [
         "tests/test_inner.py",
         "tests/test_pathways.py",
+        "tests/test_networks.py",
         "tests/test_search_spaces.py",
         "tests/test_exact_updates.py",
     ],
-    "metaplastic/inner/_network.py": ["tests/test_inner.py", "tests/test_exact_updates.py"],
+    "metaplastic/inner/_network.py": [
+        "tests/test_inner.py",
+        "tests/test_networks.py",
+        "tests/test_exact_updates.py",
+    ],
     "metaplastic/tasks/_pca.py": [
         "tests/test_weight_guard.py",
         "tests/test_search_spaces.py",

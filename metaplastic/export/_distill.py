@@ -49,7 +49,7 @@ def collect_synapses(problem, rule: AbstractRule, key, episodes: int, per_layer_
                 j = jax.random.randint(kj, (per_layer_step,), 0, W.shape[1])
                 f = jnp.stack([s.x[j], s.y[i], W[i, j], s.e[i], dW[i, j]], axis=1)
                 rows.append(f)
-            new = apply_rule(rule, carry, pres, posts, errs, feedback)
+            new = apply_rule(rule, carry, pres, posts, errs, feedback, net)
             return new, jnp.concatenate(rows)
 
         keys = jax.random.split(k_pick, T)

@@ -1,5 +1,6 @@
-"""The inner loop: networks, credit-assignment pathways and the online episode (one
-``lax.scan`` over samples in which the rule changes the weights after every sample)."""
+"""The inner loop: networks (:class:`AbstractNetwork`: the MLP and the EI network),
+credit-assignment pathways and the online episode (one ``lax.scan`` over samples in which the
+rule changes the weights after every sample)."""
 
 from ._episode import OBJECTIVES, Episode, InnerResult, apply_rule, guard, online_step, run_episode
 from ._feedback import (
@@ -17,7 +18,16 @@ from ._feedback import (
     init_feedback,
     register_pathway,
 )
-from ._network import ACTIVATIONS, NetState, Network
+from ._network import (
+    ACTIVATIONS,
+    NETWORKS,
+    AbstractNetwork,
+    EINetwork,
+    Inhibition,
+    NetState,
+    Network,
+    register_network,
+)
 
 __all__ = [
     "register_pathway",
@@ -35,6 +45,11 @@ __all__ = [
     "FEEDBACK_MODES",
     "InnerResult",
     "NetState",
+    "NETWORKS",
+    "AbstractNetwork",
+    "EINetwork",
+    "Inhibition",
+    "register_network",
     "Network",
     "OBJECTIVES",
     "apply_rule",

@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ..rules._rules import AbstractRule
 from ..rules._signals import LocalSignals, NeuronState
 from ._feedback import as_pathway
-from ._network import NetState, Network
+from ._network import AbstractNetwork, NetState
 
 
 class Episode(eqx.Module):
@@ -53,16 +53,25 @@ class Carry(eqx.Module):
         return cls(state0, B, neurons)
 
 
-def start_carry(rule: AbstractRule, net: Network, feedback, key: PRNGKeyArray) -> Carry:
+def start_carry(rule: AbstractRule, net: AbstractNetwork, feedback, key: PRNGKeyArray) -> Carry:
     """Fresh network weights and feedback matrices drawn from ``key`` (``feedback``: a
     credit pathway or its name)."""
     k_net, k_fb = jax.random.split(key)
     return Carry.start(rule, net.init(k_net), as_pathway(feedback).init(net, k_fb))
 
 
-def apply_rule(rule: AbstractRule, carry: Carry, pres, posts, errs, feedback="fa") -> Carry:
+def apply_rule(
+    rule: AbstractRule,
+    carry: Carry,
+    pres,
+    posts,
+    errs,
+    feedback="fa",
+    net: AbstractNetwork | None = None,
+) -> Carry:
     """Apply the rule at every layer given its pre/post activities and the errors
-    ``errs = [e_0, ..., e_L]``; advance the per-neuron state and plastic feedback."""
+    ``errs = [e_0, ..., e_L]``; advance the per-neuron state and plastic feedback, then let
+    ``net`` apply its constraints and own plasticity (:meth:`AbstractNetwork.after_update`)."""
     state = carry.net
     plastic = as_pathway(feedback).plastic
     rate = rule.state_rate()
@@ -82,7 +91,11 @@ def apply_rule(rule: AbstractRule, carry: Carry, pres, posts, errs, feedback="fa
             new_b.append(state.b[layer] + rule.bias(layer, s))
         if plastic:
             new_B.append(carry.B[layer] + rule.feedback_delta(layer, s, carry.B[layer]))
-    net_state = NetState(W=tuple(new_W), b=tuple(new_b) if state.b is not None else None)
+    net_state = NetState(
+        W=tuple(new_W), b=tuple(new_b) if state.b is not None else None, extra=state.extra
+    )
+    if net is not None:
+        net_state = net.after_update(net_state, pres)
     return Carry(
         net_state,
         tuple(new_B) if plastic else carry.B,
@@ -118,7 +131,7 @@ def guard(old: Carry, new: Carry, stopped: Array, limits) -> tuple[Carry, Array]
     return carry, stop
 
 
-def forward_backward(net: Network, feedback, carry: Carry, x, label):
+def forward_backward(net: AbstractNetwork, feedback, carry: Carry, x, label):
     """Activities and errors for one labelled sample.
 
     Returns ``(pres, posts, errs, loss, correct)``: each layer's pre-synaptic activity,
@@ -137,10 +150,10 @@ def forward_backward(net: Network, feedback, carry: Carry, x, label):
     return hs[:L], posts, errs, loss, correct
 
 
-def online_step(rule: AbstractRule, net: Network, feedback, carry: Carry, x, label):
+def online_step(rule: AbstractRule, net: AbstractNetwork, feedback, carry: Carry, x, label):
     """One online update on one sample; returns the new carry, the loss and correctness."""
     pres, posts, errs, loss, correct = forward_backward(net, feedback, carry, x, label)
-    return apply_rule(rule, carry, pres, posts, errs, feedback), loss, correct
+    return apply_rule(rule, carry, pres, posts, errs, feedback, net), loss, correct
 
 
 #: Meta-objectives on the query set (what the outer loop minimises), see :func:`query_metrics`.
@@ -148,7 +161,7 @@ OBJECTIVES = ("cross_entropy", "prob_error")
 
 
 def query_metrics(
-    net: Network,
+    net: AbstractNetwork,
     state: NetState,
     qx,
     qy,
@@ -182,7 +195,7 @@ def query_metrics(
 
 def run_episode(
     rule: AbstractRule,
-    net: Network,
+    net: AbstractNetwork,
     feedback,
     key: PRNGKeyArray,
     episode: Episode,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
-from ._network import NetState, Network, xavier_uniform
+from ._network import AbstractNetwork, NetState, xavier_uniform
 
 
 class AbstractCreditPathway(eqx.Module):
@@ -40,21 +40,21 @@ class AbstractCreditPathway(eqx.Module):
     #: :class:`~metaplastic.rules.PlasticFeedback`)
     plastic: ClassVar[bool] = False
 
-    def init(self, net: Network, key: PRNGKeyArray) -> tuple[Array, ...] | None:
+    def init(self, net: AbstractNetwork, key: PRNGKeyArray) -> tuple[Array, ...] | None:
         """Feedback matrices at the start of an episode (default: none)."""
         return None
 
     @abc.abstractmethod
     def errors(
         self,
-        net: Network,
+        net: AbstractNetwork,
         state: NetState,
         B: tuple[Array, ...] | None,
         hs: list[Array],
         e_out: Array,
     ) -> list[Array]:
         """``[e_0, ..., e_L]`` for the forward activities ``hs = [x, h_1, ..., z_L]``
-        (:meth:`Network.forward`) and the output error ``e_out``."""
+        (:meth:`AbstractNetwork.forward`) and the output error ``e_out``."""
 
     @classmethod
     def from_config(cls, train: Any) -> AbstractCreditPathway:
@@ -63,29 +63,30 @@ class AbstractCreditPathway(eqx.Module):
         return cls()
 
 
-def _chain(net: Network, mats, hs: list[Array], e_out: Array) -> list[Array]:
+def _chain(net: AbstractNetwork, state, mats, hs: list[Array], e_out: Array) -> list[Array]:
     """Errors sent back layer by layer through ``mats`` (``M_l`` shaped like ``W_l``)."""
     L = net.n_layers
     errs = [None] * (L + 1)
     errs[L] = e_out
     for j in range(L - 1, -1, -1):
         back = errs[j + 1] @ mats[j]
-        errs[j] = back * net.act_deriv_from_output(hs[j]) if j > 0 else back
+        errs[j] = net.hidden_error(state, j, hs, back) if j > 0 else back
     return errs
 
 
-def _random_like_weights(net: Network, key: PRNGKeyArray) -> tuple[Array, ...]:
+def _random_like_weights(net: AbstractNetwork, key: PRNGKeyArray) -> tuple[Array, ...]:
     keys = jax.random.split(key, net.n_layers)
     return tuple(xavier_uniform(k, s) for k, s in zip(keys, net.shapes, strict=True))
 
 
 class Backprop(AbstractCreditPathway):
-    """Exact transpose of the forward weights: ``M_l = W_l`` (online gradient descent)."""
+    """Exact transpose of the forward weights: ``M_l = W_l`` (online gradient descent; in
+    general the network's ``dz_l / dh_{l-1}``, :meth:`AbstractNetwork.forward_matrices`)."""
 
     name: ClassVar[str] = "backprop"
 
     def errors(self, net, state, B, hs, e_out):
-        return _chain(net, state.W, hs, e_out)
+        return _chain(net, state, net.forward_matrices(state, hs), hs, e_out)
 
 
 class FeedbackAlignment(AbstractCreditPathway):
@@ -98,7 +99,7 @@ class FeedbackAlignment(AbstractCreditPathway):
         return _random_like_weights(net, key)
 
     def errors(self, net, state, B, hs, e_out):
-        return _chain(net, B, hs, e_out)
+        return _chain(net, state, B, hs, e_out)
 
 
 class DirectFeedbackAlignment(AbstractCreditPathway):
@@ -119,20 +120,22 @@ class DirectFeedbackAlignment(AbstractCreditPathway):
         errs[L] = e_out
         for j in range(L - 1, -1, -1):
             back = e_out @ B[j]
-            errs[j] = back * net.act_deriv_from_output(hs[j]) if j > 0 else back
+            errs[j] = net.hidden_error(state, j, hs, back) if j > 0 else back
         return errs
 
 
 class SignSymmetric(AbstractCreditPathway):
     """Sign-symmetric feedback (Liao, Leibo & Poggio 2016): ``M_l = sign(W_l) mean|W_l|``,
     recomputed every step (scaled to the forward weights' mean magnitude as in Moskovitz et
-    al. 2018, so errors keep the size they have under backprop)."""
+    al. 2018, so errors keep the size they have under backprop; ``W_l`` is the network's
+    :meth:`AbstractNetwork.forward_matrices`)."""
 
     name: ClassVar[str] = "sign_symmetric"
 
     def errors(self, net, state, B, hs, e_out):
-        mats = tuple(jnp.sign(w) * jnp.mean(jnp.abs(w)) for w in state.W)
-        return _chain(net, mats, hs, e_out)
+        fwd = net.forward_matrices(state, hs)
+        mats = tuple(jnp.sign(w) * jnp.mean(jnp.abs(w)) for w in fwd)
+        return _chain(net, state, mats, hs, e_out)
 
 
 class KolenPollack(FeedbackAlignment):
@@ -168,6 +171,9 @@ class PredictiveCoding(AbstractCreditPathway):
       The input layer, which has no belief, gets ``e_0 = W_1^T e_1``.
 
     The weight update then uses the forward activities and these errors, as in Torch2PC.
+    In a network whose drive is not ``W_l h + b_l`` (:class:`~metaplastic.inner.EINetwork`),
+    ``W_l`` in these equations is its :meth:`AbstractNetwork.forward_matrices` at the forward
+    activities and the drives come from :meth:`AbstractNetwork.pre`.
     """
 
     name: ClassVar[str] = "predictive_coding"
@@ -194,14 +200,15 @@ class PredictiveCoding(AbstractCreditPathway):
             return self._strict(net, state, hs, e_out)
         L = net.n_layers
         steps = self.steps or L
-        gp = [net.act_deriv_from_output(hs[j]) if j > 0 else None for j in range(L)]
+        mats = net.forward_matrices(state, hs)
 
         def to_e(eps):
-            return [eps[j] * gp[j] if j > 0 else eps[j] for j in range(L)] + [e_out]
+            e = [net.hidden_error(state, j, hs, eps[j]) if j > 0 else eps[j] for j in range(L)]
+            return e + [e_out]
 
         def body(_, eps):
             e = to_e(eps)
-            new = [e[j + 1] @ state.W[j] for j in range(L)]
+            new = [e[j + 1] @ mats[j] for j in range(L)]
             return [(1.0 - self.rate) * a + self.rate * n for a, n in zip(eps, new, strict=True)]
 
         dtype = jnp.result_type(e_out, *state.W)
@@ -211,11 +218,10 @@ class PredictiveCoding(AbstractCreditPathway):
     def _strict(self, net, state, hs, e_out):
         L = net.n_layers
         target = jax.nn.softmax(hs[L]) - e_out
-        b = state.b
+        mats = net.forward_matrices(state, hs)
 
         def pre(j, v_in):  # z_{j+1} = W_{j+1} v_j (+ b)
-            z = state.W[j] @ v_in
-            return z + b[j] if b is not None else z
+            return net.pre(state, j, v_in)
 
         def eps_of(v):
             """Prediction errors of the beliefs ``v = [x, v_1, ..., v_{L-1}]``."""
@@ -233,7 +239,7 @@ class PredictiveCoding(AbstractCreditPathway):
                 u = eps[j + 1]
                 if j + 1 < L:  # hidden: through g' at the belief's drive
                     u = u * net.act_deriv_from_output(net.act(pre(j, v[j])))
-                new.append(v[j] + self.rate * (-eps[j] + u @ state.W[j]))
+                new.append(v[j] + self.rate * (-eps[j] + u @ mats[j]))
             return new
 
         dtype = jnp.result_type(e_out, *state.W)
@@ -243,8 +249,8 @@ class PredictiveCoding(AbstractCreditPathway):
         errs = [None] * (L + 1)
         errs[L] = eps[L]
         for j in range(1, L):
-            errs[j] = eps[j] * net.act_deriv_from_output(hs[j])
-        errs[0] = errs[1] @ state.W[0]
+            errs[j] = net.hidden_error(state, j, hs, eps[j])
+        errs[0] = errs[1] @ mats[0]
         return errs
 
 
@@ -291,14 +297,14 @@ def as_pathway(feedback: str | AbstractCreditPathway) -> AbstractCreditPathway:
     return CREDIT_PATHWAYS[check_mode(feedback)]()
 
 
-def init_feedback(mode, net: Network, key: PRNGKeyArray) -> tuple[Array, ...] | None:
+def init_feedback(mode, net: AbstractNetwork, key: PRNGKeyArray) -> tuple[Array, ...] | None:
     """The feedback matrices of pathway ``mode`` (a name or a pathway) at the start of an
     episode (``None`` if derived from ``W``)."""
     return as_pathway(mode).init(net, key)
 
 
 def backward(
-    net: Network,
+    net: AbstractNetwork,
     state: NetState,
     B: tuple[Array, ...] | None,
     hs: list[Array],

@@ -1,10 +1,22 @@
-"""Plastic feed-forward network: weights, initialisation, forward pass."""
+"""Plastic feed-forward networks: weights, initialisation, forward pass.
+
+A network is an :class:`AbstractNetwork` (an extension point: subclass, set ``name``,
+implement :meth:`~AbstractNetwork.init`, :meth:`~AbstractNetwork.pre`,
+:meth:`~AbstractNetwork.act` and :meth:`~AbstractNetwork.act_deriv_from_output`, then
+:func:`register_network`). :data:`NETWORKS` maps the names ``network.kind`` accepts to the
+classes: ``mlp`` (:class:`Network`) and ``ei`` (:class:`EINetwork`, Dale's law).
+"""
 
 from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
@@ -13,14 +25,127 @@ ACTIVATIONS = ("softplus", "relu", "tanh", "linear")
 
 
 class NetState(eqx.Module):
-    """The plastic variables of one network: weights ``W[l]`` ``(n_out, n_in)``, biases."""
+    """The plastic variables of one network: weights ``W[l]`` ``(n_out, n_in)`` (what the
+    rule changes), biases, and ``extra``: variables the network updates itself (the
+    inhibitory weights of :class:`EINetwork`; ``None`` for an MLP)."""
 
     W: tuple[Array, ...]
     b: tuple[Array, ...] | None
+    extra: Any = None
 
 
-class Network(eqx.Module):
-    """Static description of a plastic MLP.
+class AbstractNetwork(eqx.Module):
+    """A plastic feed-forward network (an extension point).
+
+    Layers are 1-based in the equations: ``h_0 = x``, ``z_l = pre_l(h_{l-1})``,
+    ``h_l = g(z_l)`` for hidden layers and logits ``z_L``. The rule changes ``state.W[l-1]``
+    after every sample; credit pathways read the network through :meth:`forward_matrices`
+    (``dz_l / dh_{l-1}``, what backprop transposes) and :meth:`hidden_error`; after the
+    rule's update the network applies its own constraints and plasticity
+    (:meth:`after_update`). Settings are static fields, so a network is hashable and is
+    compiled into the episode.
+    """
+
+    #: the name ``network.kind`` selects it by
+    name: ClassVar[str] = ""
+    #: the ``[network]`` keys this kind reads besides the shared ones (``hidden``, ``n_out``)
+    options: ClassVar[tuple[str, ...]] = ()
+    sizes: eqx.AbstractVar[tuple[int, ...]]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        """Shapes of the plastic matrices ``W[l]``: ``(sizes[l + 1], sizes[l])``."""
+        return tuple((self.sizes[i + 1], self.sizes[i]) for i in range(self.n_layers))
+
+    @abc.abstractmethod
+    def init(self, key: PRNGKeyArray) -> NetState:
+        """Initial weights of one episode."""
+
+    @abc.abstractmethod
+    def pre(self, state: NetState, layer: int, h: Array) -> Array:
+        """Drive ``z_{layer+1}`` of layer ``layer`` (0-based) from its input ``h``."""
+
+    @abc.abstractmethod
+    def act(self, z: Array) -> Array:
+        """Hidden activation ``g(z)``."""
+
+    @abc.abstractmethod
+    def act_deriv_from_output(self, h: Array) -> Array:
+        """``g'(z)`` written in terms of ``h = g(z)``."""
+
+    def forward(self, state: NetState, x: Float[Array, " n0"]) -> list[Array]:
+        """Activities ``[x, h_1, ..., h_{L-1}, z_L]`` (the last entry is the logits)."""
+        hs = [x]
+        h = x
+        for layer in range(self.n_layers):
+            z = self.pre(state, layer, h)
+            h = self.act(z) if layer < self.n_layers - 1 else z
+            hs.append(h)
+        return hs
+
+    def logits(self, state: NetState, x: Float[Array, "batch n0"]) -> Float[Array, "batch nL"]:
+        """Batched forward pass returning logits."""
+        return jax.vmap(lambda xi: self.forward(state, xi)[-1])(x)
+
+    def forward_matrices(self, state: NetState, hs: list[Array]) -> tuple[Array, ...]:
+        """``M_l = dz_l / dh_{l-1}`` at the activities ``hs`` (default: ``W_l``)."""
+        return state.W
+
+    def hidden_error(self, state: NetState, layer: int, hs: list[Array], back: Array) -> Array:
+        """The error at hidden layer ``layer``'s drive from the error ``back`` arriving at
+        its activity: ``back * g'(z_l)`` (a network may transform it further)."""
+        return back * self.act_deriv_from_output(hs[layer])
+
+    def after_update(self, state: NetState, pres: list[Array]) -> NetState:
+        """Constraints and the network's own plasticity, applied after every rule update
+        (``pres``: each layer's input for this sample). Default: none."""
+        return state
+
+    @classmethod
+    def from_config(cls, network: Any, sizes: tuple[int, ...]) -> AbstractNetwork:
+        """The network a ``[network]`` config describes, with layer widths ``sizes``."""
+        return cls(sizes=tuple(sizes), **{k: getattr(network, k) for k in cls.options})
+
+
+def _check_common(sizes, activation: str, beta: float, init_scale: float) -> None:
+    if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
+        raise MetaplasticError(
+            f"network sizes {list(sizes)} need at least an input and an output width, all positive"
+        )
+    if activation not in ACTIVATIONS:
+        raise unknown_name("activation", activation, ACTIVATIONS, "network.activation")
+    if not beta > 0:
+        raise MetaplasticError(f"network.beta must be positive, got {beta}")
+    if not init_scale > 0:
+        raise MetaplasticError(f"network.init_scale must be positive, got {init_scale}")
+
+
+def _act(activation: str, beta: float, z: Array) -> Array:
+    if activation == "softplus":
+        return jax.nn.softplus(beta * z) / beta
+    if activation == "relu":
+        return jax.nn.relu(z)
+    if activation == "tanh":
+        return jnp.tanh(z)
+    return z
+
+
+def _act_deriv(activation: str, beta: float, h: Array) -> Array:
+    if activation == "softplus":
+        return 1.0 - jnp.exp(-beta * h)
+    if activation == "relu":
+        return (h > 0).astype(h.dtype)
+    if activation == "tanh":
+        return 1.0 - h * h
+    return jnp.ones_like(h)
+
+
+class Network(AbstractNetwork):
+    """Plastic MLP (``network.kind = "mlp"``): ``z_l = W_l h_{l-1} (+ b_l)``.
 
     Hidden layers use ``softplus(beta z) / beta`` (or another activation); the output layer
     is linear (its activity for the rules is ``softmax(z)``). Weights are Xavier-uniform:
@@ -34,6 +159,8 @@ class Network(eqx.Module):
         init_scale: multiplies the Xavier-uniform initial weights (poor initialisation studies).
     """
 
+    name: ClassVar[str] = "mlp"
+    options: ClassVar[tuple[str, ...]] = ("beta", "bias", "activation", "init_scale")
     sizes: tuple[int, ...] = eqx.field(static=True)
     beta: float = eqx.field(static=True, default=10.0)
     bias: bool = eqx.field(static=True, default=False)
@@ -41,25 +168,7 @@ class Network(eqx.Module):
     init_scale: float = eqx.field(static=True, default=1.0)
 
     def __check_init__(self):
-        if len(self.sizes) < 2 or any(int(s) < 1 for s in self.sizes):
-            raise MetaplasticError(
-                f"network sizes {list(self.sizes)} need at least an input and an output width, "
-                "all positive"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise unknown_name("activation", self.activation, ACTIVATIONS, "network.activation")
-        if not self.beta > 0:
-            raise MetaplasticError(f"network.beta must be positive, got {self.beta}")
-        if not self.init_scale > 0:
-            raise MetaplasticError(f"network.init_scale must be positive, got {self.init_scale}")
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.sizes) - 1
-
-    @property
-    def shapes(self) -> tuple[tuple[int, int], ...]:
-        return tuple((self.sizes[i + 1], self.sizes[i]) for i in range(self.n_layers))
+        _check_common(self.sizes, self.activation, self.beta, self.init_scale)
 
     def init(self, key: PRNGKeyArray) -> NetState:
         """Xavier-uniform weights, zero biases."""
@@ -70,40 +179,260 @@ class Network(eqx.Module):
         b = tuple(jnp.zeros(s[0]) for s in self.shapes) if self.bias else None
         return NetState(W=W, b=b)
 
+    def pre(self, state: NetState, layer: int, h: Array) -> Array:
+        z = state.W[layer] @ h
+        return z + state.b[layer] if state.b is not None else z
+
     def act(self, z: Array) -> Array:
-        if self.activation == "softplus":
-            return jax.nn.softplus(self.beta * z) / self.beta
-        if self.activation == "relu":
-            return jax.nn.relu(z)
-        if self.activation == "tanh":
-            return jnp.tanh(z)
-        return z
+        return _act(self.activation, self.beta, z)
 
     def act_deriv_from_output(self, h: Array) -> Array:
         """``g'(z)`` written in terms of ``h = g(z)``; softplus: ``1 - exp(-beta h)``."""
-        if self.activation == "softplus":
-            return 1.0 - jnp.exp(-self.beta * h)
-        if self.activation == "relu":
-            return (h > 0).astype(h.dtype)
-        if self.activation == "tanh":
-            return 1.0 - h * h
-        return jnp.ones_like(h)
+        return _act_deriv(self.activation, self.beta, h)
 
-    def forward(self, state: NetState, x: Float[Array, " n0"]) -> list[Array]:
-        """Activities ``[x, h_1, ..., h_{L-1}, z_L]`` (the last entry is the logits)."""
-        hs = [x]
-        h = x
-        for layer in range(self.n_layers):
-            z = state.W[layer] @ h
-            if state.b is not None:
-                z = z + state.b[layer]
-            h = self.act(z) if layer < self.n_layers - 1 else z
-            hs.append(h)
-        return hs
 
-    def logits(self, state: NetState, x: Float[Array, "batch n0"]) -> Float[Array, "batch nL"]:
-        """Batched forward pass returning logits."""
-        return jax.vmap(lambda xi: self.forward(state, xi)[-1])(x)
+class Inhibition(eqx.Module):
+    """The inhibitory weights of one EI layer (all non-negative): ``W_IX (n_I, n_in)``
+    drives the inhibitory units, ``W_EI (n_E, n_I)`` carries their output to the excitatory
+    units, ``B_IX (n_I, n_in)`` sets the divisive inhibition of I-Norm."""
+
+    W_IX: Array
+    W_EI: Array
+    B_IX: Array
+
+
+EI_NORMS = ("none", "inorm")
+ERROR_NORMS = ("none", "gradnorm", "center")
+_EPS = 1e-5
+
+
+def _lognormal(key: PRNGKeyArray, shape: tuple[int, int], mean: float) -> Array:
+    """Positive weights with the given mean and a standard deviation equal to it."""
+    s2 = float(np.log(2.0))
+    return jnp.exp(np.log(mean) - s2 / 2 + np.sqrt(s2) * jax.random.normal(key, shape))
+
+
+def _standardise(z: Array) -> Array:
+    return (z - jnp.mean(z)) / jnp.sqrt(jnp.var(z) + _EPS)
+
+
+class EINetwork(AbstractNetwork):
+    """Excitatory-inhibitory network obeying Dale's law (``network.kind = "ei"``), after
+    Cornford et al. 2021 and Eyono, Levenstein, Ghosh, Cornford & Richards 2026.
+
+    Every layer has ``n_E`` excitatory output units (the widths in ``sizes``) and
+    ``n_I = max(1, round(inhibitory_fraction * n_E))`` inhibitory units:
+
+    * ``norm = "none"``: ``z = W_EX h + b - W_EI (W_IX h)``;
+    * ``norm = "inorm"`` (hidden layers; the output layer stays plain EI): I-Norm,
+      ``z = (W_EX h + b - W_EI W_IX h) / sigma_I`` with divisive inhibition
+      ``sigma_I = sqrt(mean_j (B_IX h)_j^2 + 1e-5)``.
+
+    ``W_EX, W_IX, W_EI, B_IX >= 0`` (clamped after every update). The rule changes ``W_EX``
+    (``state.W``); the inhibitory weights (``state.extra``) are fixed, or with
+    ``inhibitory_rate > 0`` under I-Norm follow the local loss
+    ``L_I = local_weight ((mean_j u_j)^2 + (var_j u_j - 1)^2)``, ``u = (sg(W_EX h + b) -
+    W_EI W_IX h) / sigma_I``, by one gradient step of that size per sample (``sg``: the
+    excitatory drive is held constant). Credit pathways see the inhibition as constant
+    under I-Norm (``dz/dh = W_EX / sigma_I``) and as part of the weights otherwise
+    (``dz/dh = W_EX - W_EI W_IX``).
+
+    ``error_norm`` transforms the error ``d`` at a hidden drive ``z`` before it travels on:
+    ``"gradnorm"``: ``(d - mean(d) - zh mean(d zh)) / sqrt(var(z) + 1e-5)`` with
+    ``zh = (z - mean z) / sqrt(var z + 1e-5)`` (the layer-norm Jacobian at ``z``);
+    ``"center"``: ``d - mean(d)``.
+
+    Initialisation: ``W_EX`` and ``W_IX`` lognormal with mean and standard deviation
+    ``init_scale * sqrt(2 / n_in)``, ``W_EI`` lognormal with its rows normalised to sum to 1
+    (so the subtractive inhibition matches the mean excitatory drive), ``B_IX`` like ``W_IX``,
+    biases zero.
+    """
+
+    name: ClassVar[str] = "ei"
+    options: ClassVar[tuple[str, ...]] = (
+        "beta",
+        "bias",
+        "activation",
+        "init_scale",
+        "inhibitory_fraction",
+        "norm",
+        "error_norm",
+        "inhibitory_rate",
+        "local_weight",
+    )
+    sizes: tuple[int, ...] = eqx.field(static=True)
+    beta: float = eqx.field(static=True, default=10.0)
+    bias: bool = eqx.field(static=True, default=False)
+    activation: str = eqx.field(static=True, default="softplus")
+    init_scale: float = eqx.field(static=True, default=1.0)
+    inhibitory_fraction: float = eqx.field(static=True, default=0.1)
+    norm: str = eqx.field(static=True, default="none")
+    error_norm: str = eqx.field(static=True, default="none")
+    inhibitory_rate: float = eqx.field(static=True, default=0.0)
+    local_weight: float = eqx.field(static=True, default=100.0)
+
+    def __check_init__(self):
+        _check_common(self.sizes, self.activation, self.beta, self.init_scale)
+        if self.norm not in EI_NORMS:
+            raise unknown_name("EI normalisation", self.norm, EI_NORMS, "network.norm")
+        if self.error_norm not in ERROR_NORMS:
+            raise unknown_name(
+                "error normalisation", self.error_norm, ERROR_NORMS, "network.error_norm"
+            )
+        if not 0.0 < self.inhibitory_fraction <= 1.0:
+            raise MetaplasticError(
+                f"network.inhibitory_fraction must lie in (0, 1], got {self.inhibitory_fraction}"
+            )
+        if not self.inhibitory_rate >= 0:
+            raise MetaplasticError(
+                f"network.inhibitory_rate must be >= 0, got {self.inhibitory_rate}"
+            )
+        if self.inhibitory_rate > 0 and self.norm != "inorm":
+            raise MetaplasticError(
+                "network.inhibitory_rate > 0 trains the inhibition by I-Norm's local loss; "
+                'set network.norm = "inorm" too'
+            )
+        if not self.local_weight > 0:
+            raise MetaplasticError(
+                f"network.local_weight must be positive, got {self.local_weight}"
+            )
+
+    def n_inhibitory(self, n_e: int) -> int:
+        return max(1, round(self.inhibitory_fraction * n_e))
+
+    def init(self, key: PRNGKeyArray) -> NetState:
+        W, inh = [], []
+        for k, (n_out, n_in) in zip(jax.random.split(key, self.n_layers), self.shapes, strict=True):
+            k1, k2, k3, k4 = jax.random.split(k, 4)
+            n_i = self.n_inhibitory(n_out)
+            scale = self.init_scale * float(np.sqrt(2.0 / n_in))
+            w_ei = _lognormal(k3, (n_out, n_i), 1.0)
+            W.append(_lognormal(k1, (n_out, n_in), scale))
+            inh.append(
+                Inhibition(
+                    W_IX=_lognormal(k2, (n_i, n_in), scale),
+                    W_EI=w_ei / jnp.sum(w_ei, axis=1, keepdims=True),
+                    B_IX=_lognormal(k4, (n_i, n_in), scale),
+                )
+            )
+        b = tuple(jnp.zeros(s[0]) for s in self.shapes) if self.bias else None
+        return NetState(W=tuple(W), b=b, extra=tuple(inh))
+
+    def _inorm(self, layer: int) -> bool:
+        return self.norm == "inorm" and layer < self.n_layers - 1
+
+    def _sigma(self, p: Inhibition, h: Array) -> Array:
+        return jnp.sqrt(jnp.mean((p.B_IX @ h) ** 2) + _EPS)
+
+    def _excitatory(self, state: NetState, layer: int, h: Array) -> Array:
+        exc = state.W[layer] @ h
+        return exc + state.b[layer] if state.b is not None else exc
+
+    def pre(self, state: NetState, layer: int, h: Array) -> Array:
+        p = state.extra[layer]
+        z = self._excitatory(state, layer, h) - p.W_EI @ (p.W_IX @ h)
+        return z / self._sigma(p, h) if self._inorm(layer) else z
+
+    def act(self, z: Array) -> Array:
+        return _act(self.activation, self.beta, z)
+
+    def act_deriv_from_output(self, h: Array) -> Array:
+        return _act_deriv(self.activation, self.beta, h)
+
+    def forward_matrices(self, state: NetState, hs: list[Array]) -> tuple[Array, ...]:
+        mats = []
+        for layer, (w, p) in enumerate(zip(state.W, state.extra, strict=True)):
+            if self._inorm(layer):
+                mats.append(w / self._sigma(p, hs[layer]))
+            else:
+                mats.append(w - p.W_EI @ p.W_IX)
+        return tuple(mats)
+
+    def hidden_error(self, state: NetState, layer: int, hs: list[Array], back: Array) -> Array:
+        d = back * self.act_deriv_from_output(hs[layer])
+        if self.error_norm == "none":
+            return d
+        if self.error_norm == "center":
+            return d - jnp.mean(d)
+        z = self.pre(state, layer - 1, hs[layer - 1])
+        zh = _standardise(z)
+        return (d - jnp.mean(d) - zh * jnp.mean(d * zh)) / jnp.sqrt(jnp.var(z) + _EPS)
+
+    def _local_loss(self, p: Inhibition, exc: Array, h: Array) -> Array:
+        u = (jax.lax.stop_gradient(exc) - p.W_EI @ (p.W_IX @ h)) / self._sigma(p, h)
+        return self.local_weight * (jnp.mean(u) ** 2 + (jnp.var(u) - 1.0) ** 2)
+
+    def after_update(self, state: NetState, pres: list[Array]) -> NetState:
+        """Dale's law (clamp every weight at zero), then with ``inhibitory_rate > 0`` one
+        gradient step of the local loss on each I-Norm layer's inhibitory weights."""
+        W = tuple(jnp.maximum(w, 0.0) for w in state.W)
+        extra = list(state.extra)
+        if self.inhibitory_rate > 0:
+            clamped = NetState(W=W, b=state.b, extra=state.extra)
+            for layer in range(self.n_layers):
+                if not self._inorm(layer):
+                    continue
+                h = pres[layer]
+                exc = self._excitatory(clamped, layer, h)
+                g = jax.grad(self._local_loss)(extra[layer], exc, h)
+                extra[layer] = jax.tree_util.tree_map(
+                    lambda a, d: jnp.maximum(a - self.inhibitory_rate * d, 0.0), extra[layer], g
+                )
+        return NetState(W=W, b=state.b, extra=tuple(extra))
+
+
+#: Name -> network class (``network.kind``). :func:`register_network` adds one.
+NETWORKS: dict[str, type[AbstractNetwork]] = {}
+
+
+def register_network(cls: type[AbstractNetwork]) -> type[AbstractNetwork]:
+    """Add a network class to :data:`NETWORKS` under its ``name`` (a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, AbstractNetwork)):
+        raise TypeError(f"{cls!r} is not an AbstractNetwork subclass")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise TypeError(f"{cls.__name__} needs a class attribute name (a non-empty string)")
+    if NETWORKS.get(cls.name, cls) is not cls:
+        raise ValueError(f"network kind {cls.name!r} is already registered")
+    NETWORKS[cls.name] = cls
+    return cls
+
+
+for _cls in (Network, EINetwork):
+    register_network(_cls)
+
+#: The built-in network kinds.
+NETWORK_KINDS = tuple(NETWORKS)
+
+
+def network_class(kind: str) -> type[AbstractNetwork]:
+    """The class ``network.kind = kind`` names (one line naming the choices otherwise)."""
+    if kind not in NETWORKS:
+        raise unknown_name("network kind", kind, tuple(NETWORKS), "network.kind")
+    return NETWORKS[kind]
+
+
+#: ``[network]`` keys every kind reads (the others are listed in each class's ``options``)
+SHARED_OPTIONS = ("kind", "hidden", "n_out")
+
+
+def network_from_config(network: Any, sizes: tuple[int, ...]) -> AbstractNetwork:
+    """The network a ``[network]`` config (a dataclass) describes, with widths ``sizes``.
+
+    A key the chosen kind does not read, set away from its default, is an error: it would
+    otherwise be ignored silently.
+    """
+    cls = network_class(network.kind)
+    defaults = type(network)()
+    for f in dataclasses.fields(network):
+        if f.name in SHARED_OPTIONS or f.name in cls.options:
+            continue
+        if getattr(network, f.name) != getattr(defaults, f.name):
+            raise MetaplasticError(
+                f"network.{f.name} does not apply to network.kind = {network.kind!r} (it "
+                f"reads {', '.join(cls.options) or 'no other keys'}); remove it or change "
+                "network.kind"
+            )
+    return cls.from_config(network, sizes)
 
 
 def xavier_uniform(key: PRNGKeyArray, shape: tuple[int, int]) -> Array:

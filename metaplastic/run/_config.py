@@ -98,12 +98,23 @@ class NetworkConfig:
     balanced, as in Shervani-Tabar & Rosenbaum's code) leaves output units that no episode's
     labels use, so a network that learns nothing pays ``ln n_out``, not ``ln n_way``."""
 
+    #: the network class (a name in metaplastic.inner.NETWORKS): "mlp" or "ei" (Dale's law)
+    kind: str = "mlp"
     hidden: tuple[int, ...] = (50, 40, 30, 20)
     n_out: int = 0
     activation: str = "softplus"
     beta: float = 10.0
     bias: bool = False
     init_scale: float = 1.0
+    #: kind = "ei" only: inhibitory units per excitatory unit of a layer; "none" or "inorm"
+    #: (I-Norm hidden layers); the error transform "none", "gradnorm" or "center"; the step
+    #: size of I-Norm's local loss on the inhibitory weights (0 = fixed inhibition) and the
+    #: loss's weight
+    inhibitory_fraction: float = 0.1
+    norm: str = "none"
+    error_norm: str = "none"
+    inhibitory_rate: float = 0.0
+    local_weight: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -294,7 +305,7 @@ def _positive(obj, where: str, *names: str) -> None:
 
 def _validate(obj, where: str) -> None:
     from ..inner._feedback import CREDIT_PATHWAYS, PC_VARIANTS
-    from ..inner._network import ACTIVATIONS
+    from ..inner._network import network_from_config
     from ..outer import GRADIENT_MODES, OPTIMIZERS
     from ..outer._evolution import (
         ES_OBJECTIVES,
@@ -333,11 +344,10 @@ def _validate(obj, where: str) -> None:
     elif isinstance(obj, NetworkConfig):
         if any(h < 1 for h in obj.hidden):
             raise MetaplasticError(f"{where}.hidden: widths must be positive, got {obj.hidden}")
-        if obj.activation not in ACTIVATIONS:
-            raise unknown_name("activation", obj.activation, ACTIVATIONS, f"{where}.activation")
-        _positive(obj, where, "beta", "init_scale")
         if obj.n_out < 0:
             raise MetaplasticError(f"{where}.n_out must be >= 0 (0 = task.n_way), got {obj.n_out}")
+        # the network kind validates its own keys (building a stand-in of the same depth)
+        network_from_config(obj, (1, *obj.hidden, 2))
     elif isinstance(obj, TrainConfig):
         if obj.feedback not in CREDIT_PATHWAYS:
             raise unknown_name(

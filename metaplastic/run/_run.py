@@ -23,7 +23,7 @@ from .._errors import MetaplasticError, RunFailed
 from .._io import atomic_write
 from ..export._export import write_rule_files
 from ..inner._feedback import CREDIT_PATHWAYS, AbstractCreditPathway, check_mode
-from ..inner._network import Network
+from ..inner._network import AbstractNetwork, Network, network_from_config
 from ..outer import AbstractTrainer, OuterState, trainer_for
 from ..outer._units import units_record
 from ..rules._rule_kinds import EquationRule, MLPRule, TaylorRule
@@ -73,7 +73,7 @@ def _backed_off_too_far(state, step: int) -> str | None:
 class Setup:
     """The objects a config resolves to."""
 
-    net: Network
+    net: AbstractNetwork
     task: ClassificationTask | PCATask
     meta_train: ImagePool | None
     meta_test: ImagePool | None
@@ -99,6 +99,11 @@ def build_setup(cfg: RunConfig) -> Setup:
         if cfg.network.hidden:
             raise MetaplasticError(
                 f"task {cfg.task.name}: a pca task is one linear neuron; set network.hidden = []"
+            )
+        if cfg.network.kind != "mlp":
+            raise MetaplasticError(
+                f"task {cfg.task.name}: a pca task is one linear neuron; network.kind = "
+                f"{cfg.network.kind!r} does not apply (remove it)"
             )
         task = PCATask(
             cfg.task.dim,
@@ -133,13 +138,7 @@ def build_setup(cfg: RunConfig) -> Setup:
             f"network.n_out={n_out} is smaller than task.n_way={cfg.task.n_way}; every "
             "episode class needs an output unit (0 = n_way)"
         )
-    net = Network(
-        sizes=(ds.dim, *cfg.network.hidden, n_out),
-        beta=cfg.network.beta,
-        bias=cfg.network.bias,
-        activation=cfg.network.activation,
-        init_scale=cfg.network.init_scale,
-    )
+    net = network_from_config(cfg.network, (ds.dim, *cfg.network.hidden, n_out))
     return Setup(net, task, meta_train, meta_test, meta_val)
 
 

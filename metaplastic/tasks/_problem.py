@@ -11,7 +11,7 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 from scipy import stats
 
-from ..inner._network import Network
+from ..inner._network import AbstractNetwork
 from ..rules._rules import AbstractRule
 from ._classification import ClassificationTask
 from ._data import ImagePool
@@ -23,7 +23,7 @@ class Problem(eqx.Module):
     (``feedback``: an :class:`~metaplastic.inner.AbstractCreditPathway` or its name), task,
     data."""
 
-    net: Network
+    net: AbstractNetwork
     feedback: Any = eqx.field(static=True)
     task: ClassificationTask | PCATask
     pool: ImagePool | None

@@ -1,0 +1,196 @@
+"""Networks as an extension point: the EI network (Dale's law, I-Norm, GradNorm) against
+autodiff references, its constraints, its config keys, and a network defined outside the
+package running in train."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from metaplastic.inner import (
+    NETWORKS,
+    EINetwork,
+    NetState,
+    Network,
+    backward,
+    register_network,
+)
+from metaplastic.inner._episode import apply_rule, start_carry
+from metaplastic.rules import TermPoolRule
+from metaplastic.run import build_config, build_setup, train
+from metaplastic.run._cli import main
+
+from .conftest import tiny_task
+
+SIZES = (9, 8, 7, 4)
+sg = jax.lax.stop_gradient
+
+
+def _sample(norm: str, error_norm: str = "none", bias: bool = True):
+    net = EINetwork(SIZES, norm=norm, error_norm=error_norm, bias=bias, activation="tanh")
+    state = net.init(jax.random.key(0))
+    if bias:  # non-zero biases, so the test sees them
+        state = NetState(
+            W=state.W,
+            b=tuple(
+                0.1 * jax.random.normal(jax.random.key(5 + i), b.shape)
+                for i, b in enumerate(state.b)
+            ),
+            extra=state.extra,
+        )
+    x = jax.random.uniform(jax.random.key(1), (SIZES[0],))
+    return net, state, x
+
+
+def _reference_logits(net, W, state, x):
+    """The EI forward pass written out, with the inhibition held constant exactly where
+    the docstring says the task loss sees it as constant (under I-Norm: all of it)."""
+    h = x
+    L = len(W)
+    for layer in range(L):
+        p = state.extra[layer]
+        exc = W[layer] @ h + state.b[layer]
+        if net.norm == "inorm" and layer < L - 1:
+            inh = p.W_EI @ (p.W_IX @ sg(h))
+            sigma = jnp.sqrt(jnp.mean((p.B_IX @ sg(h)) ** 2) + 1e-5)
+            z = (exc - inh) / sigma
+        else:
+            z = exc - p.W_EI @ (p.W_IX @ h)
+        h = jnp.tanh(z) if layer < L - 1 else z
+    return h
+
+
+@pytest.mark.parametrize("norm", ["none", "inorm"])
+def test_ei_backprop_errors_are_the_gradient_of_the_loss(norm):
+    net, state, x = _sample(norm)
+    label = 2
+    hs = net.forward(state, x)
+    np.testing.assert_allclose(hs[-1], _reference_logits(net, state.W, state, x), rtol=1e-6)
+    e_out = jax.nn.softmax(hs[-1]) - jax.nn.one_hot(label, SIZES[-1])
+    errs = backward(net, state, None, hs, e_out, "backprop")
+
+    def loss(W):
+        return -jax.nn.log_softmax(_reference_logits(net, W, state, x))[label]
+
+    grads = jax.grad(loss)(state.W)
+    for layer, g in enumerate(grads):
+        expected = jnp.outer(errs[layer + 1], hs[layer])
+        if norm == "inorm" and layer < net.n_layers - 1:  # dz/dW_EX = h / sigma_I
+            p = state.extra[layer]
+            expected = expected / jnp.sqrt(jnp.mean((p.B_IX @ hs[layer]) ** 2) + 1e-5)
+        np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gradnorm_is_the_layer_norm_jacobian_and_center_subtracts_the_mean():
+    net, state, x = _sample("inorm", "gradnorm")
+    hs = net.forward(state, x)
+    back = jax.random.normal(jax.random.key(3), (SIZES[1],))
+    d = back * (1.0 - hs[1] ** 2)
+    z = net.pre(state, 0, hs[0])
+
+    def layer_norm(v):
+        return (v - v.mean()) / jnp.sqrt(v.var() + 1e-5)
+
+    _, vjp = jax.vjp(layer_norm, z)
+    np.testing.assert_allclose(
+        net.hidden_error(state, 1, hs, back), vjp(d)[0], rtol=1e-4, atol=1e-6
+    )
+    centred = EINetwork(SIZES, norm="inorm", error_norm="center", activation="tanh")
+    np.testing.assert_allclose(
+        centred.hidden_error(state, 1, hs, back), d - d.mean(), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_dale_law_holds_after_an_update_that_pushes_weights_negative():
+    net, state, x = _sample("inorm", bias=False)
+    net = EINetwork(SIZES, norm="inorm", inhibitory_rate=0.5, activation="tanh")
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [-50.0])  # a huge anti-gradient step
+    carry = start_carry(rule, net, "backprop", jax.random.key(0))
+    from metaplastic.inner._episode import forward_backward
+
+    pres, posts, errs, _, _ = forward_backward(net, "backprop", carry, x, 1)
+    raw = apply_rule(rule, carry, pres, posts, errs, "backprop")  # no network: unclamped
+    assert min(float(w.min()) for w in raw.net.W) < 0
+    new = apply_rule(rule, carry, pres, posts, errs, "backprop", net)
+    for leaf in jax.tree_util.tree_leaves((new.net.W, new.net.extra)):
+        assert float(leaf.min()) >= 0.0
+    assert any(
+        float(jnp.max(jnp.abs(a - b))) > 0
+        for a, b in zip(
+            jax.tree_util.tree_leaves(new.net.extra),
+            jax.tree_util.tree_leaves(carry.net.extra),
+            strict=True,
+        )
+    )
+
+
+def test_inhibitory_plasticity_lowers_the_local_loss():
+    net = EINetwork(SIZES, norm="inorm", inhibitory_rate=1e-3, activation="tanh")
+    state = net.init(jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (SIZES[0],))
+    pres = net.forward(state, x)[:-1]
+    new = net.after_update(state, pres)
+    for layer in (0, 1):  # the two I-Norm layers
+        exc = state.W[layer] @ pres[layer]
+        before = net._local_loss(state.extra[layer], exc, pres[layer])
+        after = net._local_loss(new.extra[layer], exc, pres[layer])
+        assert float(after) < float(before)
+    assert new.extra[2] is state.extra[2]  # the output layer has no I-Norm
+
+
+def test_ei_settings_are_validated_and_refused_for_the_mlp():
+    with pytest.raises(Exception, match="network.norm"):
+        EINetwork(SIZES, norm="batch")
+    with pytest.raises(Exception, match="inorm"):
+        EINetwork(SIZES, inhibitory_rate=0.1)
+    with pytest.raises(Exception, match="network kind"):
+        build_config("pool", "digits", None, ["network.kind=cnn"])
+    with pytest.raises(Exception, match="does not apply"):
+        build_config("pool", "digits", None, ["network.norm=inorm"])
+    cfg = build_config("pool", "digits", None, ["network.kind=ei", "network.norm=inorm"])
+    net = build_setup(cfg).net
+    assert isinstance(net, EINetwork) and net.norm == "inorm" and net.sizes[0] == 64
+
+
+@pytest.fixture
+def task(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_task())
+    return path
+
+
+def test_ei_network_trains_from_the_command_line(tmp_path, task):
+    args = ["train", "--rule", "pool", "--task", str(task), "--quiet", "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(
+        main, [*args, "--set", "network.kind=ei", "--set", "network.norm=inorm"]
+    )
+    assert res.exit_code == 0, res.output
+    bad = CliRunner().invoke(main, [*args[:-2], "--set", "network.error_norm=gradnorm"])
+    assert bad.exit_code == 2 and "network.error_norm" in bad.stderr
+
+
+def test_a_network_from_outside_the_package_registers_and_trains(tmp_path, task):
+    class LeakyMLP(Network):
+        """The MLP with a leak: every hidden drive is halved."""
+
+        name: ClassVar[str] = "halved_mlp_test"
+
+        def pre(self, state, layer, h):
+            z = super().pre(state, layer, h)
+            return 0.5 * z if layer < self.n_layers - 1 else z
+
+    register_network(LeakyMLP)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_network(type("Other", (LeakyMLP,), {"name": "mlp"}))
+        cfg = build_config("pool", str(task), None, ["network.kind=halved_mlp_test"])
+        assert isinstance(build_setup(cfg).net, LeakyMLP)
+        summary = train(cfg, tmp_path / "run", progress=False)
+        assert summary["status"] == "ok"
+    finally:
+        NETWORKS.pop("halved_mlp_test", None)
