@@ -30,7 +30,7 @@ from metaplastic._errors import MetaplasticError
 from metaplastic.export._export import equation_rule_from_export, format_rule, rule_from_json
 from metaplastic.inner._episode import OBJECTIVES
 from metaplastic.inner._feedback import FEEDBACK_MODES, PC_VARIANTS
-from metaplastic.inner._network import ACTIVATIONS
+from metaplastic.inner._network import ACTIVATIONS, ERROR_NORMS
 from metaplastic.outer import GRADIENT_MODES, OPTIMIZERS
 from metaplastic.outer._evolution import ES_OBJECTIVES, FITNESS_SHAPING, strategy_names
 from metaplastic.outer._units import UNITS
@@ -40,7 +40,7 @@ from metaplastic.rules._symbolic import is_matrix
 from metaplastic.rules._terms import TERMS
 from metaplastic.run._config import (
     SECTIONS,
-    TASK_KINDS,
+    NetworkConfig,
     RunConfig,
     apply_overrides,
     build_config,
@@ -48,6 +48,7 @@ from metaplastic.run._config import (
     load_task,
 )
 from metaplastic.run._run import read_run_config, start_run_dir
+from metaplastic.tasks import TASKS
 from metaplastic.tasks._data import DATASETS, EMNIST_SPLITS, read_idx
 
 from .conftest import random_signals
@@ -326,12 +327,13 @@ def _task_tables():
     return st.fixed_dictionaries(
         {
             "name": _text,
-            "kind": st.sampled_from(TASK_KINDS),
+            "kind": st.sampled_from(tuple(TASKS)),
             "dim": _count,
             "steps": _count,
             "eig_decay": _open_fraction,
             "input_scale": _positive,
             "dataset": st.sampled_from(DATASETS),
+            "luminosity_shift": st.floats(0.0, 1.0),
             "n_way": st.integers(2, 2**31),
             "k_shot": _count,
             "q_query": _count,
@@ -345,17 +347,40 @@ def _task_tables():
     )
 
 
+#: The [network] keys only kind = "ei" reads, at their defaults.
+EI_DEFAULTS = {
+    k: getattr(NetworkConfig(), k)
+    for k in ("inhibitory_fraction", "norm", "error_norm", "inhibitory_rate", "local_weight")
+}
+
+
 def _network_tables():
 
-    return st.fixed_dictionaries(
-        {
-            "hidden": st.lists(st.integers(1, 4096), max_size=5),
-            "n_out": st.integers(0, 2**31),
-            "activation": st.sampled_from(ACTIVATIONS),
-            "beta": _positive,
-            "bias": st.booleans(),
-            "init_scale": _positive,
-        }
+    shared = {
+        "hidden": st.lists(st.integers(1, 4096), max_size=5),
+        "n_out": st.integers(0, 2**31),
+        "activation": st.sampled_from(ACTIVATIONS),
+        "beta": _positive,
+        "bias": st.booleans(),
+        "init_scale": _positive,
+    }
+    # an mlp must leave the EI keys at their defaults (a key its kind does not read is refused)
+    mlp = {"kind": st.just("mlp"), **{k: st.just(v) for k, v in EI_DEFAULTS.items()}}
+    inorm = st.fixed_dictionaries(
+        {"norm": st.just("inorm"), "inhibitory_rate": st.floats(0.0, 1e3)}
+    )
+    plain = st.fixed_dictionaries({"norm": st.just("none"), "inhibitory_rate": st.just(0.0)})
+    ei = {
+        "kind": st.just("ei"),
+        "inhibitory_fraction": st.floats(0.0, 1.0, exclude_min=True),
+        "error_norm": st.sampled_from(ERROR_NORMS),
+        "local_weight": _positive,
+    }
+    return st.one_of(
+        st.fixed_dictionaries({**shared, **mlp}),
+        st.tuples(st.fixed_dictionaries({**shared, **ei}), st.one_of(inorm, plain)).map(
+            lambda t: {**t[0], **t[1]}
+        ),
     )
 
 

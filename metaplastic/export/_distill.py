@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import MetaplasticError, unknown_name
-from ..inner._episode import apply_rule, forward_backward, start_carry
 from ..rules._rule_kinds import MONOMIALS, TaylorRule
 from ..rules._rules import AbstractRule
 from ..rules._signals import LocalSignals
@@ -26,18 +25,15 @@ DEFAULT_ALPHA = {"stlsq": 0.01, "lasso": 1e-3}
 
 def collect_synapses(problem, rule: AbstractRule, key, episodes: int, per_layer_step: int):
     """``(features, targets)``: rows ``[x_j, y_i, W_ij, e_i]`` and the rule's ``dW_ij`` at
-    ``per_layer_step`` random synapses of every layer at every online step."""
-    net, feedback = problem.net, problem.feedback
+    ``per_layer_step`` random synapses of every layer at every online step, recorded inside
+    the task's own episode scan (``record`` of :func:`metaplastic.inner.scan_episode`)."""
+    net = problem.net
 
     def episode(k):
-        k_task, k_net, k_pick = jax.random.split(k, 3)
-        ep = problem.task.sample(k_task, problem.pool)
-        carry0 = start_carry(rule, net, feedback, k_net)
-        T = ep.train_x.shape[0]
+        k_run, k_pick = jax.random.split(k)
 
-        def body(carry, inp):
-            x, label, kk = inp
-            pres, posts, errs, _, _ = forward_backward(net, feedback, carry, x, label)
+        def record(carry, pres, posts, errs, t):
+            kk = jax.random.fold_in(k_pick, t)
             rows = []
             for layer, W in enumerate(carry.net.W):
                 s = LocalSignals(
@@ -47,14 +43,11 @@ def collect_synapses(problem, rule: AbstractRule, key, episodes: int, per_layer_
                 ki, kj = jax.random.split(jax.random.fold_in(kk, layer))
                 i = jax.random.randint(ki, (per_layer_step,), 0, W.shape[0])
                 j = jax.random.randint(kj, (per_layer_step,), 0, W.shape[1])
-                f = jnp.stack([s.x[j], s.y[i], W[i, j], s.e[i], dW[i, j]], axis=1)
-                rows.append(f)
-            new = apply_rule(rule, carry, pres, posts, errs, feedback, net)
-            return new, jnp.concatenate(rows)
+                rows.append(jnp.stack([s.x[j], s.y[i], W[i, j], s.e[i], dW[i, j]], axis=1))
+            return jnp.concatenate(rows)
 
-        keys = jax.random.split(k_pick, T)
-        _, rows = jax.lax.scan(body, carry0, (ep.train_x, ep.train_y, keys))
-        return rows.reshape(-1, 5)
+        res = problem.task.run(rule, net, problem.feedback, k_run, problem.pool, record=record)
+        return res.record.reshape(-1, 5)
 
     rows = jax.jit(jax.vmap(episode))(jax.random.split(key, episodes))
     rows = np.asarray(rows, np.float64).reshape(-1, 5)
@@ -117,7 +110,7 @@ def distill(problem, rule, key, episodes: int, samples: int, method: str, alpha:
     alpha = DEFAULT_ALPHA.get(method, 0.0) if alpha is None else alpha
     if not alpha >= 0:
         raise MetaplasticError("--alpha must be >= 0")
-    steps = problem.task.n_way * problem.task.k_shot
+    steps = problem.task.episode_length() or 100
     per = max(1, -(-samples // (episodes * steps * problem.net.n_layers)))
     feats, target = collect_synapses(problem, rule, key, episodes, per)
     if len(target) < 100:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -36,6 +39,8 @@ class InnerResult(eqx.Module):
     query_loss: Float[Array, ""]
     query_accuracy: Float[Array, ""]
     diverged: Array
+    #: what a ``record`` hook of :func:`scan_episode` returned at every step (else ``None``)
+    record: Any = None
 
 
 class Carry(eqx.Module):
@@ -193,6 +198,51 @@ def query_metrics(
     return loss, acc
 
 
+def scan_episode(
+    rule: AbstractRule,
+    net: AbstractNetwork,
+    feedback,
+    carry0: Carry,
+    stream,
+    signals: Callable,
+    *,
+    weight_limit: float = 0.0,
+    remat: bool = False,
+    record: Callable | None = None,
+):
+    """The online scan every task runs: one ``lax.scan`` over the samples of ``stream``
+    (a pytree whose leaves have a leading time axis) in which the rule changes the weights
+    after every sample.
+
+    At step ``t`` with sample ``s``: ``signals(carry, s) -> (pres, posts, errs, out)`` gives
+    each layer's pre- and post-synaptic activity, the errors ``[e_0, ..., e_L]`` and
+    per-step outputs; :func:`apply_rule` updates the carry (then the network's own
+    :meth:`~AbstractNetwork.after_update`); :func:`guard` stops the episode when
+    ``weight_limit > 0`` and a weight leaves its bound. ``record(carry, pres, posts, errs,
+    t)``, when given, adds what it returns to the per-step outputs (distillation samples
+    synapses this way). ``remat=True`` wraps each step in ``jax.checkpoint``.
+
+    Returns ``(carry, stopped, outs)``: the final carry, whether the guard stopped the
+    episode, and the stacked per-step ``out`` (``(out, recorded)`` with ``record``).
+    """
+    limits = weight_limits(carry0.net, weight_limit)
+
+    def body(state, inp):
+        carry, stopped = state
+        sample, t = inp
+        pres, posts, errs, out = signals(carry, sample)
+        new = apply_rule(rule, carry, pres, posts, errs, feedback, net)
+        if record is not None:
+            out = (out, record(carry, pres, posts, errs, t))
+        return guard(carry, new, stopped, limits), out
+
+    if remat:
+        body = jax.checkpoint(body)
+    T = jax.tree_util.tree_leaves(stream)[0].shape[0]
+    (carry, stopped), outs = jax.lax.scan(body, (carry0, jnp.array(False)), (stream, jnp.arange(T)))
+    return carry, stopped, outs
+
+
 def run_episode(
     rule: AbstractRule,
     net: AbstractNetwork,
@@ -204,8 +254,9 @@ def run_episode(
     objective: str = "cross_entropy",
     temperature: float = 1.0,
     weight_limit: float = 0.0,
+    record: Callable | None = None,
 ) -> InnerResult:
-    """Online learning over ``episode.train_*`` with ``lax.scan``, then query metrics.
+    """Online learning over ``episode.train_*`` (:func:`scan_episode`), then query metrics.
 
     The network and (for ``fa``) the feedback matrices are drawn fresh from ``key``.
     ``remat=True`` wraps each step in ``jax.checkpoint`` (less memory for reverse-mode
@@ -214,19 +265,24 @@ def run_episode(
     weight (:func:`guard`); the episode then counts as diverged.
     """
     carry0 = start_carry(rule, net, feedback, key)
-    limits = weight_limits(carry0.net, weight_limit)
 
-    def body(state, xy):
-        carry, stopped = state
-        x, label = xy
-        new, loss, correct = online_step(rule, net, feedback, carry, x, label)
-        return guard(carry, new, stopped, limits), (loss, correct)
+    def signals(carry, sample):
+        x, label = sample
+        pres, posts, errs, loss, correct = forward_backward(net, feedback, carry, x, label)
+        return pres, posts, errs, (loss, correct)
 
-    if remat:
-        body = jax.checkpoint(body)
-    (carry, stopped), (losses, corrects) = jax.lax.scan(
-        body, (carry0, jnp.array(False)), (episode.train_x, episode.train_y)
+    carry, stopped, outs = scan_episode(
+        rule,
+        net,
+        feedback,
+        carry0,
+        (episode.train_x, episode.train_y),
+        signals,
+        weight_limit=weight_limit,
+        remat=remat,
+        record=record,
     )
+    (losses, corrects), recorded = outs if record is not None else (outs, None)
     state = carry.net
     qloss, qacc = query_metrics(
         net, state, episode.query_x, episode.query_y, objective, temperature
@@ -234,4 +290,4 @@ def run_episode(
     leaves = jax.tree_util.tree_leaves(state)
     diverged = ~jnp.all(jnp.array([jnp.all(jnp.isfinite(w)) for w in leaves]))
     diverged = diverged | ~jnp.isfinite(qloss) | stopped
-    return InnerResult(state, losses, corrects, qloss, qacc, diverged)
+    return InnerResult(state, losses, corrects, qloss, qacc, diverged, recorded)

@@ -78,6 +78,9 @@ class TaskConfig:
     #: pca: every input is multiplied by this (covariance ``input_scale**2 * C``)
     input_scale: float = 1.0
     dataset: str = "digits"
+    #: classification: each image's pixels shift by one U(-eps, eps) offset, then clip to
+    #: [0, 1] (0 = off)
+    luminosity_shift: float = 0.0
     n_way: int = 5
     k_shot: int = 20
     q_query: int = 10
@@ -320,9 +323,16 @@ def _validate(obj, where: str) -> None:
         _validate_rule(obj, where)
     elif isinstance(obj, TaskConfig):
         from ..tasks._data import DATASETS
+        from ..tasks._task import task_class
 
-        if obj.kind not in TASK_KINDS:
-            raise unknown_name("task kind", obj.kind, TASK_KINDS, f"{where}.kind")
+        try:
+            task_class(obj.kind)  # one line naming the registered kinds when unknown
+        except MetaplasticError as err:
+            raise MetaplasticError(f"{where}: {err}") from None
+        if not 0.0 <= obj.luminosity_shift <= 1.0:
+            raise MetaplasticError(
+                f"{where}.luminosity_shift must lie in [0, 1], got {obj.luminosity_shift}"
+            )
         _positive(obj, where, "dim", "steps", "eig_decay", "input_scale")
         if obj.eig_decay >= 1.0:
             raise MetaplasticError(
@@ -347,7 +357,10 @@ def _validate(obj, where: str) -> None:
         if obj.n_out < 0:
             raise MetaplasticError(f"{where}.n_out must be >= 0 (0 = task.n_way), got {obj.n_out}")
         # the network kind validates its own keys (building a stand-in of the same depth)
-        network_from_config(obj, (1, *obj.hidden, 2))
+        try:
+            network_from_config(obj, (1, *obj.hidden, 2))
+        except MetaplasticError as err:
+            raise MetaplasticError(f"{where}: {err}") from None
     elif isinstance(obj, TrainConfig):
         if obj.feedback not in CREDIT_PATHWAYS:
             raise unknown_name(
@@ -447,9 +460,6 @@ def _validate(obj, where: str) -> None:
         ):
             if getattr(obj, n) < 0:
                 raise MetaplasticError(f"{where}.{n} must be >= 0, got {getattr(obj, n)}")
-
-
-TASK_KINDS = ("classification", "pca")
 
 
 def _validate_rule(obj: RuleConfig, where: str) -> None:

@@ -35,10 +35,9 @@ from ..rules._user_terms import (
     read_sources,
     run_user_terms,
 )
-from ..tasks._classification import ClassificationTask
 from ..tasks._data import ImagePool, load_dataset, split_pools, split_validation
-from ..tasks._pca import PCATask
 from ..tasks._problem import Problem, evaluate_outcomes, mean_ci95
+from ..tasks._task import AbstractTask, task_class
 from ._checkpoint import load_latest, save_checkpoint
 from ._config import RunConfig
 from ._distributed import process_dir
@@ -74,7 +73,7 @@ class Setup:
     """The objects a config resolves to."""
 
     net: AbstractNetwork
-    task: ClassificationTask | PCATask
+    task: AbstractTask
     meta_train: ImagePool | None
     meta_test: ImagePool | None
     meta_val: ImagePool | None = None
@@ -95,24 +94,26 @@ _DATA_CACHE: dict[str, Any] = {}
 
 
 def build_setup(cfg: RunConfig) -> Setup:
-    if cfg.task.kind == "pca":
-        if cfg.network.hidden:
-            raise MetaplasticError(
-                f"task {cfg.task.name}: a pca task is one linear neuron; set network.hidden = []"
-            )
-        if cfg.network.kind != "mlp":
-            raise MetaplasticError(
-                f"task {cfg.task.name}: a pca task is one linear neuron; network.kind = "
-                f"{cfg.network.kind!r} does not apply (remove it)"
-            )
-        task = PCATask(
-            cfg.task.dim,
-            cfg.task.steps,
-            cfg.task.eig_decay,
-            input_scale=cfg.task.input_scale,
-            weight_limit=cfg.train.weight_limit,
-        )
-        net = Network(sizes=(cfg.task.dim, 1), activation="linear", bias=False)
+    """Task, network and data splits of a run config (``task.kind`` picks the task class
+    from :data:`metaplastic.tasks.TASKS`, ``network.kind`` the network class)."""
+    cls = task_class(cfg.task.kind)
+    task = cls.from_config(cfg.task, cfg.train)
+    if not cls.uses_images:
+        if cfg.task.kind == "pca":
+            if cfg.network.hidden:
+                raise MetaplasticError(
+                    f"task {cfg.task.name}: a pca task is one linear neuron; set "
+                    "network.hidden = []"
+                )
+            if cfg.network.kind != "mlp":
+                raise MetaplasticError(
+                    f"task {cfg.task.name}: a pca task is one linear neuron; network.kind = "
+                    f"{cfg.network.kind!r} does not apply (remove it)"
+                )
+            net = Network(sizes=(cfg.task.dim, 1), activation="linear", bias=False)
+        else:
+            sizes = (cfg.task.dim, *cfg.network.hidden, cfg.network.n_out or cfg.task.n_way)
+            net = network_from_config(cfg.network, sizes)
         return Setup(net, task, None, None)
     key = (cfg.task.dataset, cfg.task.data_dir, cfg.task.emnist_split)
     if key not in _DATA_CACHE:
@@ -121,14 +122,6 @@ def build_setup(cfg: RunConfig) -> Setup:
     meta_train, meta_test = split_pools(ds, cfg.task.test_fraction, cfg.task.split_seed)
     k_q = cfg.task.k_shot + cfg.task.q_query
     meta_train, meta_val = split_validation(meta_train, cfg.task.val_fraction, k_q)
-    task = ClassificationTask(
-        cfg.task.n_way,
-        cfg.task.k_shot,
-        cfg.task.q_query,
-        objective=cfg.train.objective,
-        temperature=cfg.train.query_temperature,
-        weight_limit=cfg.train.weight_limit,
-    )
     task.check(meta_train, f"task {cfg.task.name} (meta-train split)")
     task.check(meta_val, f"task {cfg.task.name} (validation split; see task.val_fraction)")
     task.check(meta_test, f"task {cfg.task.name} (meta-test split)")

@@ -23,8 +23,18 @@ from ._problem import (
     evaluate_rule,
     mean_ci95,
 )
+from ._task import (
+    TASKS,
+    AbstractTask,
+    register_task,
+    task_class,
+)
 
 __all__ = [
+    "TASKS",
+    "AbstractTask",
+    "register_task",
+    "task_class",
     "ClassificationTask",
     "DATASETS",
     "Dataset",
@@ -39,3 +49,6 @@ __all__ = [
     "split_validation",
     "train_test_arrays",
 ]
+
+for _cls in (ClassificationTask, PCATask):
+    register_task(_cls)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -10,23 +12,51 @@ from jaxtyping import Array, PRNGKeyArray
 from .._errors import MetaplasticError
 from ..inner._episode import Episode, run_episode
 from ._data import ImagePool
+from ._task import AbstractTask
 
 
-class ClassificationTask(eqx.Module):
-    """N-way K-shot online classification.
+class ClassificationTask(AbstractTask):
+    """N-way K-shot online classification (``task.kind = "classification"``).
 
     Sample ``n_way`` classes without replacement, ``k_shot`` training and ``q_query`` query
     images per class (disjoint), relabel the classes ``0..n_way-1`` in sampled order, and
     shuffle the training stream. The training stream has ``n_way * k_shot`` samples,
     presented once, one per update.
+
+    ``luminosity_shift = eps > 0`` (after Eyono et al. 2026): every image, training and
+    query, gets one offset ``Delta ~ U(-eps, eps)`` added to all its pixels, then is clipped
+    to ``[0, 1]`` (the pixel range of the built-in data sets).
     """
 
+    name: ClassVar[str] = "classification"
     n_way: int = eqx.field(static=True)
     k_shot: int = eqx.field(static=True)
     q_query: int = eqx.field(static=True)
     objective: str = eqx.field(static=True, default="cross_entropy")
     temperature: float = eqx.field(static=True, default=1.0)
     weight_limit: float = eqx.field(static=True, default=0.0)
+    luminosity_shift: float = eqx.field(static=True, default=0.0)
+
+    def __check_init__(self):
+        if not 0.0 <= self.luminosity_shift <= 1.0:
+            raise MetaplasticError(
+                f"task.luminosity_shift must lie in [0, 1], got {self.luminosity_shift}"
+            )
+
+    @classmethod
+    def from_config(cls, task, train) -> ClassificationTask:
+        return cls(
+            task.n_way,
+            task.k_shot,
+            task.q_query,
+            objective=train.objective,
+            temperature=train.query_temperature,
+            weight_limit=train.weight_limit,
+            luminosity_shift=task.luminosity_shift,
+        )
+
+    def episode_length(self) -> int:
+        return self.n_way * self.k_shot
 
     def check(self, pool: ImagePool, where: str = "task") -> None:
         """Raise a clear error when the pool cannot supply this task."""
@@ -42,7 +72,9 @@ class ClassificationTask(eqx.Module):
                 "task.k_shot or task.q_query"
             )
 
-    def run(self, rule, net, feedback, key: PRNGKeyArray, pool: ImagePool, remat=False):
+    def run(
+        self, rule, net, feedback, key: PRNGKeyArray, pool: ImagePool, remat=False, record=None
+    ):
         """Sample one episode from ``pool`` and learn it online (:func:`run_episode`)."""
         k_task, k_net = jax.random.split(key)
         ep = self.sample(k_task, pool)
@@ -56,6 +88,7 @@ class ClassificationTask(eqx.Module):
             objective=self.objective,
             temperature=self.temperature,
             weight_limit=self.weight_limit,
+            record=record,
         )
 
     @staticmethod
@@ -88,9 +121,20 @@ class ClassificationTask(eqx.Module):
         order = jax.random.permutation(k_order, tr_rows.shape[0])
         q_rows = rows[:, self.k_shot :].reshape(-1)
         q_lab = labels[:, self.k_shot :].reshape(-1)
+        train_x, query_x = pool.x[tr_rows[order]], pool.x[q_rows]
+        if self.luminosity_shift > 0:
+            k_tr, k_q = jax.random.split(jax.random.fold_in(key, 1))
+            train_x = self._shift(k_tr, train_x)
+            query_x = self._shift(k_q, query_x)
         return Episode(
-            train_x=pool.x[tr_rows[order]],
+            train_x=train_x,
             train_y=tr_lab[order].astype(jnp.int32),
-            query_x=pool.x[q_rows],
+            query_x=query_x,
             query_y=q_lab.astype(jnp.int32),
         )
+
+    def _shift(self, key: PRNGKeyArray, x: Array) -> Array:
+        """One ``U(-eps, eps)`` offset per image, then clip to ``[0, 1]``."""
+        eps = self.luminosity_shift
+        delta = jax.random.uniform(key, (x.shape[0], 1), minval=-eps, maxval=eps, dtype=x.dtype)
+        return jnp.clip(x + delta, 0.0, 1.0)

@@ -23,18 +23,25 @@ alignment ``|cos(w, v_1)|``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from ..inner._episode import Carry, InnerResult, apply_rule, guard, weight_limits
+from ..inner._episode import Carry, InnerResult, scan_episode
 from ..inner._network import NetState, Network
 from ..rules._rules import AbstractRule
+from ._task import AbstractTask
 
 
-class PCATask(eqx.Module):
-    """One linear neuron learning the top principal component online (see module doc)."""
+class PCATask(AbstractTask):
+    """One linear neuron learning the top principal component online (see module doc;
+    ``task.kind = "pca"``)."""
+
+    name: ClassVar[str] = "pca"
+    uses_images: ClassVar[bool] = False
 
     dim: int = eqx.field(static=True)
     steps: int = eqx.field(static=True)
@@ -42,6 +49,19 @@ class PCATask(eqx.Module):
     init_scale: float = eqx.field(static=True, default=1.0)
     input_scale: float = eqx.field(static=True, default=1.0)
     weight_limit: float = eqx.field(static=True, default=0.0)
+
+    @classmethod
+    def from_config(cls, task, train) -> PCATask:
+        return cls(
+            task.dim,
+            task.steps,
+            task.eig_decay,
+            input_scale=task.input_scale,
+            weight_limit=train.weight_limit,
+        )
+
+    def episode_length(self) -> int:
+        return self.steps
 
     def eigenvalues(self):
         """Covariance eigenvalues ``input_scale**2 * eig_decay**k``, largest first."""
@@ -75,29 +95,37 @@ class PCATask(eqx.Module):
         key: PRNGKeyArray,
         pool=None,
         remat=False,
+        record=None,
     ) -> InnerResult:
-        """One episode (``pool`` is unused: the inputs are generated)."""
+        """One episode (``pool`` is unused: the inputs are generated; there is no error
+        signal, so ``feedback`` is unused too)."""
         x, C, v1, w0 = self.sample(key)
         carry0 = Carry.start(rule, NetState(W=(w0,), b=None), None)
-        limits = weight_limits(carry0.net, self.weight_limit)
         zero = jnp.zeros(1, w0.dtype)
         zero_in = jnp.zeros(self.dim, w0.dtype)
 
-        def body(state, xt):
-            carry, stopped = state
+        def signals(carry, xt):
             y = carry.net.W[0] @ xt
-            new = apply_rule(rule, carry, [xt], [y], [zero_in, zero], "backprop")
             err = jnp.sum((xt - carry.net.W[0][0] * y[0]) ** 2)
-            return guard(carry, new, stopped, limits), err
+            return [xt], [y], [zero_in, zero], err
 
-        if remat:
-            body = jax.checkpoint(body)
-        (carry, stopped), errs = jax.lax.scan(body, (carry0, jnp.array(False)), x)
+        carry, stopped, errs = scan_episode(
+            rule,
+            net,
+            "backprop",
+            carry0,
+            x,
+            signals,
+            weight_limit=self.weight_limit,
+            remat=remat,
+            record=record,
+        )
+        errs, recorded = errs if record is not None else (errs, None)
         w = carry.net.W[0][0]
         loss = self.loss(w, C)
         align = jnp.abs(w @ v1) / (jnp.linalg.norm(w) + 1e-12)
         diverged = ~jnp.all(jnp.isfinite(w)) | stopped
-        return InnerResult(carry.net, errs, jnp.zeros_like(errs), loss, align, diverged)
+        return InnerResult(carry.net, errs, jnp.zeros_like(errs), loss, align, diverged, recorded)
 
     @staticmethod
     def score(result):

@@ -13,9 +13,8 @@ from scipy import stats
 
 from ..inner._network import AbstractNetwork
 from ..rules._rules import AbstractRule
-from ._classification import ClassificationTask
 from ._data import ImagePool
-from ._pca import PCATask
+from ._task import AbstractTask
 
 
 class Problem(eqx.Module):
@@ -25,7 +24,7 @@ class Problem(eqx.Module):
 
     net: AbstractNetwork
     feedback: Any = eqx.field(static=True)
-    task: ClassificationTask | PCATask
+    task: AbstractTask
     pool: ImagePool | None
     remat: bool = eqx.field(static=True, default=False)
 

@@ -1,0 +1,90 @@
+"""The task interface: what every task family (classification, PCA, your own) provides,
+and the registry that maps ``task.kind`` to a task class."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import equinox as eqx
+from jaxtyping import Array, PRNGKeyArray
+
+from .._errors import unknown_name
+from ..inner._episode import InnerResult
+from ..rules._rules import AbstractRule
+
+
+class AbstractTask(eqx.Module):
+    """A family of episodes a rule is meta-learned on (an extension point: subclass, set
+    ``name``, implement :meth:`run`, :meth:`score` and :meth:`diverged_score`, then
+    :func:`register_task`; ``task.kind = "<name>"`` selects it).
+
+    :meth:`run` samples one episode from ``key`` and learns it online through
+    :func:`metaplastic.inner.scan_episode` (classification does so via
+    :func:`metaplastic.inner.run_episode`), returning an :class:`InnerResult` whose
+    ``query_loss`` is the meta-loss. Settings are static fields, so a task is hashable and
+    is compiled into the meta-step.
+    """
+
+    #: the name ``task.kind`` selects it by
+    name: ClassVar[str] = ""
+    #: ``True``: episodes are drawn from an image pool (``pool`` in :meth:`run`), so the run
+    #: loads ``task.dataset`` and splits it; ``False``: the task generates its inputs
+    uses_images: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def run(
+        self,
+        rule: AbstractRule,
+        net: Any,
+        feedback: Any,
+        key: PRNGKeyArray,
+        pool: Any = None,
+        remat: bool = False,
+        record: Callable | None = None,
+    ) -> InnerResult:
+        """Sample one episode and learn it online; ``record`` as in ``scan_episode``."""
+
+    @abc.abstractmethod
+    def score(self, result: InnerResult) -> Array:
+        """What decisions after training maximise (higher is better)."""
+
+    @abc.abstractmethod
+    def diverged_score(self) -> float:
+        """The score a diverged episode gets (the worst a working network can do)."""
+
+    def episode_length(self) -> int:
+        """Online updates per episode (0: unknown until sampled)."""
+        return 0
+
+    def check(self, pool: Any, where: str = "task") -> None:
+        """Raise a clear error when ``pool`` cannot supply this task (default: no check)."""
+
+    @classmethod
+    def from_config(cls, task: Any, train: Any) -> AbstractTask:
+        """The task ``task`` (a ``[task]`` config) and ``train`` (``[train]``) describe."""
+        return cls()
+
+
+#: Name -> task class (``task.kind``). :func:`register_task` adds one.
+TASKS: dict[str, type[AbstractTask]] = {}
+
+
+def register_task(cls: type[AbstractTask]) -> type[AbstractTask]:
+    """Add a task class to :data:`TASKS` under its ``name`` (a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, AbstractTask)):
+        raise TypeError(f"{cls!r} is not an AbstractTask subclass")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise TypeError(f"{cls.__name__} needs a class attribute name (a non-empty string)")
+    if TASKS.get(cls.name, cls) is not cls:
+        raise ValueError(f"task kind {cls.name!r} is already registered")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def task_class(kind: str) -> type[AbstractTask]:
+    """The class ``task.kind = kind`` names (one line naming the choices otherwise)."""
+    if kind not in TASKS:
+        raise unknown_name("task kind", kind, tuple(TASKS), "task.kind")
+    return TASKS[kind]
