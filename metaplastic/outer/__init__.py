@@ -1,6 +1,6 @@
 """Outer loops that meta-learn a rule's coefficients."""
 
-from .._errors import MetaplasticError
+from .._errors import MetaplasticError, unknown_name
 from ._gradient import GRADIENT_MODES, OPTIMIZERS, GradientTrainer, OuterState, make_optimizer
 from ._trainer import TRAINERS, AbstractTrainer, register_trainer
 
@@ -9,6 +9,7 @@ __all__ = [
     "AbstractTrainer",
     "register_trainer",
     "trainer_for",
+    "check_train_config",
     "GRADIENT_MODES",
     "OPTIMIZERS",
     "EvolveResult",
@@ -30,6 +31,23 @@ def trainer_for(outer: str) -> type[AbstractTrainer]:
         if cls.accepts(outer):
             return cls
     raise MetaplasticError(f"train.outer = {outer!r}: no trainer serves it")
+
+
+def check_train_config(train, where: str = "train") -> None:
+    """Check the outer-loop part of a ``[train]`` config: some trainer serves
+    ``train.outer`` (one line naming the choices otherwise), and every registered trainer
+    refuses bad values of the keys it owns (:meth:`AbstractTrainer.check_config`)."""
+    from ._evolution import refuse_strategy, strategy_names
+
+    try:
+        trainer_for(train.outer)
+    except MetaplasticError:
+        choices = list(OPTIMIZERS) + strategy_names()
+        raise refuse_strategy(train.outer, f"{where}.outer") or unknown_name(
+            "outer loop", train.outer, choices, f"{where}.outer"
+        ) from None
+    for cls in TRAINERS.values():
+        cls.check_config(train, where)
 
 
 def __getattr__(name: str):

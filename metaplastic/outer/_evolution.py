@@ -314,6 +314,25 @@ class EvolutionTrainer(AbstractTrainer):
         return is_strategy(outer)
 
     @classmethod
+    def check_config(cls, train, where: str = "train") -> None:
+        """``population``, ``sigma``, ``sigma_decay``, ``fitness_shaping`` and
+        ``es_fitness``."""
+        if train.es_fitness not in ES_OBJECTIVES:
+            raise unknown_name("ES fitness", train.es_fitness, ES_OBJECTIVES, f"{where}.es_fitness")
+        if train.fitness_shaping not in FITNESS_SHAPING:
+            raise unknown_name(
+                "fitness shaping",
+                train.fitness_shaping,
+                FITNESS_SHAPING,
+                f"{where}.fitness_shaping",
+            )
+        for n in ("sigma", "sigma_decay"):
+            if not getattr(train, n) > 0:
+                raise MetaplasticError(f"{where}.{n} must be positive, got {getattr(train, n)}")
+        if train.population < 2:
+            raise MetaplasticError(f"{where}.population must be at least 2, got {train.population}")
+
+    @classmethod
     def from_config(cls, train, problem, rule, *, units_key=None, trainable=None):
         """The evosax strategy ``train.outer`` with the run's population, sigma, fitness and
         sharding. Evolution strategies cannot freeze coefficients (``trainable``)."""

@@ -171,6 +171,29 @@ class GradientTrainer(AbstractTrainer):
         return outer in OPTIMIZERS
 
     @classmethod
+    def check_config(cls, train, where: str = "train") -> None:
+        """``gradient``, ``units``, ``lr_end``, ``clip``, ``grad_limit`` and ``prune_refit``
+        (refitting uses this trainer)."""
+        from ._units import UNITS
+
+        if train.gradient not in GRADIENT_MODES:
+            raise unknown_name("gradient mode", train.gradient, GRADIENT_MODES, f"{where}.gradient")
+        if train.units not in UNITS:
+            raise unknown_name("coefficient units", train.units, UNITS, f"{where}.units")
+        if not 0.0 <= train.lr_end <= 1.0:
+            raise MetaplasticError(
+                f"{where}.lr_end must be a fraction of train.lr between 0 and 1, got {train.lr_end}"
+            )
+        for n in ("clip", "grad_limit"):
+            if getattr(train, n) < 0:
+                raise MetaplasticError(f"{where}.{n} must be >= 0, got {getattr(train, n)}")
+        if train.prune_refit > 0 and not cls.accepts(train.outer):
+            raise MetaplasticError(
+                f"{where}.prune_refit refits with the gradient outer loop; {where}.outer = "
+                f"{train.outer!r} is an evolution strategy: set {where}.prune_refit = 0"
+            )
+
+    @classmethod
     def from_config(cls, train, problem, rule, *, units_key=None, trainable=None):
         """An optax optimiser ``train.outer`` with the run's step-size schedule, clipping,
         L1, gradient mode, sharding, divergence limits, coefficient units and freezing."""

@@ -44,6 +44,12 @@ class AbstractTrainer(eqx.Module):
         """Whether this trainer serves ``train.outer = outer``."""
 
     @classmethod
+    def check_config(cls, train: Any, where: str = "train") -> None:
+        """Refuse bad values of the ``[train]`` keys this trainer owns (one line each).
+        Every registered trainer checks its keys on every config, so a value is checked
+        whichever outer loop the run uses (default: nothing to check)."""
+
+    @classmethod
     @abc.abstractmethod
     def from_config(
         cls,

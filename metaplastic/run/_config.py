@@ -309,15 +309,7 @@ def _positive(obj, where: str, *names: str) -> None:
 def _validate(obj, where: str) -> None:
     from ..inner._feedback import CREDIT_PATHWAYS, PC_VARIANTS
     from ..inner._network import network_from_config
-    from ..outer import GRADIENT_MODES, OPTIMIZERS
-    from ..outer._evolution import (
-        ES_OBJECTIVES,
-        FITNESS_SHAPING,
-        is_strategy,
-        refuse_strategy,
-        strategy_names,
-    )
-    from ..outer._units import UNITS
+    from ..outer import check_train_config
 
     if isinstance(obj, RuleConfig):
         _validate_rule(obj, where)
@@ -373,31 +365,12 @@ def _validate(obj, where: str) -> None:
         if not 0.0 < obj.pc_rate <= 1.0:
             raise MetaplasticError(f"{where}.pc_rate must lie in (0, 1], got {obj.pc_rate}")
         CREDIT_PATHWAYS[obj.feedback].from_config(obj)  # checks the pathway's own settings
-        if obj.outer not in OPTIMIZERS and not is_strategy(obj.outer):
-            choices = list(OPTIMIZERS) + strategy_names()
-            raise refuse_strategy(obj.outer, f"{where}.outer") or unknown_name(
-                "outer loop", obj.outer, choices, f"{where}.outer"
-            )
-        if obj.prune_refit > 0 and obj.outer not in OPTIMIZERS:
-            raise MetaplasticError(
-                f"{where}.prune_refit refits with the gradient outer loop; {where}.outer = "
-                f"{obj.outer!r} is an evolution strategy: set {where}.prune_refit = 0"
-            )
+        check_train_config(obj, where)  # each trainer checks the keys it owns
         from ..inner._episode import OBJECTIVES
 
         if obj.objective not in OBJECTIVES:
             raise unknown_name("objective", obj.objective, OBJECTIVES, f"{where}.objective")
         _positive(obj, where, "query_temperature")
-        if obj.es_fitness not in ES_OBJECTIVES:
-            raise unknown_name("ES fitness", obj.es_fitness, ES_OBJECTIVES, f"{where}.es_fitness")
-        if obj.fitness_shaping not in FITNESS_SHAPING:
-            raise unknown_name(
-                "fitness shaping",
-                obj.fitness_shaping,
-                FITNESS_SHAPING,
-                f"{where}.fitness_shaping",
-            )
-        _positive(obj, where, "sigma", "sigma_decay")
         if obj.vmap_width < -1:
             raise MetaplasticError(
                 f"{where}.vmap_width must be >= -1 (0 = auto: one entry at a time, "
@@ -405,12 +378,6 @@ def _validate(obj, where: str) -> None:
             )
         if obj.devices < 0:
             raise MetaplasticError(f"{where}.devices must be >= 0 (0 = all), got {obj.devices}")
-        if obj.population < 2:
-            raise MetaplasticError(f"{where}.population must be at least 2, got {obj.population}")
-        if obj.gradient not in GRADIENT_MODES:
-            raise unknown_name("gradient mode", obj.gradient, GRADIENT_MODES, f"{where}.gradient")
-        if obj.units not in UNITS:
-            raise unknown_name("coefficient units", obj.units, UNITS, f"{where}.units")
         _positive(
             obj,
             where,
@@ -428,10 +395,6 @@ def _validate(obj, where: str) -> None:
                 raise MetaplasticError(
                     f"{where}.{n} must be a fraction between 0 and 1, got {getattr(obj, n)}"
                 )
-        if not 0.0 <= obj.lr_end <= 1.0:
-            raise MetaplasticError(
-                f"{where}.lr_end must be a fraction of train.lr between 0 and 1, got {obj.lr_end}"
-            )
         if not (obj.weight_limit == 0 or 1.0 < obj.weight_limit < float("inf")):
             raise MetaplasticError(
                 f"{where}.weight_limit must be 0 (off) or a finite factor above 1, "
@@ -449,8 +412,6 @@ def _validate(obj, where: str) -> None:
             )
         for n in (
             "l1",
-            "clip",
-            "grad_limit",
             "prune_threshold",
             "prune_effect",
             "prune_refit",
