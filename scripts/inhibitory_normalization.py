@@ -65,149 +65,67 @@ import numpy as np
 import optax
 from _study import add_meta_args, meta_split, resolve_meta_args
 
+from metaplastic.inner import ERROR_NORM_COEFFICIENTS, EINetwork, NetState
 from metaplastic.outer import evolve
 from metaplastic.run import plot_evolution
-from metaplastic.tasks import load_dataset, mean_ci95, train_test_arrays
+from metaplastic.tasks import load_dataset, luminosity_shift, mean_ci95, train_test_arrays
 
 CONDITIONS = ("ei", "ei_ln", "inorm", "inorm_gradnorm", "inorm_center")
 EPSILONS = (0.0, 0.25, 0.5, 0.75)
-EPS = 1e-5
-INHIBITORY = ("W_IX", "W_EI", "B_IX")
-sg = jax.lax.stop_gradient
 
 
 # --------------------------------------------------------------------------- model
+# The EI network, I-Norm, GradNorm and the luminosity shift are the library's
+# (metaplastic.inner.EINetwork, metaplastic.tasks.luminosity_shift); this script trains them.
 
-
-def lognormal(key, shape, mean):
-    """Positive weights with the given mean and standard deviation equal to the mean."""
-    s2 = np.log(2.0)  # std / mean = 1
-    return jnp.exp(np.log(mean) - s2 / 2 + np.sqrt(s2) * jax.random.normal(key, shape))
-
-
-def init(key, sizes):
-    """EI layers: ``W_EX (n_E, n_in)``, ``W_IX, B_IX (n_I, n_in)``, ``W_EI (n_E, n_I)``.
-
-    ``W_EX`` and ``W_IX`` share one lognormal distribution (std ``sqrt(2 / n_in)``), so with
-    ``W_EI`` rows summing to 1 the subtractive inhibition matches the mean excitatory drive
-    at initialisation (after Cornford et al. 2021).
-    """
-    layers = []
-    for k, n_in, n_out in zip(jax.random.split(key, len(sizes) - 1), sizes[:-1], sizes[1:]):
-        k1, k2, k3, k4 = jax.random.split(k, 4)
-        n_i = max(1, round(0.1 * n_out))
-        scale = float(np.sqrt(2.0 / n_in))
-        w_ei = lognormal(k3, (n_out, n_i), 1.0)
-        layers.append(
-            {
-                "W_EX": lognormal(k1, (n_out, n_in), scale),
-                "W_IX": lognormal(k2, (n_i, n_in), scale),
-                "W_EI": w_ei / w_ei.sum(1, keepdims=True),
-                "B_IX": lognormal(k4, (n_i, n_in), scale),
-                "b": jnp.zeros(n_out),
-            }
-        )
-    return layers
-
-
-def standardise(z):
-    mu = z.mean(-1, keepdims=True)
-    return (z - mu) / jnp.sqrt(z.var(-1, keepdims=True) + EPS)
-
-
-@jax.custom_vjp
-def error_norm(z, coef):
-    """Identity forward; backward ``(d - a mean(d) - b zh mean(d zh)) / s`` with
-    ``coef = (a, b, divide)``, ``s = sqrt(var(z) + 1e-5)`` if ``divide`` else 1."""
-    return z
-
-
-def _error_norm_fwd(z, coef):
-    return z, (z, coef)
-
-
-def _error_norm_bwd(res, d):
-    z, (a, b, divide) = res
-    zh = standardise(z)
-    out = d - a * d.mean(-1, keepdims=True) - b * zh * (d * zh).mean(-1, keepdims=True)
-    s = jnp.sqrt(z.var(-1, keepdims=True) + EPS)
-    out = jnp.where(divide > 0, out / s, out)
-    return out, (jnp.zeros_like(a), jnp.zeros_like(b), jnp.zeros_like(divide))
-
-
-error_norm.defvjp(_error_norm_fwd, _error_norm_bwd)
-
+NORMS = {"ei": "none", "ei_ln": "layer"}  # every other condition is I-Norm
 #: backward transforms of the I-Norm conditions: (alpha, beta, divide by the std)
 BACKWARD = {
     "inorm": None,
-    "inorm_gradnorm": (1.0, 1.0, 1.0),
-    "inorm_center": (1.0, 0.0, 0.0),
+    "inorm_gradnorm": ERROR_NORM_COEFFICIENTS["gradnorm"],
+    "inorm_center": ERROR_NORM_COEFFICIENTS["center"],
 }
 
 
-def forward(layers, x, cond, hp, ln_reference=False):
-    """Logits, the local inhibitory loss, and each hidden layer's pre-ReLU drive ``z``.
-
-    ``hp`` holds the I-Norm coefficients: ``lam_mean, lam_var`` (local-loss weights) and
-    ``back`` (``(alpha, beta, divide)`` or ``None``). With ``ln_reference`` an I-Norm
-    network's normalisation is replaced by layer norm of its drive (inhibition constant).
-    """
-    h, local, drives = x, 0.0, []
-    for i, p in enumerate(layers):
-        exc = h @ p["W_EX"].T + p["b"]
-        last = i == len(layers) - 1
-        if last or not cond.startswith("inorm"):
-            z = exc - (h @ p["W_IX"].T) @ p["W_EI"].T
-            if cond == "ei_ln" and not last:
-                z = standardise(z)
-        else:
-            hs = sg(h)  # the local loss does not reach lower layers
-            inh = (hs @ p["W_IX"].T) @ p["W_EI"].T
-            sigma = jnp.sqrt(jnp.mean((hs @ p["B_IX"].T) ** 2, -1, keepdims=True) + EPS)
-            u = (sg(exc) - inh) / sigma  # trains W_IX, W_EI, B_IX only
-            local = local + jnp.mean(
-                hp["lam_mean"] * u.mean(-1) ** 2 + hp["lam_var"] * (u.var(-1) - 1.0) ** 2
-            )
-            if ln_reference:
-                z = standardise(exc - sg(inh))
-            else:
-                z = (exc - sg(inh)) / sg(sigma)
-                if hp["back"] is not None:
-                    z = error_norm(z, hp["back"])
-        if last:
-            return z, local, drives
-        drives.append(z)
-        h = jax.nn.relu(z)
+def network(cond: str, sizes) -> EINetwork:
+    """The EI network of a condition (ReLU, biases; the I-Norm error transform is passed
+    per call as ``hp["back"]``, so it can be meta-learned)."""
+    return EINetwork(tuple(sizes), bias=True, activation="relu", norm=NORMS.get(cond, "inorm"))
 
 
-def shift(key, x, eps):
-    """Luminosity shift: one ``U(-eps, eps)`` offset per image, then clip to [0, 1]."""
-    delta = jax.random.uniform(key, (x.shape[0], 1), minval=-eps, maxval=eps)
-    return jnp.clip(x + delta, 0.0, 1.0)
+def forward(net, state, x, hp, ln_reference=False):
+    """Logits, the local inhibitory loss and each hidden layer's pre-ReLU drive ``z``."""
+    return net.batch_forward(
+        state,
+        x,
+        local_weights=(hp["lam_mean"], hp["lam_var"]),
+        back=hp["back"],
+        layer_norm_reference=ln_reference,
+    )
 
 
-def clamp(layers):
-    """Dale's law: every weight matrix stays non-negative (biases are free)."""
-    return [{k: (v if k == "b" else jnp.maximum(v, 0.0)) for k, v in p.items()} for p in layers]
-
-
-def task_loss(layers, xb, yb, cond, hp):
-    logits, local, _ = forward(layers, xb, cond, hp)
+def task_loss(state, net, xb, yb, hp):
+    logits, local, _ = forward(net, state, xb, hp)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
     return ce + local, (ce, local)
 
 
-def optimizer(layers, cond, args):
+def optimizer(net, cond, args):
     """SGD with momentum; I-Norm layers' inhibitory weights (trained by the local loss only)
     use Adam at ``lr_inh``, whose bounded steps keep the large early local-loss gradients
     from clamping them to zero."""
     if not cond.startswith("inorm"):
         return optax.sgd(args.lr, momentum=0.9)
-    last = len(layers) - 1
-    labels = [
-        {k: ("inh" if k in INHIBITORY and i < last else "task") for k in p}
-        for i, p in enumerate(layers)
-    ]
+    last = net.n_layers - 1
+
+    def labels(state):
+        inh = [
+            jax.tree_util.tree_map(lambda _: "inh" if i < last else "task", p)
+            for i, p in enumerate(state.extra)
+        ]
+        task = jax.tree_util.tree_map(lambda _: "task", state)
+        return NetState(W=task.W, b=task.b, extra=tuple(inh))
+
     return optax.multi_transform(
         {"task": optax.sgd(args.lr, momentum=0.9), "inh": optax.adam(args.lr_inh)}, labels
     )
@@ -217,10 +135,10 @@ def train(key, eps, x, y, cond, hp, args, epochs, n_train=None):
     """SGD (momentum 0.9) for ``epochs`` passes over ``x[:n_train]``; returns the weights
     and the per-epoch mean task and local losses."""
     n = x.shape[0] if n_train is None else n_train
-    sizes = (x.shape[1], *args.hidden, args.n_classes)
+    net = network(cond, (x.shape[1], *args.hidden, args.n_classes))
     k_init, k_data = jax.random.split(key)
-    layers = init(k_init, sizes)
-    opt = optimizer(layers, cond, args)
+    layers = net.init(k_init)
+    opt = optimizer(net, cond, args)
     o = opt.init(layers)
     n_batches = n // args.batch
     grad = jax.grad(task_loss, has_aux=True)
@@ -228,10 +146,10 @@ def train(key, eps, x, y, cond, hp, args, epochs, n_train=None):
     def step(carry, inp):
         layers, o = carry
         idx, k = inp
-        xb = shift(k, x[idx], eps)
-        g, (ce, local) = grad(layers, xb, y[idx], cond, hp)
+        xb = luminosity_shift(k, x[idx], eps)
+        g, (ce, local) = grad(layers, net, xb, y[idx], hp)
         upd, o = opt.update(g, o, layers)
-        layers = clamp(optax.apply_updates(layers, upd))
+        layers = EINetwork.clamp(optax.apply_updates(layers, upd))
         return (layers, o), (ce, local)
 
     def epoch(carry, e):
@@ -252,8 +170,9 @@ def cosine(a, b):
 
 def evaluate(layers, key, eps, tx, ty, cond, hp, n_align):
     """Test accuracy, activity moments and (I-Norm) alignment with layer norm."""
-    xs = shift(key, tx, eps)
-    logits, _, drives = forward(layers, xs, cond, hp)
+    net = network(cond, (tx.shape[1], *(w.shape[0] for w in layers.W)))
+    xs = luminosity_shift(key, tx, eps)
+    logits, _, drives = forward(net, layers, xs, hp)
     acc = jnp.mean(jnp.argmax(logits, 1) == ty)
     means = jnp.stack([d.mean(-1) for d in drives])  # (layers, images)
     stds = jnp.stack([d.std(-1) for d in drives])
@@ -261,19 +180,19 @@ def evaluate(layers, key, eps, tx, ty, cond, hp, n_align):
     if not cond.startswith("inorm"):
         return acc, moments, (jnp.nan, jnp.nan)
     ln_hp = dict(hp, back=None)
-    _, _, ln_drives = forward(layers, xs, cond, ln_hp, ln_reference=True)
+    _, _, ln_drives = forward(net, layers, xs, ln_hp, ln_reference=True)
     out_cos = jnp.mean(
         jnp.stack([jax.vmap(cosine)(d, r).mean() for d, r in zip(drives, ln_drives)])
     )
 
     def ce(ls, ln):
-        logits, _, _ = forward(ls, xs[:n_align], cond, ln_hp if ln else hp, ln_reference=ln)
+        logits, _, _ = forward(net, ls, xs[:n_align], ln_hp if ln else hp, ln_reference=ln)
         return optax.softmax_cross_entropy_with_integer_labels(logits, ty[:n_align]).mean()
 
     g_in = jax.grad(ce)(layers, False)
     g_ln = jax.grad(ce)(layers, True)
     grad_cos = jnp.mean(
-        jnp.stack([cosine(a["W_EX"], b["W_EX"]) for a, b in zip(g_in[:-1], g_ln[:-1])])
+        jnp.stack([cosine(a, b) for a, b in zip(g_in.W[:-1], g_ln.W[:-1], strict=True)])
     )
     return acc, moments, (out_cos, grad_cos)
 
@@ -319,7 +238,8 @@ def meta_learn(data, args):
     def error(p, key, eps):
         k_train, k_val = jax.random.split(key)
         layers, _ = train(k_train, eps, xt, yt, "inorm", coefs(p), args, 1, n_train)
-        logits, _, _ = forward(layers, shift(k_val, xv, eps), "inorm", coefs(p))
+        net = network("inorm", (xv.shape[1], *args.hidden, args.n_classes))
+        logits, _, _ = forward(net, layers, luminosity_shift(k_val, xv, eps), coefs(p))
         err = 1.0 - jnp.mean(jnp.argmax(logits, 1) == yv)
         return jnp.where(jnp.all(jnp.isfinite(logits)), err, jnp.nan)
 

@@ -194,3 +194,29 @@ def test_a_network_from_outside_the_package_registers_and_trains(tmp_path, task)
         assert summary["status"] == "ok"
     finally:
         NETWORKS.pop("halved_mlp_test", None)
+
+
+def test_batch_forward_keeps_task_and_local_losses_apart_and_applies_gradnorm():
+    net = EINetwork(SIZES, norm="inorm", bias=True, activation="relu")
+    state = net.init(jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (6, SIZES[0]))
+    hp = {"local_weights": (100.0, 100.0)}
+
+    def task(s, back=None):
+        logits, _, _ = net.batch_forward(s, x, back=back, **hp)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 1])
+
+    def local(s):
+        return net.batch_forward(s, x, **hp)[1]
+
+    g_task, g_local = jax.grad(task)(state), jax.grad(local)(state)
+    for layer in (0, 1):  # I-Norm layers: the task loss sees the inhibition as constant ...
+        for leaf in jax.tree_util.tree_leaves(g_task.extra[layer]):
+            assert float(jnp.max(jnp.abs(leaf))) == 0.0
+        assert float(jnp.max(jnp.abs(g_local.W[layer]))) == 0.0  # ... and only it is local
+        assert float(jnp.max(jnp.abs(g_local.extra[layer].W_IX))) > 0.0
+    assert float(jnp.max(jnp.abs(g_task.extra[2].W_IX))) > 0.0  # the plain EI output layer
+    # GradNorm changes the errors below an I-Norm layer but not the top layer's gradient
+    g_gn = jax.grad(task)(state, (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(g_gn.W[2], g_task.W[2], rtol=1e-6)
+    assert float(jnp.max(jnp.abs(g_gn.W[0] - g_task.W[0]))) > 1e-6

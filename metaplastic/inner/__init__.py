@@ -20,12 +20,15 @@ from ._feedback import (
 )
 from ._network import (
     ACTIVATIONS,
+    ERROR_NORM_COEFFICIENTS,
     NETWORKS,
     AbstractNetwork,
     EINetwork,
     Inhibition,
     NetState,
     Network,
+    error_norm,
+    normalise_error,
     register_network,
 )
 
@@ -50,6 +53,9 @@ __all__ = [
     "EINetwork",
     "Inhibition",
     "register_network",
+    "error_norm",
+    "ERROR_NORM_COEFFICIENTS",
+    "normalise_error",
     "Network",
     "OBJECTIVES",
     "apply_rule",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -201,7 +202,7 @@ class Inhibition(eqx.Module):
     B_IX: Array
 
 
-EI_NORMS = ("none", "inorm")
+EI_NORMS = ("none", "layer", "inorm")
 ERROR_NORMS = ("none", "gradnorm", "center")
 _EPS = 1e-5
 
@@ -213,7 +214,44 @@ def _lognormal(key: PRNGKeyArray, shape: tuple[int, int], mean: float) -> Array:
 
 
 def _standardise(z: Array) -> Array:
-    return (z - jnp.mean(z)) / jnp.sqrt(jnp.var(z) + _EPS)
+    """Layer norm without affine parameters over the last axis."""
+    mu = jnp.mean(z, axis=-1, keepdims=True)
+    return (z - mu) / jnp.sqrt(jnp.var(z, axis=-1, keepdims=True) + _EPS)
+
+
+def normalise_error(d: Array, z: Array, alpha, beta, divide) -> Array:
+    """The error transform of GradNorm and its relatives, over the last axis:
+    ``(d - alpha mean(d) - beta zh mean(d zh)) / s`` with ``zh`` the layer-normalised drive
+    ``z`` and ``s = sqrt(var(z) + 1e-5)`` where ``divide > 0`` (else 1). GradNorm is
+    ``(1, 1, 1)`` (the layer-norm Jacobian at ``z``), centring ``(1, 0, 0)``."""
+    zh = _standardise(z)
+    mean = functools.partial(jnp.mean, axis=-1, keepdims=True)
+    out = d - alpha * mean(d) - beta * zh * mean(d * zh)
+    s = jnp.sqrt(jnp.var(z, axis=-1, keepdims=True) + _EPS)
+    return jnp.where(divide > 0, out / s, out)
+
+
+@jax.custom_vjp
+def error_norm(z: Array, coef) -> Array:
+    """Identity in the forward pass; the backward pass maps the error ``d`` at ``z`` to
+    :func:`normalise_error` ``(d, z, *coef)`` (``coef = (alpha, beta, divide)``, which gets
+    no gradient). Puts GradNorm into a network trained by autodiff."""
+    return z
+
+
+def _error_norm_fwd(z, coef):
+    return z, (z, coef)
+
+
+def _error_norm_bwd(res, d):
+    z, coef = res
+    return normalise_error(d, z, *coef), jax.tree_util.tree_map(jnp.zeros_like, coef)
+
+
+error_norm.defvjp(_error_norm_fwd, _error_norm_bwd)
+
+#: ``network.error_norm`` -> ``(alpha, beta, divide)`` of :func:`normalise_error`
+ERROR_NORM_COEFFICIENTS = {"gradnorm": (1.0, 1.0, 1.0), "center": (1.0, 0.0, 0.0)}
 
 
 class EINetwork(AbstractNetwork):
@@ -328,10 +366,17 @@ class EINetwork(AbstractNetwork):
         exc = state.W[layer] @ h
         return exc + state.b[layer] if state.b is not None else exc
 
+    def _hidden(self, layer: int) -> bool:
+        return layer < self.n_layers - 1
+
     def pre(self, state: NetState, layer: int, h: Array) -> Array:
         p = state.extra[layer]
         z = self._excitatory(state, layer, h) - p.W_EI @ (p.W_IX @ h)
-        return z / self._sigma(p, h) if self._inorm(layer) else z
+        if self._inorm(layer):
+            return z / self._sigma(p, h)
+        if self.norm == "layer" and self._hidden(layer):
+            return _standardise(z)
+        return z
 
     def act(self, z: Array) -> Array:
         return _act(self.activation, self.beta, z)
@@ -344,6 +389,12 @@ class EINetwork(AbstractNetwork):
         for layer, (w, p) in enumerate(zip(state.W, state.extra, strict=True)):
             if self._inorm(layer):
                 mats.append(w / self._sigma(p, hs[layer]))
+            elif self.norm == "layer" and self._hidden(layer):
+                # d LN(u)/dh = J_LN(u) (W_EX - W_EI W_IX) at the raw drive u
+                m = w - p.W_EI @ p.W_IX
+                u = self._excitatory(state, layer, hs[layer]) - p.W_EI @ (p.W_IX @ hs[layer])
+                jac = jax.jacobian(_standardise)(u)
+                mats.append(jac @ m)
             else:
                 mats.append(w - p.W_EI @ p.W_IX)
         return tuple(mats)
@@ -352,15 +403,18 @@ class EINetwork(AbstractNetwork):
         d = back * self.act_deriv_from_output(hs[layer])
         if self.error_norm == "none":
             return d
-        if self.error_norm == "center":
-            return d - jnp.mean(d)
         z = self.pre(state, layer - 1, hs[layer - 1])
-        zh = _standardise(z)
-        return (d - jnp.mean(d) - zh * jnp.mean(d * zh)) / jnp.sqrt(jnp.var(z) + _EPS)
+        return normalise_error(d, z, *ERROR_NORM_COEFFICIENTS[self.error_norm])
 
     def _local_loss(self, p: Inhibition, exc: Array, h: Array) -> Array:
         u = (jax.lax.stop_gradient(exc) - p.W_EI @ (p.W_IX @ h)) / self._sigma(p, h)
         return self.local_weight * (jnp.mean(u) ** 2 + (jnp.var(u) - 1.0) ** 2)
+
+    @staticmethod
+    def clamp(state: NetState) -> NetState:
+        """Dale's law: every weight matrix clamped at zero (biases are free)."""
+        pos = functools.partial(jax.tree_util.tree_map, lambda a: jnp.maximum(a, 0.0))
+        return NetState(W=pos(state.W), b=state.b, extra=pos(state.extra))
 
     def after_update(self, state: NetState, pres: list[Array]) -> NetState:
         """Dale's law (clamp every weight at zero), then with ``inhibitory_rate > 0`` one
@@ -379,6 +433,65 @@ class EINetwork(AbstractNetwork):
                     lambda a, d: jnp.maximum(a - self.inhibitory_rate * d, 0.0), extra[layer], g
                 )
         return NetState(W=W, b=state.b, extra=tuple(extra))
+
+    def batch_forward(
+        self,
+        state: NetState,
+        x: Float[Array, "batch n0"],
+        *,
+        local_weights=None,
+        back=None,
+        layer_norm_reference: bool = False,
+    ):
+        """Mini-batch forward pass for training the weights by autodiff (the SGD baselines
+        of the inhibitory-normalisation study), with I-Norm's gradient semantics.
+
+        Returns ``(logits, local_loss, drives)``: the logits, I-Norm's local loss summed
+        over its layers (0 without I-Norm) and each hidden layer's drive ``z`` (before the
+        activation). In an I-Norm layer the task loss sees the inhibition as constant
+        (``z = (W_EX h + b - sg(W_EI W_IX h)) / sg(sigma_I)``) and the local loss
+        ``mean_batch(lam_mean (mean_j u_j)^2 + lam_var (var_j u_j - 1)^2)``,
+        ``u = (sg(W_EX h + b) - W_EI W_IX sg(h)) / sigma_I(sg(h))``, trains only the
+        inhibitory weights; ``local_weights = (lam_mean, lam_var)`` (default: both
+        ``local_weight``). ``back = (alpha, beta, divide)`` puts :func:`error_norm` on every
+        I-Norm drive (default: the ``error_norm`` setting; ``None`` there means none).
+        ``layer_norm_reference``: an I-Norm layer's output is replaced by layer norm of its
+        drive ``LN(W_EX h + b - sg(W_EI W_IX h))`` (the comparison the study makes).
+        """
+        sg = jax.lax.stop_gradient
+        if local_weights is None:
+            local_weights = (self.local_weight, self.local_weight)
+        lam_mean, lam_var = local_weights
+        if back is None and self.error_norm != "none":
+            back = ERROR_NORM_COEFFICIENTS[self.error_norm]
+        h, local, drives = x, 0.0, []
+        for layer in range(self.n_layers):
+            p = state.extra[layer]
+            exc = h @ state.W[layer].T
+            if state.b is not None:
+                exc = exc + state.b[layer]
+            if self._inorm(layer):
+                hs = sg(h)
+                inh = (hs @ p.W_IX.T) @ p.W_EI.T
+                sigma = jnp.sqrt(jnp.mean((hs @ p.B_IX.T) ** 2, -1, keepdims=True) + _EPS)
+                u = (sg(exc) - inh) / sigma
+                local = local + jnp.mean(
+                    lam_mean * u.mean(-1) ** 2 + lam_var * (u.var(-1) - 1.0) ** 2
+                )
+                if layer_norm_reference:
+                    z = _standardise(exc - sg(inh))
+                else:
+                    z = (exc - sg(inh)) / sg(sigma)
+                    if back is not None:
+                        z = error_norm(z, back)
+            else:
+                z = exc - (h @ p.W_IX.T) @ p.W_EI.T
+                if self.norm == "layer" and self._hidden(layer):
+                    z = _standardise(z)
+            if not self._hidden(layer):
+                return z, local, drives
+            drives.append(z)
+            h = self.act(z)
 
 
 #: Name -> network class (``network.kind``). :func:`register_network` adds one.

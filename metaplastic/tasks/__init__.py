@@ -4,6 +4,7 @@ classification, principal-component extraction (the Oja ground truth), and the
 
 from ._classification import (
     ClassificationTask,
+    luminosity_shift,
 )
 from ._data import (
     DATASETS,
@@ -36,6 +37,7 @@ __all__ = [
     "register_task",
     "task_class",
     "ClassificationTask",
+    "luminosity_shift",
     "DATASETS",
     "Dataset",
     "ImagePool",

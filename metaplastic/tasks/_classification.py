@@ -7,7 +7,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._errors import MetaplasticError
 from ..inner._episode import Episode, run_episode
@@ -134,7 +134,11 @@ class ClassificationTask(AbstractTask):
         )
 
     def _shift(self, key: PRNGKeyArray, x: Array) -> Array:
-        """One ``U(-eps, eps)`` offset per image, then clip to ``[0, 1]``."""
-        eps = self.luminosity_shift
-        delta = jax.random.uniform(key, (x.shape[0], 1), minval=-eps, maxval=eps, dtype=x.dtype)
-        return jnp.clip(x + delta, 0.0, 1.0)
+        return luminosity_shift(key, x, self.luminosity_shift)
+
+
+def luminosity_shift(key: PRNGKeyArray, x: Float[Array, "n d"], eps) -> Float[Array, "n d"]:
+    """Luminosity shift (Eyono et al. 2026): every image (row of ``x``) gets one offset
+    ``Delta ~ U(-eps, eps)`` added to all its pixels, then is clipped to ``[0, 1]``."""
+    delta = jax.random.uniform(key, (x.shape[0], 1), minval=-eps, maxval=eps, dtype=x.dtype)
+    return jnp.clip(x + delta, 0.0, 1.0)
