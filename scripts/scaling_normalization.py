@@ -41,8 +41,8 @@ import numpy as np
 import optax
 from _study import add_meta_args, meta_split, resolve_meta_args
 
+from metaplastic.inner import NORMALISATIONS, NormalisedMLP, scaling_step
 from metaplastic.outer import evolve
-from metaplastic.rules import TERMS, LocalSignals
 from metaplastic.run import plot_evolution
 from metaplastic.tasks import load_dataset, mean_ci95, train_test_arrays
 
@@ -56,63 +56,12 @@ CONDITIONS = (
     "scaling_norm",
 )
 SCALING_TERMS = ("scaling_fixed", "scaling_layer_mean", "scaling_norm")
-EPS = 1e-5
 META_SCALE = 0.01  # search variable 1 = coefficient 0.01 (the hand-set gamma)
 
 
-def init(key, sizes, cond):
-    keys = jax.random.split(key, len(sizes) - 1)
-    p = {"W": [], "b": [], "g": [], "beta": []}
-    for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:], strict=True):
-        a = np.sqrt(6.0 / (n_in + n_out))
-        p["W"].append(jax.random.uniform(k, (n_out, n_in), minval=-a, maxval=a))
-        p["b"].append(jnp.zeros(n_out))
-        p["g"].append(jnp.ones(n_out))  # BN/LN gain, or WN row norm
-        p["beta"].append(jnp.zeros(n_out))
-    if cond == "weight_norm":
-        p["g"] = [jnp.linalg.norm(w, axis=1) for w in p["W"]]
-    return p
-
-
-def forward(p, x, cond, stats=None):
-    """Logits and hidden activities; ``stats`` (BN running mean/var) for evaluation."""
-    h, hidden, batch_stats = x, [], []
-    L = len(p["W"])
-    for i in range(L):
-        W = p["W"][i]
-        if cond == "weight_norm":
-            W = p["g"][i][:, None] * W / jnp.linalg.norm(W, axis=1, keepdims=True)
-        z = h @ W.T + p["b"][i]
-        if i < L - 1:
-            if cond == "batch_norm":
-                if stats is None:
-                    mu, var = z.mean(0), z.var(0)
-                else:
-                    mu, var = stats[i]
-                batch_stats.append((z.mean(0), z.var(0)))
-                z = (z - mu) / jnp.sqrt(var + EPS) * p["g"][i] + p["beta"][i]
-            elif cond == "layer_norm":
-                mu, var = z.mean(1, keepdims=True), z.var(1, keepdims=True)
-                z = (z - mu) / jnp.sqrt(var + EPS) * p["g"][i] + p["beta"][i]
-            h = jax.nn.relu(z)
-            hidden.append(h)
-        else:
-            h = z
-    return h, hidden, batch_stats
-
-
-def scaling_step(coefs, targets, p, ybar, nrm0):
-    """Apply ``sum_k coefs[k] * term_k`` (the framework's scaling terms) to each hidden
-    layer's incoming weights."""
-    new_W = list(p["W"])
-    for i in range(len(p["W"]) - 1):
-        W = p["W"][i]
-        z_in, z_out = jnp.zeros(W.shape[1]), jnp.zeros(W.shape[0])
-        s = LocalSignals(z_in, z_out, z_out, z_in, W, ybar=ybar[i], theta_M=None, nrm0=nrm0[i])
-        for name, c in coefs.items():
-            term = TERMS[name](target=targets[i]) if name == "scaling_fixed" else TERMS[name]()
-            new_W[i] = new_W[i] + c * term(s)
-    return dict(p, W=new_W)
+def model(cond, sizes) -> NormalisedMLP:
+    """The network of a condition (the scaling conditions use no normalisation layer)."""
+    return NormalisedMLP(tuple(sizes), norm=cond if cond in NORMALISATIONS else "none")
 
 
 def train_seed(key, data, cond, args, targets, coefs=None, epochs=None):
@@ -121,9 +70,9 @@ def train_seed(key, data, cond, args, targets, coefs=None, epochs=None):
     x, y, tx, ty = data
     if coefs is None:
         coefs = {cond: args.gamma} if cond in SCALING_TERMS else {}
-    sizes = (x.shape[1], *args.hidden, args.n_classes)
+    net = model(cond, (x.shape[1], *args.hidden, args.n_classes))
     k_init, k_perm = jax.random.split(key)
-    p = init(k_init, sizes, cond)
+    p = net.init(k_init)
     opt = optax.sgd(args.lr, momentum=0.9)
     o = opt.init(p)
     n_batches = x.shape[0] // args.batch
@@ -132,7 +81,7 @@ def train_seed(key, data, cond, args, targets, coefs=None, epochs=None):
     bn0 = [(jnp.zeros(n), jnp.ones(n)) for n in args.hidden]
 
     def loss_fn(p, xb, yb):
-        logits, hidden, bstats = forward(p, xb, cond)
+        logits, hidden, bstats = net.forward(p, xb)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         return ce, (hidden, bstats)
 
@@ -153,7 +102,7 @@ def train_seed(key, data, cond, args, targets, coefs=None, epochs=None):
         return (p, o, ybar, bn), None
 
     def evaluate(p, bn):
-        logits, hidden, _ = forward(p, tx, cond, stats=bn if cond == "batch_norm" else None)
+        logits, hidden, _ = net.forward(p, tx, stats=bn if cond == "batch_norm" else None)
         acc = jnp.mean(jnp.argmax(logits, 1) == ty)
         means = [h.mean(0) for h in hidden]
         cv = jnp.mean(jnp.stack([m.std() / (m.mean() + 1e-12) for m in means]))
@@ -247,8 +196,9 @@ def main() -> None:
 def fixed_targets(data, args, cond):
     """The fixed target of ``scaling_fixed``: each hidden layer's mean activity at
     initialisation, on the first batch."""
-    p0 = init(jax.random.key(0), (data[0].shape[1], *args.hidden, args.n_classes), cond)
-    return [float(h.mean()) for h in forward(p0, data[0][: args.batch], cond)[1]]
+    net = model(cond, (data[0].shape[1], *args.hidden, args.n_classes))
+    p0 = net.init(jax.random.key(0))
+    return [float(h.mean()) for h in net.forward(p0, data[0][: args.batch])[1]]
 
 
 def meta_learn(data, args, targets):

@@ -31,6 +31,7 @@ from ._network import (
     normalise_error,
     register_network,
 )
+from ._normalised import NORMALISATIONS, NormalisedMLP, scaling_step
 
 __all__ = [
     "register_pathway",
@@ -53,6 +54,9 @@ __all__ = [
     "EINetwork",
     "Inhibition",
     "register_network",
+    "NORMALISATIONS",
+    "NormalisedMLP",
+    "scaling_step",
     "error_norm",
     "ERROR_NORM_COEFFICIENTS",
     "normalise_error",
