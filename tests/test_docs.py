@@ -49,3 +49,92 @@ def test_python_code_blocks_run(page, tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def fenced_blocks(path: Path) -> list[tuple[str, str]]:
+    """``(language, text)`` of every fenced code block of a page, in order."""
+    blocks, lang, lines = [], None, []
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, lines = line[3:].strip(), []
+            else:
+                blocks.append((lang, "\n".join(lines) + "\n"))
+                lang = None
+        elif lang is not None:
+            lines.append(line)
+    return blocks
+
+
+def shell_blocks(path: Path) -> list[str]:
+    """``bash`` blocks and untagged blocks (command synopses) of a page."""
+    return [text for lang, text in fenced_blocks(path) if lang in ("", "bash", "sh", "console")]
+
+
+def _commands(block: str) -> list[str]:
+    """The ``metaplastic ...`` commands of a shell block (continuations joined, ``&&`` and
+    ``bash -c '...'`` split open, ``# comments`` dropped)."""
+    text = block.replace("\\\n", " ")
+    lines: list[str] = []
+    for line in text.splitlines():  # an indented line continues a synopsis
+        if lines and line[:1].isspace():
+            lines[-1] += " " + line.strip()
+        else:
+            lines.append(line)
+    out = []
+    for line in lines:
+        line = line.split("  #")[0]
+        for part in re.split(r"&&|;|bash -c '", line):
+            part = part.strip().strip("'")
+            if part.startswith("metaplastic"):
+                out.append(part)
+    return out
+
+
+SETUP_BLOCKS = {ROOT / "README.md", ROOT / "docs" / "index.md"}
+
+
+def test_setup_commands_are_what_ci_and_the_main_job_run():
+    """The README's two set-up commands: the second ends with exactly what ``.ci/run``
+    runs; the docs' front page shows the same two."""
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    readme = shell_blocks(ROOT / "README.md")[:2]
+    assert readme[0].strip().endswith("pip install -e . && metaplastic discover")
+    assert readme[1].strip().endswith(ci), (readme[1], ci)
+    assert shell_blocks(ROOT / "docs" / "index.md")[:2] == readme
+
+
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if shell_blocks(p)], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_shell_blocks_use_only_options_the_cli_has(page):
+    """Every ``metaplastic`` command in a shell block or synopsis names a real command and
+    only options that command accepts (its ``--help``)."""
+    from click.testing import CliRunner
+
+    from metaplastic.run._cli import main
+
+    runner = CliRunner()
+    commands = [c for b in shell_blocks(page) for c in _commands(b)]
+    assert commands, page
+    for command in commands:
+        words = command.split()
+        sub = words[1]
+        res = runner.invoke(main, [sub, "--help"])
+        assert res.exit_code == 0, (command, res.output)
+        for opt in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", command):
+            assert opt in res.output, (page.name, command, opt)
+
+
+@pytest.mark.slow
+def test_the_readme_main_command_runs(tmp_path):
+    """The README's main job, ``metaplastic discover`` on the embedded digits (minutes)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "metaplastic", "discover", "--out", str(tmp_path / "d")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert '"status": "ok"' in (tmp_path / "d" / "summary.json").read_text()
