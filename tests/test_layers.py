@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,11 +62,24 @@ def test_each_contract_catches_its_violation(tmp_path, module, bad_import, broke
     assert names == sorted(broken), lines
 
 
-def test_scripts_import_only_the_public_api():
-    """Scripts are orchestration: no ``metaplastic._x`` or ``metaplastic.sub._x`` imports."""
-    bad = []
+def _python_sources():
+    """Every script, and the Python blocks of the README and the docs pages."""
     for path in sorted((ROOT / "scripts").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        yield path.name, path.read_text()
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        if "figures" in page.relative_to(ROOT).parts:
+            continue
+        blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.M | re.S)
+        if blocks:
+            yield str(page.relative_to(ROOT)), "\n".join(blocks)
+
+
+def test_scripts_and_docs_examples_import_only_the_public_api():
+    """Scripts are orchestration and docs examples use what users may: no
+    ``metaplastic._x`` or ``metaplastic.sub._x`` imports."""
+    bad = []
+    for name, source in _python_sources():
+        for node in ast.walk(ast.parse(source)):
             names = []
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
@@ -74,5 +88,5 @@ def test_scripts_import_only_the_public_api():
             for n in names:
                 parts = n.split(".")
                 if parts[0] == "metaplastic" and any(p.startswith("_") for p in parts[1:]):
-                    bad.append(f"{path.name}:{node.lineno}: {n}")
-    assert not bad, "private imports in scripts:\n" + "\n".join(bad)
+                    bad.append(f"{name}:{node.lineno}: {n}")
+    assert not bad, "private imports:\n" + "\n".join(bad)
