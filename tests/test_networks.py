@@ -220,3 +220,38 @@ def test_batch_forward_keeps_task_and_local_losses_apart_and_applies_gradnorm():
     g_gn = jax.grad(task)(state, (1.0, 1.0, 1.0))
     np.testing.assert_allclose(g_gn.W[2], g_task.W[2], rtol=1e-6)
     assert float(jnp.max(jnp.abs(g_gn.W[0] - g_task.W[0]))) > 1e-6
+
+
+EQUATION_RULE = '[rule]\nkind = "equation"\nequations = ["-0.03*e*x.T + 0.01*(y*x.T - y*y.T*W)"]\n'
+EI_FULL = [
+    "network.kind=ei",
+    "network.norm=inorm",
+    "network.error_norm=gradnorm",
+    "network.inhibitory_rate=0.001",
+    "network.hidden=[16]",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "rule,feedback",
+    [(r, "fa") for r in ("taylor", "mlp", "scaling_pool", "equation")]
+    + [
+        ("pool", f)
+        for f in ("backprop", "fa", "dfa", "sign_symmetric", "kolen_pollack", "predictive_coding")
+    ],
+)
+def test_every_rule_kind_and_pathway_runs_in_an_ei_network(rule, feedback, tmp_path):
+    if rule == "equation":
+        (tmp_path / "eq.toml").write_text(EQUATION_RULE)
+        rule = str(tmp_path / "eq.toml")
+    cfg = build_config(rule, "digits", {"feedback": feedback}, EI_FULL)
+    setup = build_setup(cfg)
+    from metaplastic.run import build_rule
+
+    r = build_rule(cfg, setup.net.n_layers)
+    problem = setup.problem(cfg)
+    res = problem.episode(r, jax.random.key(0))
+    assert not bool(res.diverged) and float(res.query_accuracy) > 0
+    grads = jax.grad(lambda rr: problem.episode(rr, jax.random.key(0)).query_loss)(r)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
