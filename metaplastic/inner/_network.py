@@ -262,6 +262,8 @@ class EINetwork(AbstractNetwork):
     ``n_I = max(1, round(inhibitory_fraction * n_E))`` inhibitory units:
 
     * ``norm = "none"``: ``z = W_EX h + b - W_EI (W_IX h)``;
+    * ``norm = "layer"``: that drive layer-normalised (no affine parameters) in the hidden
+      layers;
     * ``norm = "inorm"`` (hidden layers; the output layer stays plain EI): I-Norm,
       ``z = (W_EX h + b - W_EI W_IX h) / sigma_I`` with divisive inhibition
       ``sigma_I = sqrt(mean_j (B_IX h)_j^2 + 1e-5)``.
