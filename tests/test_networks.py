@@ -61,11 +61,13 @@ def _reference_logits(net, W, state, x):
             z = (exc - inh) / sigma
         else:
             z = exc - p.W_EI @ (p.W_IX @ h)
+            if net.norm == "layer" and layer < L - 1:
+                z = (z - z.mean()) / jnp.sqrt(z.var() + 1e-5)
         h = jnp.tanh(z) if layer < L - 1 else z
     return h
 
 
-@pytest.mark.parametrize("norm", ["none", "inorm"])
+@pytest.mark.parametrize("norm", ["none", "layer", "inorm"])
 def test_ei_backprop_errors_are_the_gradient_of_the_loss(norm):
     net, state, x = _sample(norm)
     label = 2

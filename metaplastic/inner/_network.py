@@ -275,7 +275,8 @@ class EINetwork(AbstractNetwork):
     W_EI W_IX h) / sigma_I``, by one gradient step of that size per sample (``sg``: the
     excitatory drive is held constant). Credit pathways see the inhibition as constant
     under I-Norm (``dz/dh = W_EX / sigma_I``) and as part of the weights otherwise
-    (``dz/dh = W_EX - W_EI W_IX``).
+    (``dz/dh = W_EX - W_EI W_IX``); with layer norm a hidden layer's error is taken at its
+    raw drive ``u`` (through layer norm's Jacobian), so ``-e h^T`` is the gradient.
 
     ``error_norm`` transforms the error ``d`` at a hidden drive ``z`` before it travels on:
     ``"gradnorm"``: ``(d - mean(d) - zh mean(d zh)) / sqrt(var(z) + 1e-5)`` with
@@ -391,22 +392,20 @@ class EINetwork(AbstractNetwork):
         for layer, (w, p) in enumerate(zip(state.W, state.extra, strict=True)):
             if self._inorm(layer):
                 mats.append(w / self._sigma(p, hs[layer]))
-            elif self.norm == "layer" and self._hidden(layer):
-                # d LN(u)/dh = J_LN(u) (W_EX - W_EI W_IX) at the raw drive u
-                m = w - p.W_EI @ p.W_IX
-                u = self._excitatory(state, layer, hs[layer]) - p.W_EI @ (p.W_IX @ hs[layer])
-                jac = jax.jacobian(_standardise)(u)
-                mats.append(jac @ m)
             else:
                 mats.append(w - p.W_EI @ p.W_IX)
         return tuple(mats)
 
     def hidden_error(self, state: NetState, layer: int, hs: list[Array], back: Array) -> Array:
         d = back * self.act_deriv_from_output(hs[layer])
-        if self.error_norm == "none":
-            return d
-        z = self.pre(state, layer - 1, hs[layer - 1])
-        return normalise_error(d, z, *ERROR_NORM_COEFFICIENTS[self.error_norm])
+        if self.error_norm != "none":
+            z = self.pre(state, layer - 1, hs[layer - 1])
+            d = normalise_error(d, z, *ERROR_NORM_COEFFICIENTS[self.error_norm])
+        if self.norm == "layer":  # to the raw drive u, through layer norm's Jacobian at u
+            p, h = state.extra[layer - 1], hs[layer - 1]
+            u = self._excitatory(state, layer - 1, h) - p.W_EI @ (p.W_IX @ h)
+            d = normalise_error(d, u, 1.0, 1.0, 1.0)
+        return d
 
     def _local_loss(self, p: Inhibition, exc: Array, h: Array) -> Array:
         u = (jax.lax.stop_gradient(exc) - p.W_EI @ (p.W_IX @ h)) / self._sigma(p, h)
