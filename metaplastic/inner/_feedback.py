@@ -160,14 +160,16 @@ class PredictiveCoding(AbstractCreditPathway):
 
     * ``fixed_prediction`` (predictions held at their feed-forward values):
       ``eps_l <- (1 - rate) eps_l + rate W_{l+1}^T e_{l+1}``, all layers at once from the
-      previous iteration's values, starting at ``eps_l = 0``. With ``rate = 1`` this equals
+      previous iteration's values, starting at ``eps_l = 0``. With ``rate = 1`` (the
+      default: ``rate = 0`` means 1 here) this equals
       backprop's errors exactly once ``steps >= L`` (information moves one layer per step);
       ``steps = 0`` means ``L``.
     * ``strict``: beliefs ``v_l`` (hidden layers, starting at ``h_l``) relax by
       ``v_l <- v_l + rate (-eps_l + J_{l+1}(v_l)^T eps_{l+1})`` with prediction errors
       ``eps_l = v_l - g(W_l v_{l-1} + b_l)``, ``eps_L = softmax(W_L v_{L-1} + b_L) - onehot``
       and ``J_{l+1}(v)^T u = W_{l+1}^T (u * g'(W_{l+1} v + b_{l+1}))`` (``g' = 1`` at the
-      linear output); ``steps = 0`` means 20. It only approximates backprop's errors.
+      linear output); ``steps = 0`` means 20 and ``rate = 0`` means 0.1 (at 1 the beliefs
+      diverge). It only approximates backprop's errors.
       The input layer, which has no belief, gets ``e_0 = W_1^T e_1``.
 
     The weight update then uses the forward activities and these errors, as in Torch2PC.
@@ -179,7 +181,7 @@ class PredictiveCoding(AbstractCreditPathway):
     name: ClassVar[str] = "predictive_coding"
     variant: str = eqx.field(static=True, default="fixed_prediction")
     steps: int = eqx.field(static=True, default=0)
-    rate: float = eqx.field(static=True, default=1.0)
+    rate: float = eqx.field(static=True, default=0.0)
 
     def __check_init__(self):
         if self.variant not in PC_VARIANTS:
@@ -188,8 +190,18 @@ class PredictiveCoding(AbstractCreditPathway):
             )
         if not (isinstance(self.steps, int) and self.steps >= 0):
             raise MetaplasticError(f"train.pc_steps must be an integer >= 0, got {self.steps}")
-        if not 0.0 < self.rate <= 1.0:
-            raise MetaplasticError(f"train.pc_rate must lie in (0, 1], got {self.rate}")
+        if not 0.0 <= self.rate <= 1.0:
+            raise MetaplasticError(
+                f"train.pc_rate must lie in [0, 1] (0 = the variant's default), got {self.rate}"
+            )
+
+    @property
+    def step_size(self) -> float:
+        """``rate``, or with ``rate = 0`` the variant's default: 1 for fixed prediction
+        (backprop's errors after ``L`` steps), 0.1 for strict PC (which diverges at 1)."""
+        if self.rate:
+            return self.rate
+        return 1.0 if self.variant == "fixed_prediction" else 0.1
 
     @classmethod
     def from_config(cls, train: Any) -> PredictiveCoding:
@@ -209,7 +221,8 @@ class PredictiveCoding(AbstractCreditPathway):
         def body(_, eps):
             e = to_e(eps)
             new = [e[j + 1] @ mats[j] for j in range(L)]
-            return [(1.0 - self.rate) * a + self.rate * n for a, n in zip(eps, new, strict=True)]
+            r = self.step_size
+            return [(1.0 - r) * a + r * n for a, n in zip(eps, new, strict=True)]
 
         dtype = jnp.result_type(e_out, *state.W)
         eps0 = [jnp.zeros(hs[j].shape, dtype) for j in range(L)]
@@ -239,7 +252,7 @@ class PredictiveCoding(AbstractCreditPathway):
                 u = eps[j + 1]
                 if j + 1 < L:  # hidden: through g' at the belief's drive
                     u = u * net.act_deriv_from_output(net.act(pre(j, v[j])))
-                new.append(v[j] + self.rate * (-eps[j] + u @ mats[j]))
+                new.append(v[j] + self.step_size * (-eps[j] + u @ mats[j]))
             return new
 
         dtype = jnp.result_type(e_out, *state.W)

@@ -129,10 +129,11 @@ class TrainConfig:
     feedback: str = "fa"
     #: feedback = "predictive_coding": "fixed_prediction" (equals backprop with pc_rate 1
     #: and enough steps) or "strict"; inference steps (0 = the number of layers for
-    #: fixed_prediction, 20 for strict) and step size
+    #: fixed_prediction, 20 for strict) and step size (0 = 1 for fixed_prediction, 0.1 for
+    #: strict)
     pc_variant: str = "fixed_prediction"
     pc_steps: int = 0
-    pc_rate: float = 1.0
+    pc_rate: float = 0.0
     outer: str = "adam"
     lr: float = 0.003
     #: gradient outer loops: the step size decays (cosine) from lr to lr * lr_end over the
@@ -315,10 +316,10 @@ def _validate(obj, where: str) -> None:
         _validate_rule(obj, where)
     elif isinstance(obj, TaskConfig):
         from ..tasks._data import DATASETS
-        from ..tasks._task import task_class
+        from ..tasks._task import check_task_keys
 
-        try:
-            task_class(obj.kind)  # one line naming the registered kinds when unknown
+        try:  # one line naming the registered kinds when unknown; keys of other kinds refused
+            check_task_keys(obj)
         except MetaplasticError as err:
             raise MetaplasticError(f"{where}: {err}") from None
         if not 0.0 <= obj.luminosity_shift <= 1.0:
@@ -362,9 +363,14 @@ def _validate(obj, where: str) -> None:
             raise unknown_name(
                 "predictive-coding variant", obj.pc_variant, PC_VARIANTS, f"{where}.pc_variant"
             )
-        if not 0.0 < obj.pc_rate <= 1.0:
-            raise MetaplasticError(f"{where}.pc_rate must lie in (0, 1], got {obj.pc_rate}")
-        CREDIT_PATHWAYS[obj.feedback].from_config(obj)  # checks the pathway's own settings
+        if not 0.0 <= obj.pc_rate <= 1.0:
+            raise MetaplasticError(
+                f"{where}.pc_rate must lie in [0, 1] (0 = the variant's default), got {obj.pc_rate}"
+            )
+        try:  # the pathway checks its own settings
+            CREDIT_PATHWAYS[obj.feedback].from_config(obj)
+        except MetaplasticError as err:
+            raise MetaplasticError(f"{where}: {err}") from None
         check_train_config(obj, where)  # each trainer checks the keys it owns
         from ..inner._episode import OBJECTIVES
 

@@ -29,6 +29,18 @@ class ClassificationTask(AbstractTask):
     """
 
     name: ClassVar[str] = "classification"
+    options: ClassVar[tuple[str, ...]] = (
+        "dataset",
+        "data_dir",
+        "emnist_split",
+        "test_fraction",
+        "val_fraction",
+        "split_seed",
+        "n_way",
+        "k_shot",
+        "q_query",
+        "luminosity_shift",
+    )
     n_way: int = eqx.field(static=True)
     k_shot: int = eqx.field(static=True)
     q_query: int = eqx.field(static=True)

@@ -42,6 +42,7 @@ class PCATask(AbstractTask):
 
     name: ClassVar[str] = "pca"
     uses_images: ClassVar[bool] = False
+    options: ClassVar[tuple[str, ...]] = ("dim", "steps", "eig_decay", "input_scale")
 
     dim: int = eqx.field(static=True)
     steps: int = eqx.field(static=True)

@@ -32,6 +32,9 @@ class AbstractTask(eqx.Module):
     #: ``True``: episodes are drawn from an image pool (``pool`` in :meth:`run`), so the run
     #: loads ``task.dataset`` and splits it; ``False``: the task generates its inputs
     uses_images: ClassVar[bool] = True
+    #: the ``[task]`` keys this kind reads besides ``name``, ``kind`` and ``description``
+    #: (a key it does not read, set away from its default, is refused)
+    options: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def run(
@@ -88,3 +91,26 @@ def task_class(kind: str) -> type[AbstractTask]:
     if kind not in TASKS:
         raise unknown_name("task kind", kind, tuple(TASKS), "task.kind")
     return TASKS[kind]
+
+
+#: ``[task]`` keys every kind accepts (the others are listed in each class's ``options``)
+SHARED_TASK_OPTIONS = ("name", "kind", "description")
+
+
+def check_task_keys(task: Any, where: str = "task") -> None:
+    """Refuse ``[task]`` keys (a dataclass) that ``task.kind`` does not read, set away from
+    their defaults: they would otherwise be ignored silently."""
+    import dataclasses
+
+    from .._errors import MetaplasticError
+
+    cls = task_class(task.kind)
+    defaults = type(task)()
+    for f in dataclasses.fields(task):
+        if f.name in SHARED_TASK_OPTIONS or f.name in cls.options:
+            continue
+        if getattr(task, f.name) != getattr(defaults, f.name):
+            raise MetaplasticError(
+                f"{where}.{f.name} does not apply to task.kind = {task.kind!r} (it reads "
+                f"{', '.join(cls.options) or 'no other keys'}); remove it or change task.kind"
+            )
