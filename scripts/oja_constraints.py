@@ -192,9 +192,19 @@ def main() -> None:
                 print(f"reusing {run_dir}", flush=True)
             else:
                 s = keep_failed(train, cfg, run_dir, progress=False, label=mname, evaluate=False)
+            if not (run_dir / "rule.json").exists():  # the run refused or failed: say why
+                print(f"{cname:11s} {mname:15s} failed: {s['status']}", flush=True)
+                rows.append(failed_row(cname, mname, cond, s["status"]))
+                if args.oja == "grid":
+                    why = f"not run: the {mname} run has no step size to keep"
+                    rows.append(failed_row(cname, mname + " + Oja", cond, why))
+                write(out, rows, args, episodes, n_eval, time.perf_counter() - t_start)
+                continue
             rule_obj = read_rule_file(run_dir)
             setup = build_setup(cfg)
             row = evaluate(cfg, setup, rule_obj, cname, mname, cond, s["coefficients"], t0)
+            if s.get("status", "ok") != "ok":  # a rule, from a run that failed its checks
+                row["run_status"] = s["status"]
             rows.append(row)
             write(out, rows, args, episodes, n_eval, time.perf_counter() - t_start)
             if args.oja == "grid":  # + Oja: the learned step size, the Oja coefficient tuned
@@ -211,6 +221,8 @@ def main() -> None:
                     cfg_oja, setup_oja, rule_oja, cname, mname + " + Oja", cond, coefs, t0
                 )
                 row["oja_grid"] = curve
+                if s.get("status", "ok") != "ok":  # its step size comes from a failed run
+                    row["run_status"] = s["status"]
                 rows.append(row)
                 write(out, rows, args, episodes, n_eval, time.perf_counter() - t_start)
     print((out / "results.md").read_text())
@@ -262,6 +274,22 @@ def tune_oja(cfg, setup, step, args):
     return best["oja"], curve
 
 
+def failed_row(cname, mname, cond, status: str) -> dict:
+    """The row of a method whose meta-training run failed (no rule to evaluate)."""
+    nan = float("nan")
+    return {
+        "condition": cname,
+        "method": mname,
+        "accuracy": nan,
+        "ci95": [nan, nan],
+        "effective_rank": nan,
+        "effective_rank_ci95": [nan, nan],
+        "width": cond["hidden"][-1],
+        "coefficients": {},
+        "status": status,
+    }
+
+
 def evaluate(cfg, setup, rule_obj, cname, mname, cond, coefficients, t0):
     """Held-out accuracy and effective rank of one rule on the test-split episodes."""
     problem = setup.problem(cfg, "test")
@@ -307,7 +335,13 @@ def write(out: Path, rows, args, episodes: int, n_eval: int, total_s: float) -> 
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "status" in r:  # failed: the reason, cut at its first clause
+            why = r["status"].split(";")[0]
+            lines.append(f"| {r['condition']} | {r['method']} | — | — | — | {why} |")
+            continue
         coef = ", ".join(f"{k} {v:.4g}" for k, v in r["coefficients"].items())
+        if "run_status" in r:  # the learned rule of a run that failed its checks
+            coef += f" (run failed: {r['run_status'].split(':')[0]})"
         lines.append(
             f"| {r['condition']} | {r['method']} | {r['accuracy']:.3f} | "
             f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['effective_rank']:.1f} "

@@ -138,3 +138,34 @@ def test_the_readme_main_command_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert '"status": "ok"' in (tmp_path / "d" / "summary.json").read_text()
+
+
+@pytest.mark.slow
+def test_the_slurm_example_runs_on_one_node(tmp_path):
+    """The Slurm block of docs/scaling.md, run verbatim by bash with a one-node stand-in for
+    Slurm (``srun`` runs its command once, ``scontrol`` names this host, one task)."""
+    block = next(b for b in shell_blocks(ROOT / "docs" / "scaling.md") if "srun" in b)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift 2; done\nexec "$@"\n'
+    )
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {
+        **__import__("os").environ,
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:" + __import__("os").environ["PATH"],
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+    }
+    proc = subprocess.run(
+        ["bash", "-e", "-c", block],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert '"status": "ok"' in (tmp_path / "runs" / "big" / "summary.json").read_text()
