@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metaplastic.inner import NETWORKS, Network, register_network
 from metaplastic.run import build_config, build_setup, train
 from metaplastic.tasks import TASKS, ClassificationTask, PCATask, register_task
 
@@ -41,7 +42,7 @@ def test_luminosity_shift_offsets_each_image_by_one_clipped_amount():
         build_config("pool", "digits", None, ["task.luminosity_shift=2"])
 
 
-def test_a_task_from_outside_the_package_registers_and_trains(tmp_path):
+def test_a_task_and_a_network_from_outside_the_package_register_and_train(tmp_path):
     class Inverted(ClassificationTask):
         """Classification of photographic negatives: every pixel ``x -> 1 - x``."""
 
@@ -51,18 +52,29 @@ def test_a_task_from_outside_the_package_registers_and_trains(tmp_path):
             ep = super().sample(key, pool)
             return type(ep)(1.0 - ep.train_x, ep.train_y, 1.0 - ep.query_x, ep.query_y)
 
+    class HalvedMLP(Network):
+        """The MLP with every hidden drive halved."""
+
+        name: ClassVar[str] = "halved_mlp_tasks_test"
+
+        def pre(self, state, layer, h):
+            z = super().pre(state, layer, h)
+            return 0.5 * z if layer < self.n_layers - 1 else z
+
     register_task(Inverted)
+    register_network(HalvedMLP)
     try:
         with pytest.raises(ValueError, match="already registered"):
             register_task(type("Other", (Inverted,), {"name": "pca"}))
         task = tmp_path / "tiny.toml"
         task.write_text(tiny_task().replace("[task]\n", '[task]\nkind = "inverted_test"\n'))
-        cfg = build_config("pool", str(task))
+        cfg = build_config("pool", str(task), None, ["network.kind=halved_mlp_tasks_test"])
         setup = build_setup(cfg)
-        assert isinstance(setup.task, Inverted)
+        assert isinstance(setup.task, Inverted) and isinstance(setup.net, HalvedMLP)
         ep = setup.task.sample(jax.random.key(0), setup.meta_train)
         assert float(ep.train_x.min()) >= 0.0 and float(ep.train_x.max()) <= 1.0
         summary = train(cfg, tmp_path / "run", progress=False)
         assert summary["status"] == "ok"
     finally:
         TASKS.pop("inverted_test", None)
+        NETWORKS.pop("halved_mlp_tasks_test", None)
