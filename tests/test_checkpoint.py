@@ -57,10 +57,11 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
 
     run = tmp_path / "killed"
     rng = np.random.default_rng(0)
-    targets = sorted(rng.choice(np.arange(5, steps - 5), size=5, replace=False))
+    # three kills at random points (each kill costs a process start and a compile)
+    targets = sorted(rng.choice(np.arange(5, steps - 5), size=3, replace=False))
     args = ["--rule", "pool", "--task", str(task), "--episodes", str(2 * steps)]
     kills = kill_and_resume(args, run, targets, timeout=120)
-    assert kills >= 5, f"only {kills} kills landed before the run finished"
+    assert kills >= 3, f"only {kills} kills landed before the run finished"
     theta, metrics_text = _final(run)
     np.testing.assert_array_equal(theta, ref_theta)  # bit for bit
     assert metrics_text == ref_metrics  # no duplicated or missing steps
