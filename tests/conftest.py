@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-import jax
+import atexit
+import os
+import shutil
+import tempfile
+
+#: Subprocesses the tests start (CLI runs, resumed runs, multi-process runs, scripts) share
+#: a persistent JAX compilation cache for this session, so a program compiled by one of
+#: them is loaded, not recompiled, by the next. Set before JAX is imported; a cache the
+#: caller set (the mutation script's) is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="metaplastic-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
