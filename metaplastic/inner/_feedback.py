@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
+from .._registry import register
 from ._network import AbstractNetwork, NetState, xavier_uniform
 
 
@@ -273,14 +274,7 @@ CREDIT_PATHWAYS: dict[str, type[AbstractCreditPathway]] = {}
 
 def register_pathway(cls: type[AbstractCreditPathway]) -> type[AbstractCreditPathway]:
     """Add a pathway class to :data:`CREDIT_PATHWAYS` under its ``name`` (a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, AbstractCreditPathway)):
-        raise TypeError(f"{cls!r} is not an AbstractCreditPathway subclass")
-    if not isinstance(cls.name, str) or not cls.name:
-        raise TypeError(f"{cls.__name__} needs a class attribute name (a non-empty string)")
-    if CREDIT_PATHWAYS.get(cls.name, cls) is not cls:
-        raise ValueError(f"credit pathway {cls.name!r} is already registered")
-    CREDIT_PATHWAYS[cls.name] = cls
-    return cls
+    return register(CREDIT_PATHWAYS, cls, AbstractCreditPathway, "credit pathway")
 
 
 for _cls in (

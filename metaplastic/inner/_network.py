@@ -10,7 +10,6 @@ classes: ``mlp`` (:class:`Network`) and ``ei`` (:class:`EINetwork`, Dale's law).
 from __future__ import annotations
 
 import abc
-import dataclasses
 import functools
 from typing import Any, ClassVar
 
@@ -21,6 +20,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
+from .._registry import refuse_unread_keys, register
 
 ACTIVATIONS = ("softplus", "relu", "tanh", "linear")
 
@@ -501,14 +501,7 @@ NETWORKS: dict[str, type[AbstractNetwork]] = {}
 
 def register_network(cls: type[AbstractNetwork]) -> type[AbstractNetwork]:
     """Add a network class to :data:`NETWORKS` under its ``name`` (a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, AbstractNetwork)):
-        raise TypeError(f"{cls!r} is not an AbstractNetwork subclass")
-    if not isinstance(cls.name, str) or not cls.name:
-        raise TypeError(f"{cls.__name__} needs a class attribute name (a non-empty string)")
-    if NETWORKS.get(cls.name, cls) is not cls:
-        raise ValueError(f"network kind {cls.name!r} is already registered")
-    NETWORKS[cls.name] = cls
-    return cls
+    return register(NETWORKS, cls, AbstractNetwork, "network kind")
 
 
 for _cls in (Network, EINetwork):
@@ -536,16 +529,7 @@ def network_from_config(network: Any, sizes: tuple[int, ...]) -> AbstractNetwork
     otherwise be ignored silently.
     """
     cls = network_class(network.kind)
-    defaults = type(network)()
-    for f in dataclasses.fields(network):
-        if f.name in SHARED_OPTIONS or f.name in cls.options:
-            continue
-        if getattr(network, f.name) != getattr(defaults, f.name):
-            raise MetaplasticError(
-                f"network.{f.name} does not apply to network.kind = {network.kind!r} (it "
-                f"reads {', '.join(cls.options) or 'no other keys'}); remove it or change "
-                "network.kind"
-            )
+    refuse_unread_keys(network, network.kind, cls.options, SHARED_OPTIONS, "network")
     return cls.from_config(network, sizes)
 
 

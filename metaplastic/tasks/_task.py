@@ -11,6 +11,7 @@ import equinox as eqx
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import unknown_name
+from .._registry import refuse_unread_keys, register
 from ..inner._episode import InnerResult
 from ..rules._rules import AbstractRule
 
@@ -76,14 +77,7 @@ TASKS: dict[str, type[AbstractTask]] = {}
 
 def register_task(cls: type[AbstractTask]) -> type[AbstractTask]:
     """Add a task class to :data:`TASKS` under its ``name`` (a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, AbstractTask)):
-        raise TypeError(f"{cls!r} is not an AbstractTask subclass")
-    if not isinstance(cls.name, str) or not cls.name:
-        raise TypeError(f"{cls.__name__} needs a class attribute name (a non-empty string)")
-    if TASKS.get(cls.name, cls) is not cls:
-        raise ValueError(f"task kind {cls.name!r} is already registered")
-    TASKS[cls.name] = cls
-    return cls
+    return register(TASKS, cls, AbstractTask, "task kind")
 
 
 def task_class(kind: str) -> type[AbstractTask]:
@@ -100,17 +94,5 @@ SHARED_TASK_OPTIONS = ("name", "kind", "description")
 def check_task_keys(task: Any, where: str = "task") -> None:
     """Refuse ``[task]`` keys (a dataclass) that ``task.kind`` does not read, set away from
     their defaults: they would otherwise be ignored silently."""
-    import dataclasses
-
-    from .._errors import MetaplasticError
-
     cls = task_class(task.kind)
-    defaults = type(task)()
-    for f in dataclasses.fields(task):
-        if f.name in SHARED_TASK_OPTIONS or f.name in cls.options:
-            continue
-        if getattr(task, f.name) != getattr(defaults, f.name):
-            raise MetaplasticError(
-                f"{where}.{f.name} does not apply to task.kind = {task.kind!r} (it reads "
-                f"{', '.join(cls.options) or 'no other keys'}); remove it or change task.kind"
-            )
+    refuse_unread_keys(task, task.kind, cls.options, SHARED_TASK_OPTIONS, where)
