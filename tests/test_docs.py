@@ -169,3 +169,35 @@ def test_the_slurm_example_runs_on_one_node(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert '"status": "ok"' in (tmp_path / "runs" / "big" / "summary.json").read_text()
+
+
+def test_the_configuration_reference_is_every_key_with_its_value():
+    """The TOML block of docs/configuration.md parses, names only real keys, shows the value
+    the digits preset with the pool rule actually runs with (``rule.mask`` is an example),
+    and mentions every key of every table (as a key, or in a comment for the keys of other
+    kinds)."""
+    import dataclasses
+    import tomllib
+
+    from metaplastic.run._config import build_config
+
+    (block,) = [
+        text for lang, text in fenced_blocks(ROOT / "docs" / "configuration.md") if lang == "toml"
+    ]
+    documented = tomllib.loads(block)
+    cfg = build_config("pool", "digits")
+    examples = {("rule", "mask")}
+    assert set(documented) == {"rule", "task", "network", "train"}
+    for section, values in documented.items():
+        table = getattr(cfg, section)
+        fields = {f.name for f in dataclasses.fields(table)}
+        for key, value in values.items():
+            assert key in fields, (section, key)
+            actual = getattr(table, key)
+            actual = list(actual) if isinstance(actual, tuple) else actual
+            if (section, key) not in examples:
+                assert actual == value, (section, key, value, actual)
+        derived = {"name", "description"}  # from the file name / a free-text line of presets
+        for key in fields - set(values) - derived:
+            assert re.search(rf"\b{key}\b", block), (section, key)
+    assert re.search(r"^# description = ", block, flags=re.M)
