@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from metaplastic._errors import MetaplasticError
 
 from .test_checkpoint import TASK as TINY_TASK
@@ -53,7 +55,6 @@ def test_one_and_four_devices_agree_bit_for_bit():
 
 
 def test_device_settings_are_validated():
-    import pytest
 
     from metaplastic.outer._sharding import AxisSharding
 
@@ -77,7 +78,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_over_loopback_match_a_single_process(tmp_path):
+@pytest.mark.parametrize(
+    "outer",
+    # the ES population is split over processes like the meta-batch; it runs with -m slow to
+    # keep the default run under 12 minutes (the one-process test above covers ES sharding)
+    ["adam", pytest.param("open_es", marks=pytest.mark.slow)],
+)
+def test_two_processes_over_loopback_match_a_single_process(tmp_path, outer):
     from metaplastic.run._config import build_config
     from metaplastic.run._run import train
 
@@ -96,60 +103,58 @@ def test_two_processes_over_loopback_match_a_single_process(tmp_path):
         "--set",
         "train.population=4",
     ]
-    for outer in ("adam", "open_es"):
-        single = tmp_path / f"single-{outer}"
-        cfg = build_config(
-            "pool",
-            str(task),
-            {"episodes": 8},
+    single = tmp_path / f"single-{outer}"
+    cfg = build_config(
+        "pool",
+        str(task),
+        {"episodes": 8},
+        [
+            "train.meta_batch=4",
+            "train.population=4",
+            f"train.outer='{outer}'",
+            "train.devices=1",
+        ],
+    )
+    train(cfg, single, progress=False, evaluate=False)
+    multi = tmp_path / f"multi-{outer}"
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [
+        subprocess.Popen(
             [
-                "train.meta_batch=4",
-                "train.population=4",
+                sys.executable,
+                "-m",
+                "metaplastic",
+                "train",
+                *common,
+                "--set",
                 f"train.outer='{outer}'",
-                "train.devices=1",
+                "--set",
+                "train.devices=4",
+                "--out",
+                str(multi),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
             ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        train(cfg, single, progress=False, evaluate=False)
-        multi = tmp_path / f"multi-{outer}"
-        port = _free_port()
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "metaplastic",
-                    "train",
-                    *common,
-                    "--set",
-                    f"train.outer='{outer}'",
-                    "--set",
-                    "train.devices=4",
-                    "--out",
-                    str(multi),
-                    "--coordinator",
-                    f"127.0.0.1:{port}",
-                    "--num-processes",
-                    "2",
-                    "--process-id",
-                    str(i),
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for i in (0, 1)
-        ]
-        errs = [p.communicate(timeout=300)[1] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], errs
-        theta = json.loads((single / "rule.json").read_text())["theta"]
-        assert json.loads((multi / "rule.json").read_text())["theta"] == theta
-        assert json.loads((multi / "process-1" / "rule.json").read_text())["theta"] == theta
+        for i in (0, 1)
+    ]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    theta = json.loads((single / "rule.json").read_text())["theta"]
+    assert json.loads((multi / "rule.json").read_text())["theta"] == theta
+    assert json.loads((multi / "process-1" / "rule.json").read_text())["theta"] == theta
 
 
 def test_multi_process_settings_are_checked():
-    import pytest
 
     from metaplastic.run._distributed import init_distributed
 
