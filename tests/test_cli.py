@@ -278,3 +278,22 @@ def test_export_prune_refit_refusals(tiny_run, tmp_path):
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "gradient outer loop" in res.stderr and "Traceback" not in res.output
     assert "this run used 'open_es'" in res.stderr  # refused before any pruning work
+
+
+@pytest.mark.slow  # about 25 s: two trainers and the ES evaluation compiled, one child process
+def test_bench_reports_every_mode_it_times_and_the_mode_auto_picks(tmp_path):
+    """The benchmark on a tiny task (one timed meta-step): per-mode times (``auto``
+    included), the mode ``auto`` chose, and per-mode peak memory at each unroll length."""
+    from metaplastic.run import run_bench
+
+    task = tmp_path / "tiny.toml"
+    task.write_text(TINY_TASK)
+    data = run_bench(
+        "pool", str(task), repeats=1, steps=1, es_batch=2, unrolls=(20,),
+        progress=lambda m: None, modes=("auto", "checkpoint"),
+    )  # fmt: skip
+    assert set(data["meta_grad_ms_per_episode"]) == {"auto", "checkpoint"}
+    assert all(v > 0 for v in data["meta_grad_ms_per_episode"].values())
+    assert data["auto_mode"] == "forward"  # 3 coefficients
+    assert set(data["peak_rss_mb"]) == {"checkpoint"}  # auto's memory is its mode's
+    assert data["peak_rss_mb"]["checkpoint"]["20"] > 0

@@ -39,6 +39,12 @@ def test_forward_equals_reverse(small_problem, shared):
     gr, ar = _trainer(small_problem, rule, "reverse", l1=1e-3).loss_and_grad(params, keys)
     np.testing.assert_allclose(gf.theta, gr.theta, rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(af["loss"], ar["loss"], rtol=1e-6)
+    if shared:  # reverse mode through sqrt(T) checkpointed segments: the same gradient
+        tc = _trainer(small_problem, rule, "checkpoint", l1=1e-3)
+        assert tc.problem.remat == -1 and not small_problem.remat
+        gc, ac = tc.loss_and_grad(params, keys)
+        np.testing.assert_allclose(gc.theta, gr.theta, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(ac["loss"], ar["loss"], rtol=1e-6)
 
 
 def test_meta_gradient_matches_finite_differences(small_net, small_task, pools):

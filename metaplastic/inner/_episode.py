@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -207,7 +208,7 @@ def scan_episode(
     signals: Callable,
     *,
     weight_limit: float = 0.0,
-    remat: bool = False,
+    remat: bool | int = False,
     record: Callable | None = None,
 ):
     """The online scan every task runs: one ``lax.scan`` over the samples of ``stream``
@@ -220,7 +221,9 @@ def scan_episode(
     :meth:`~AbstractNetwork.after_update`); :func:`guard` stops the episode when
     ``weight_limit > 0`` and a weight leaves its bound. ``record(carry, pres, posts, errs,
     t)``, when given, adds what it returns to the per-step outputs (distillation samples
-    synapses this way). ``remat=True`` wraps each step in ``jax.checkpoint``.
+    synapses this way). ``remat`` sets ``jax.checkpoint`` for reverse-mode memory
+    (:func:`segment_length`): ``True`` each step, ``k > 1`` segments of ``k`` steps, ``-1``
+    segments of ``sqrt(T)`` steps.
 
     Returns ``(carry, stopped, outs)``: the final carry, whether the guard stopped the
     episode, and the stacked per-step ``out`` (``(out, recorded)`` with ``record``).
@@ -236,11 +239,56 @@ def scan_episode(
             out = (out, record(carry, pres, posts, errs, t))
         return guard(carry, new, stopped, limits), out
 
-    if remat:
-        body = jax.checkpoint(body)
     T = jax.tree_util.tree_leaves(stream)[0].shape[0]
-    (carry, stopped), outs = jax.lax.scan(body, (carry0, jnp.array(False)), (stream, jnp.arange(T)))
+    (carry, stopped), outs = checkpointed_scan(
+        body, (carry0, jnp.array(False)), (stream, jnp.arange(T)), segment_length(remat, T)
+    )
     return carry, stopped, outs
+
+
+def segment_length(remat: bool | int, T: int) -> int:
+    """Steps per ``jax.checkpoint`` segment for ``remat``: ``False``/0 = none (0), ``True``/1
+    = every step, ``k > 1`` = segments of ``k`` steps, ``-1`` = segments of ``ceil(sqrt(T))``
+    steps (the memory optimum; see :func:`checkpointed_scan`)."""
+    remat = int(remat)
+    if remat < -1:
+        raise ValueError(f"remat must be -1, 0, 1 or a segment length > 1, got {remat}")
+    if remat == -1:
+        return max(1, math.ceil(math.sqrt(T)))
+    return min(remat, T)
+
+
+def checkpointed_scan(body: Callable, init, xs, segment: int):
+    """``lax.scan(body, init, xs)`` whose reverse-mode derivative keeps only every
+    ``segment``-th carry (``segment = 0``: a plain scan, which keeps every step's residuals).
+
+    The ``T`` steps are scanned as ``T // segment`` segments, each a ``jax.checkpoint``-ed
+    inner scan, then the ``T % segment`` remaining steps as one more checkpointed segment.
+    The backward pass recomputes one segment at a time from its stored start carry, so
+    memory is about ``(T / segment + segment)`` carries instead of ``T``: ``O(sqrt(T))`` at
+    ``segment = sqrt(T)``, for one more forward pass of compute. The outputs are stacked
+    along time as by ``lax.scan``, and the values are those of the plain scan.
+    """
+    if segment <= 0:
+        return jax.lax.scan(body, init, xs)
+    if segment == 1:
+        return jax.lax.scan(jax.checkpoint(body), init, xs)
+    T = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    n = T // segment
+    run = jax.checkpoint(lambda c, x: jax.lax.scan(body, c, x))
+    carry, parts = init, []
+    if n:
+        head = jax.tree_util.tree_map(
+            lambda a: a[: n * segment].reshape(n, segment, *a.shape[1:]), xs
+        )
+        carry, ys = jax.lax.scan(run, carry, head)
+        parts.append(jax.tree_util.tree_map(lambda a: a.reshape(n * segment, *a.shape[2:]), ys))
+    if T % segment:
+        carry, ys = run(carry, jax.tree_util.tree_map(lambda a: a[n * segment :], xs))
+        parts.append(ys)
+    if len(parts) == 1:
+        return carry, parts[0]
+    return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
 
 
 def run_episode(
@@ -250,7 +298,7 @@ def run_episode(
     key: PRNGKeyArray,
     episode: Episode,
     *,
-    remat: bool = False,
+    remat: bool | int = False,
     objective: str = "cross_entropy",
     temperature: float = 1.0,
     weight_limit: float = 0.0,
@@ -259,10 +307,10 @@ def run_episode(
     """Online learning over ``episode.train_*`` (:func:`scan_episode`), then query metrics.
 
     The network and (for ``fa``) the feedback matrices are drawn fresh from ``key``.
-    ``remat=True`` wraps each step in ``jax.checkpoint`` (less memory for reverse-mode
-    meta-gradients, at the cost of recomputing the forward pass). ``weight_limit > 0``
-    stops the episode when a weight exceeds that multiple of its layer's largest initial
-    weight (:func:`guard`); the episode then counts as diverged.
+    ``remat`` checkpoints steps or segments of steps (:func:`segment_length`: less
+    memory for reverse-mode meta-gradients, at the cost of recomputing the forward pass).
+    ``weight_limit > 0`` stops the episode when a weight exceeds that multiple of its
+    layer's largest initial weight (:func:`guard`); the episode then counts as diverged.
     """
     carry0 = start_carry(rule, net, feedback, key)
 

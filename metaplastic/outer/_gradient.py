@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ OPTIMIZERS = {
     "rmsprop": optax.rmsprop,
     "lion": optax.lion,
 }
-GRADIENT_MODES = ("auto", "forward", "reverse")
+GRADIENT_MODES = ("auto", "forward", "reverse", "checkpoint")
 #: ``auto`` uses forward mode up to this many live coefficients (its cost grows with the
 #: number of coefficients; reverse mode's memory grows with the unroll length).
 FORWARD_MODE_MAX_COEFFS = 16
@@ -164,6 +166,8 @@ class GradientTrainer(AbstractTrainer):
         if mode == "auto":
             n = sum(x.size for x in jax.tree_util.tree_leaves(params))
             mode = "forward" if n <= FORWARD_MODE_MAX_COEFFS else "reverse"
+        if mode == "checkpoint" and not problem.remat:  # reverse mode, sqrt(T) segments
+            self.problem = dataclasses.replace(problem, remat=-1)
         self.mode = mode
 
     @classmethod

@@ -1,11 +1,12 @@
 """Speed and memory benchmark of the meta-step; prints and writes JSON.
 
-Keys: ``meta_grad_ms_per_episode`` (``forward`` and ``reverse``: median over repeats of a
-jitted meta-step's time divided by the meta-batch), ``es_eval_ms_per_episode`` (forward-only
+Keys: ``meta_grad_ms_per_episode`` (per gradient mode, ``auto`` included: median over
+repeats of a jitted meta-step's time divided by the meta-batch), ``auto_mode`` (the mode
+``train.gradient = "auto"`` picks for this rule), ``es_eval_ms_per_episode`` (forward-only
 inner loop, vmapped over a batch of episodes, as an evolution-strategy evaluation would run
-it), ``compile_s`` (first meta-step, per mode), ``peak_rss_mb`` (``forward`` and
-``reverse_remat``: peak resident memory of a fresh process that runs one meta-step at unroll
-lengths T = 250, 1000, 4000, with K scaled so that ``n_way * K = T``), ``device``, ``jax``.
+it), ``compile_s`` (first meta-step, per mode), ``peak_rss_mb`` (per mode: peak resident
+memory of a fresh process that runs one meta-step at unroll lengths T = 250, 1000, 4000,
+with K scaled so that ``n_way * K = T``), ``device``, ``jax``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from ._config import build_config
 from ._run import build_rule, build_setup, make_trainer
 
 UNROLLS = (250, 1000, 4000)
-#: Meta-gradient modes the benchmark times.
-GRADIENT_MODES = ("forward", "reverse")
+#: Meta-gradient modes the benchmark can time and measure (``train.gradient`` values).
+GRADIENT_MODES = ("auto", "forward", "reverse", "checkpoint")
 
 
-def bench_trainer(rule_spec: str, task_spec: str, mode: str, overrides=(), remat=False):
+def bench_trainer(rule_spec: str, task_spec: str, mode: str, overrides=()):
     """The run's own trainer (via :func:`make_trainer`) with the gradient mode forced."""
-    extra = [f"train.gradient='{mode}'", f"train.remat={'true' if remat else 'false'}"]
+    extra = [f"train.gradient='{mode}'"]
     cfg = build_config(rule_spec, task_spec, overrides=[*overrides, *extra])
     setup = build_setup(cfg)
     rule = build_rule(cfg, setup.net.n_layers)
@@ -40,6 +41,7 @@ def bench_trainer(rule_spec: str, task_spec: str, mode: str, overrides=(), remat
 
 
 def _time_meta_step(rule_spec, task_spec, mode, repeats, steps, overrides=()):
+    """``(ms per episode, compile seconds, config, the mode the trainer resolved)``."""
     cfg, _, rule, tr = bench_trainer(rule_spec, task_spec, mode, overrides)
     state = tr.init(rule, jax.random.key(0))
     t0 = time.perf_counter()
@@ -53,7 +55,7 @@ def _time_meta_step(rule_spec, task_spec, mode, repeats, steps, overrides=()):
             state, _ = tr.step(state)
         jax.block_until_ready(state)
         times.append((time.perf_counter() - t0) / steps / cfg.train.meta_batch)
-    return 1e3 * statistics.median(times), compile_s, cfg
+    return 1e3 * statistics.median(times), compile_s, cfg, tr.mode
 
 
 def _time_es_eval(rule_spec, task_spec, batch, repeats):
@@ -78,10 +80,7 @@ def _child_rss(rule_spec: str, task_spec: str, T: int, mode: str) -> dict[str, f
     cfg = build_config(rule_spec, task_spec)
     k = max(1, T // cfg.task.n_way)
     overrides = [f"task.k_shot={k}", "train.meta_batch=1", "train.episodes=1"]
-    remat = mode == "reverse_remat"
-    _, _, rule, tr = bench_trainer(
-        rule_spec, task_spec, "reverse" if remat else "forward", overrides, remat=remat
-    )
+    _, _, rule, tr = bench_trainer(rule_spec, task_spec, mode, overrides)
     state = tr.init(rule, jax.random.key(0))
     jax.block_until_ready(state)
     with open("/proc/self/statm") as f:  # resident pages before the meta-step (Linux)
@@ -105,14 +104,15 @@ def run_bench(
     vmap_width: int | None = None,
 ) -> dict[str, Any]:
     """``meta_batch > 0`` overrides the task's meta-batch for the timings (the per-episode
-    time is amortised over it); memory is always measured at meta-batch 1. ``modes``: one or
-    both of ``forward`` and ``reverse``. ``vmap_width`` overrides ``train.vmap_width`` for
+    time is amortised over it); memory is always measured at meta-batch 1. ``modes``: some
+    of :data:`GRADIENT_MODES`, timed and measured (``auto`` is timed only: its memory is
+    that of the mode it picks). ``vmap_width`` overrides ``train.vmap_width`` for
     the timed meta-steps (the default, 1, runs a meta-batch's episodes one after another;
     -1 vmaps them all at once)."""
     modes = tuple(modes)
     if not modes or any(m not in GRADIENT_MODES for m in modes):
         raise MetaplasticError(
-            f"bench modes {list(modes)}: give forward and/or reverse, comma-separated"
+            f"bench modes {list(modes)}: give some of {', '.join(GRADIENT_MODES)}, comma-separated"
         )
     if meta_batch < 0:
         raise MetaplasticError(f"--meta-batch must be >= 0 (0 = the task's), got {meta_batch}")
@@ -127,25 +127,30 @@ def run_bench(
         "device": str(jax.devices()[0]),
         "device_kind": jax.devices()[0].device_kind,
     }
-    grad, compile_s = {}, {}
+    grad, compile_s, auto_mode = {}, {}, None
     over = [f"train.meta_batch={meta_batch}"] if meta_batch > 0 else []
     if vmap_width is not None:
         over.append(f"train.vmap_width={vmap_width}")
     for mode in modes:
         progress(f"timing {mode}-mode meta-gradients ...")
-        ms, cs, cfg = _time_meta_step(rule_spec, task_spec, mode, repeats, steps, over)
+        ms, cs, cfg, resolved = _time_meta_step(rule_spec, task_spec, mode, repeats, steps, over)
         grad[mode], compile_s[mode] = round(ms, 2), round(cs, 2)
+        if mode == "auto":
+            auto_mode = resolved
     out["meta_batch"] = cfg.train.meta_batch
     out["vmap_width"] = cfg.train.vmap_width
     out["unroll_steps"] = cfg.task.n_way * cfg.task.k_shot
     out["meta_grad_ms_per_episode"] = grad
+    if auto_mode is None:
+        auto_mode = bench_trainer(rule_spec, task_spec, "auto", over)[3].mode
+    out["auto_mode"] = auto_mode
     out["compile_s"] = compile_s
     progress("timing forward-only (ES) evaluation ...")
     out["es_eval_ms_per_episode"] = round(_time_es_eval(rule_spec, task_spec, es_batch, repeats), 2)
     out["es_eval_batch"] = es_batch
     rss: dict[str, dict[str, float]] = {}
     extra: dict[str, dict[str, float]] = {}
-    for mode in ("forward", "reverse_remat"):
+    for mode in (m for m in modes if m != "auto"):
         rss[mode], extra[mode] = {}, {}
         for T in unrolls:
             progress(f"peak memory, {mode}, T={T} ...")

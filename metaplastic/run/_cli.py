@@ -631,8 +631,9 @@ def distill(run_dir, episodes, samples, method, alpha, check_episodes, trust_use
 )
 @click.option(
     "--modes",
-    default="forward,reverse",
-    help="Gradient modes to time (comma-separated: forward, reverse).",
+    default="auto,forward,reverse,checkpoint",
+    help="Gradient modes to time and measure (comma-separated: auto, forward, reverse, "
+    "checkpoint).",
 )
 @click.option(
     "--vmap-width",

@@ -26,7 +26,9 @@ class Problem(eqx.Module):
     feedback: Any = eqx.field(static=True)
     task: AbstractTask
     pool: ImagePool | None
-    remat: bool = eqx.field(static=True, default=False)
+    #: jax.checkpoint of the inner scan (``scan_episode``'s ``remat``: False, True = each
+    #: step, k > 1 = segments of k steps, -1 = sqrt(T) segments)
+    remat: bool | int = eqx.field(static=True, default=False)
 
     def episode(self, rule: AbstractRule, key: PRNGKeyArray):
         """Sample one episode and learn it online; returns the :class:`InnerResult`."""
