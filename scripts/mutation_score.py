@@ -4,6 +4,8 @@
     python scripts/mutation_score.py --max-mutants 8 --modules rules/_rules.py  # a sample
     python scripts/mutation_score.py --list               # mutant counts only, no test runs
     python scripts/mutation_score.py --only ID [ID ...]   # re-run given mutants (prints only)
+    python scripts/mutation_score.py --update --only ID [ID ...]  # ... and update the score
+    python scripts/mutation_score.py --update --modules inner/_episode.py  # re-run a module
 
 A self-written AST mutator (no mutmut): each mutant changes one operator or constant of one
 core module, written into a scratch copy of the repository (``metaplastic/``, ``tests/``,
@@ -35,6 +37,12 @@ compilation dominates a test's time):
 * a persistent JAX compilation cache (``--cache-dir``) is shared by all runs: a mutant
   recompiles only the functions whose traced program it changes;
 * ``--jobs N`` runs N mutants at once (one scratch copy each).
+
+``--update`` re-runs only the selected mutants (``--only`` ids, or every mutant of the
+``--modules`` given) on the current code and rewrites the score file with their new
+results, keeping every other mutant's result from the file; the file's ``history`` lists
+each run and update (command, commit, date). Use it after adding a test that kills a
+survivor, or after changing a core module (its ids shift: re-run the whole module).
 
 Mutant ids are ``path:line:col:operator:index`` (``line:col`` of the mutated token, 1-based
 line, 0-based column), stable while the module's text above the site does not change.
@@ -739,6 +747,12 @@ def main(argv=None) -> int:
     ap.add_argument("--equivalent", type=Path, default=EQUIVALENT_FILE)
     ap.add_argument("--only", nargs="+", metavar="ID", help="run just these mutant ids")
     ap.add_argument("--list", action="store_true", help="count the mutants, run nothing")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="re-run only the selected mutants (--only or --modules) and merge their results "
+        "into the score file (--out), keeping the others",
+    )
     ap.add_argument("--timeout-factor", type=float, default=3.0)
     ap.add_argument("--timeout-floor", type=float, default=180.0, help="seconds (default 180)")
     ap.add_argument(
@@ -775,7 +789,14 @@ def main(argv=None) -> int:
             if len(v) > args.max_mutants:
                 mutants[m] = sorted(rng.sample(v, args.max_mutants), key=lambda x: (x.line, x.col))
                 sample = True
-    out_path = args.out or (None if args.only else DEFAULT_OUT)
+    out_path = args.out or (None if args.only and not args.update else DEFAULT_OUT)
+    previous = None
+    if args.update:
+        if not (args.only or args.modules) or args.max_mutants is not None:
+            sys.exit("--update needs --only or --modules (and no --max-mutants)")
+        if not out_path.exists():
+            sys.exit(f"--update: {out_path} does not exist; run without --update first")
+        previous = json.loads(out_path.read_text())
 
     equivalents = load_equivalents(args.equivalent)
     all_ids = {x.id: x for v in everything.values() for x in v}
@@ -843,7 +864,11 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    summary = _summarise(args, modules, mutants, totals, results, sample, stale)
+    if previous is not None:
+        summary = _merge(args, previous, modules, mutants, totals, results, stale)
+    else:
+        summary = _summarise(args, modules, mutants, totals, results, sample, stale)
+        summary["history"] = [_history_entry(summary)]
     summary["baseline_s"] = round(baseline_s, 1)
     summary["runtime_s"] = round(time.perf_counter() - t_start, 1)
     run_secs = [r["seconds"] for r in results.values() if "seconds" in r]
@@ -878,15 +903,75 @@ def main(argv=None) -> int:
     return 0
 
 
+def _history_entry(summary: dict) -> dict:
+    return {k: summary[k] for k in ("command", "commit", "date")} | {
+        "mutants_run": summary["scope"]["mutants_tested"]
+    }
+
+
+def _merge(args, previous, modules, mutants, totals, results, stale) -> dict:
+    """The score file ``previous`` with the results of this run's mutants in place of its
+    own: a re-run module's old entries all go (its ids may have shifted), a re-run id's
+    old entry is replaced; every other module keeps its results and totals."""
+    rerun_modules = set() if args.only else set(modules)
+    old = {
+        i: r
+        for i, r in previous["mutants"].items()
+        if i.split(":")[0] not in rerun_modules and i not in results
+    }
+    old_survivors = {s["id"]: s for s in previous["survivors"]}
+    all_modules = sorted(
+        set(previous["scope"]["modules"]) | set(modules), key=list(CORE_TESTS).index
+    )
+    all_totals = {m: previous["modules"].get(m, {}).get("mutants_total") for m in all_modules}
+    all_totals.update(totals)
+    kept = {m: [] for m in all_modules}
+    for i in old:
+        kept[i.split(":")[0]].append(i)
+    new_ids = {m: [x.id for x in mutants[m]] for m in modules}
+    ids_by_module = {
+        m: kept[m] + [i for i in new_ids.get(m, []) if i not in kept[m]] for m in all_modules
+    }
+    merged = dict(old)
+    by_id = {x.id: x for v in mutants.values() for x in v}
+    for i, r in results.items():
+        merged[i] = dict(r, where=f"{by_id[i].module}:{by_id[i].line}")
+    summary = _summarise_results(
+        args, all_modules, ids_by_module, all_totals, merged, by_id, old_survivors, stale
+    )
+    summary["sample"] = previous.get("sample", False) or any(
+        len(ids_by_module[m]) < (all_totals[m] or 0) for m in all_modules
+    )
+    summary["sampling"] = previous.get("sampling")
+    summary["history"] = previous.get("history") or [
+        {k: previous.get(k) for k in ("command", "commit", "date")}
+    ]
+    summary["history"].append(_history_entry(summary) | {"update": True})
+    for k in ("baseline_s", "runtime_s", "per_mutant_s", "estimated_full_run_h", "estimate_note"):
+        if k in previous:
+            summary[f"first_run_{k}"] = previous.get(f"first_run_{k}", previous[k])
+    return summary
+
+
 def _summarise(args, modules, mutants, totals, results, sample, stale) -> dict:
     by_id = {x.id: x for v in mutants.values() for x in v}
+    ids_by_module = {m: [x.id for x in mutants[m]] for m in modules}
+    summary = _summarise_results(args, modules, ids_by_module, totals, results, by_id, {}, stale)
+    summary["sample"] = sample or bool(args.only)
+    summary["sampling"] = {"max_mutants": args.max_mutants, "seed": args.seed, "only": args.only}
+    return summary
+
+
+def _summarise_results(
+    args, modules, ids_by_module, totals, results, by_id, old_survivors, stale
+) -> dict:
 
     def count(ids, *statuses):
         return sum(results[i]["status"] in statuses for i in ids)
 
     per_module = {}
     for m in modules:
-        ids = [x.id for x in mutants[m]]
+        ids = ids_by_module[m]
         k, s = count(ids, "killed", "timeout"), count(ids, "survived")
         per_module[m] = {
             "mutants_total": totals[m],
@@ -905,6 +990,9 @@ def _summarise(args, modules, mutants, totals, results, sample, stale) -> dict:
     survivors = []
     for i in ids:
         if results[i]["status"] == "survived":
+            if i not in by_id:  # kept from the score file being updated
+                survivors.append(old_survivors[i])
+                continue
             x = by_id[i]
             survivors.append(
                 {
@@ -930,12 +1018,10 @@ def _summarise(args, modules, mutants, totals, results, sample, stale) -> dict:
             "mapped test executes count as survived (not_covered) without a run; equivalent "
             "mutants (equivalent.json) are not run and not scored"
         ),
-        "sample": sample or bool(args.only),
-        "sampling": {"max_mutants": args.max_mutants, "seed": args.seed, "only": args.only},
         "scope": {
             "modules": modules,
             "all_core_modules": set(modules) == set(CORE_TESTS),
-            "mutants_in_scope": sum(totals.values()),
+            "mutants_in_scope": sum(totals[m] or 0 for m in modules),
             "mutants_tested": len(ids),
         },
         "modules": per_module,
@@ -946,7 +1032,12 @@ def _summarise(args, modules, mutants, totals, results, sample, stale) -> dict:
             if r["status"] == "error"
         ],
         "stale_equivalents": stale,
-        "mutants": {i: dict(results[i], where=f"{by_id[i].module}:{by_id[i].line}") for i in ids},
+        "mutants": {
+            i: dict(results[i], where=f"{by_id[i].module}:{by_id[i].line}")
+            if i in by_id
+            else results[i]
+            for i in ids
+        },
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "commit": _git_commit(),

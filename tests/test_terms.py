@@ -155,3 +155,63 @@ def test_bad_coefficient_shape_is_a_clear_error():
         TermPoolRule.from_names(["oja"], [1.0, 2.0])
     with pytest.raises(MetaplasticError, match="did you mean 'oja'"):
         TermPoolRule.from_names(["ojaa"])
+
+
+def test_pool_defaults_and_json_defaults_are_the_documented_ones():
+    """The state rate and scaling target default to 0.1 everywhere a pool is built (the
+    constructor, ``from_names``, a rule file without those keys, and what ``to_json_data``
+    writes for a pool without ``scaling_fixed``); a base rule's rate is 0.1 too."""
+    from metaplastic.rules._rules import AbstractRule
+
+    pool = TermPoolRule.from_names(["oja", "hebbian"])
+    assert pool.state_rate() == 0.1
+    assert TermPoolRule(pool.terms, jnp.zeros(2)).state_rate() == 0.1
+    data = pool.to_json_data(0.0)
+    assert data["state_rate"] == 0.1 and data["scaling_target"] == 0.1
+    old = {k: v for k, v in data.items() if k not in ("state_rate", "scaling_target")}
+    back = TermPoolRule.from_json_data(dict(old, terms=["scaling_fixed"], theta=[1.0], mask=[True]))
+    assert back.state_rate() == 0.1 and back.terms[0].target == 0.1
+    assert AbstractRule.state_rate(pool) == 0.1
+
+
+def test_pool_coefficients_become_floating_without_changing_a_float_dtype():
+    """Integer coefficients are converted to floats; float32 coefficients stay float32 even
+    with 64-bit JAX enabled (the conversion must not touch them)."""
+    terms = TermPoolRule.from_names(["oja", "hebbian"]).terms
+    assert jnp.issubdtype(TermPoolRule(terms, [1, 0]).theta.dtype, jnp.floating)
+    with jax.enable_x64(True):
+        assert TermPoolRule(terms, jnp.zeros(2, jnp.float32)).theta.dtype == jnp.float32
+
+
+def test_a_coefficient_equal_to_the_threshold_is_pruned():
+    """``to_sympy(threshold=t)`` leaves out terms with ``|theta| <= t``, boundary included."""
+    rule = TermPoolRule.from_names(["oja", "hebbian"], [0.5, 0.25])
+    kept = rule.to_sympy(threshold=0.25)
+    assert kept == TermPoolRule.from_names(["oja", "hebbian"], [0.5, 0.0]).to_sympy()
+
+
+def test_l1_norm_is_the_sum_of_magnitudes_with_subgradient_zero_at_zero():
+    from metaplastic.rules._rules import l1_norm, make_term
+
+    theta = jnp.array([1.0, -2.0, 0.0, 0.5])
+    assert float(l1_norm(theta)) == 3.5
+    np.testing.assert_array_equal(jax.grad(l1_norm)(theta), [1.0, -1.0, 0.0, 1.0])
+    assert make_term("scaling_fixed").target == 0.1  # the documented default target
+
+
+def test_plastic_feedback_names_its_coefficients_and_writes_its_update():
+    """``dB = a (-e x^T) - b B``: the two coefficients by name, and the sympy form evaluated
+    on numbers equals the formula."""
+    from metaplastic.rules._rules import PlasticFeedback
+
+    rule = PlasticFeedback(TermPoolRule.from_names(["oja"], [0.1]), jnp.array([0.3, 0.2]))
+    coefs = rule.coefficients()
+    assert coefs["feedback:pseudo_gradient"] == pytest.approx(0.3)
+    assert coefs["feedback:decay"] == pytest.approx(0.2) and coefs["oja"] == pytest.approx(0.1)
+    S = sympy_symbols()
+    e, x, B = np.array([[1.0], [2.0]]), np.array([[3.0], [-1.0], [0.5]]), np.ones((2, 3))
+    n_out, n_in = S["n_out"], S["n_in"]
+    values = {S["e"]: sp.Matrix(e), S["x"]: sp.Matrix(x), n_out: 2, n_in: 3}
+    values[sp.MatrixSymbol("B", n_out, n_in)] = sp.Matrix(B)
+    got = np.array(sp.Matrix(rule.feedback_sympy().subs(values).doit()), dtype=float)
+    np.testing.assert_allclose(got, -0.3 * e @ x.T - 0.2 * B, rtol=1e-6)
