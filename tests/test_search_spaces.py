@@ -150,7 +150,8 @@ def test_mlp_sympy_form_with_two_hidden_layers_and_biases():
     rule = MLPRule.init((3, 2), 0.3, seed=2)
     biases = tuple(jnp.asarray(rng.normal(size=b.shape), jnp.float32) for b in rule.biases)
     last = jnp.asarray(rng.normal(size=(2, 1)), jnp.float32)
-    rule = eqx.tree_at(lambda r: (r.weights[-1], r.biases), rule, (last, biases))
+    pg = jnp.asarray(0.2, jnp.float32)  # the pseudo-gradient part is in the equation too
+    rule = eqx.tree_at(lambda r: (r.weights[-1], r.biases, r.theta_pg), rule, (last, biases, pg))
     s = random_signals(5)
     want = np.asarray(rule(0, s), np.float64)
     np.testing.assert_allclose(_numeric(rule.to_sympy(), s), want, rtol=2e-4, atol=2e-5)
@@ -184,9 +185,16 @@ def test_taylor_oja_is_the_single_neuron_oja_term():
         np.asarray(rule(0, s)), np.asarray(TERMS["oja"]()(s)), rtol=1e-5, atol=1e-6
     )
     assert str(rule.to_sympy()) == "-1.0*W*y**2 + 1.0*x*y"
+    assert str(rule.to_sympy(threshold=1.0)) == "0"  # |theta| <= threshold is pruned
     with pytest.raises(MetaplasticError, match="not a monomial"):
         monomial_index("x**3")
     assert len(MONOMIALS) == 81
+    # any way of writing a monomial names it (parsed, then printed the canonical way)
+    assert monomial_index("y*x") == monomial_index("x*y")
+    assert monomial_index("y**2*W") == monomial_index("W*y**2")
+    for shape in [(80,), (1, 1, 81), (2, 80)]:
+        with pytest.raises(MetaplasticError, match=r"need \(81,\) or \(L, 81\)"):
+            TaylorRule(np.zeros(shape))
 
 
 @pytest.mark.parametrize(
@@ -509,3 +517,88 @@ def test_export_refit_trains_only_the_kept_coefficients():
     new = np.asarray(out.theta)
     assert np.all(new[~keep] == 0.0) and np.all(np.isfinite(new))
     assert np.all(new[keep] != theta[keep])
+
+
+def test_mlp_rule_starts_silent_with_scaled_hidden_weights_and_its_documented_defaults():
+    """``MLPRule.init``: the output layer starts at zero (the rule is then exactly the
+    pseudo-gradient term ``-theta_pg e x^T``), hidden weights are N(0, 1/fan_in), defaults
+    scale 0.01, seed 0, theta_pg 0; ``l1 = |scale| sum|w_out|``."""
+    assert MLPRule.init().hidden == (16,)
+    rule = MLPRule.init((64, 3))
+    assert float(rule.scale) == pytest.approx(0.01) and float(rule.theta_pg) == 0.0
+    assert float(MLPRule(rule.weights, rule.biases, 0.5).theta_pg) == 0.0
+    for a, b in zip(rule.weights, MLPRule.init((64, 3), seed=0).weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.any(np.asarray(rule.weights[-1])) and np.all(np.asarray(rule.weights[0]) != 0)
+    assert 0.35 < float(np.std(np.asarray(rule.weights[0]))) < 0.65  # 1/sqrt(4 inputs)
+    assert 0.09 < float(np.std(np.asarray(rule.weights[1]))) < 0.16  # 1/sqrt(64)
+    s = random_signals(3, n_out=4, n_in=5)
+    pg = MLPRule(rule.weights, rule.biases, 0.5, theta_pg=0.2)
+    np.testing.assert_allclose(pg(0, s), -0.2 * np.outer(s.e, s.x), rtol=1e-6, atol=1e-7)
+    w_out = jnp.full_like(rule.weights[-1], -0.5)
+    weights = (*rule.weights[:-1], w_out)
+    assert float(MLPRule(weights, rule.biases, -2.0).l1()) == pytest.approx(2.0 * 0.5 * 3)
+
+
+def test_mlp_rule_file_shapes_are_checked_and_theta_pg_defaults_to_zero():
+    """``MLPRule.from_json_data`` refuses weights that do not map 4 inputs through chained
+    layers to 1 output, or biases of the wrong shape; a file without ``theta_pg`` reads 0."""
+    rule = MLPRule.init((3, 2), 0.3, seed=2)
+    data = rule.to_json_data(0.0)
+    del data["theta_pg"]
+    assert float(MLPRule.from_json_data(data).theta_pg) == 0.0
+    w = [np.asarray(x).tolist() for x in rule.weights]
+    b = [np.asarray(x).tolist() for x in rule.biases]
+    bad = {
+        "no layers": ([], []),
+        "3 inputs": ([np.zeros((3, 3)).tolist(), *w[1:]], b),
+        "2 outputs": ([*w[:-1], np.zeros((2, 2)).tolist()], [*b[:-1], [0.0, 0.0]]),
+        "bias shape": (w, [b[0][:2], *b[1:]]),
+        "1-d weights": ([np.zeros(4).tolist(), *w[1:]], b),
+        "not chained": ([w[0], np.zeros((2, 2)).tolist(), w[2]], [b[0], [0.0, 0.0], b[2]]),
+    }
+    for why, (ws, bs) in bad.items():
+        with pytest.raises(ValueError, match="MLP"):
+            MLPRule.from_json_data(dict(data, weights=ws, biases=bs))
+        assert why
+
+
+def test_equation_rule_state_rate_defaults_to_the_documented_value():
+    rule = EquationRule.from_text("0.5*x*y")
+    assert rule.state_rate() == 0.1
+    assert EquationRule(rule.exprs, rule.theta).state_rate() == 0.1
+
+
+def test_equation_rule_layers_state_threshold_and_file_checks():
+    """Per-layer equations: each layer's own, a missing layer is a clear error, ``to_sympy``
+    needs ``layer``; ``uses_state`` only with a state symbol; ``|c| <= threshold`` pruned;
+    a rule file's ``equation_texts`` must be a list of strings and its rate defaults to 0.1."""
+    rule = EquationRule.from_text(["0.5*x*y", "0.25*W"])
+    s = random_signals(4)
+    with pytest.raises(MetaplasticError, match="per-layer equations"):
+        rule(2, s)
+    with pytest.raises(MetaplasticError, match="pass layer"):
+        rule.to_sympy()
+    assert str(rule.to_sympy(layer=1)) == "0.25*W" and str(rule.to_sympy(layer=0)) == "0.5*x*y"
+    assert str(EquationRule.from_text("0.5*x*y").to_sympy(threshold=0.5)) == "0"
+    assert not EquationRule.from_text("0.5*x*y").uses_state()
+    assert EquationRule.from_text("0.5*ybar*x").uses_state()
+    data = rule.to_json_data(0.0)
+    assert EquationRule.from_json_data({"equation_texts": data["equation_texts"]}).rate == 0.1
+    for bad in ("0.5*x*y", [1.0], ["0.5*x*y", 2]):
+        with pytest.raises(ValueError, match="list of strings"):
+            EquationRule.from_json_data({"equation_texts": bad})
+
+
+def test_matrix_symbols_have_the_documented_shapes():
+    from metaplastic.rules._terms import sympy_symbols
+
+    S = sympy_symbols()
+    n_in, n_out = S["n_in"], S["n_out"]
+    assert n_in.is_integer and n_in.is_positive and n_out.is_integer and n_out.is_positive
+    column = {"x": n_in, "e_pre": n_in, "one_in": n_in}
+    for name in ("y", "e", "one_out", "ybar", "theta_M", "nrm0"):
+        column[name] = n_out
+    for name, rows in column.items():
+        assert S[name].shape == (rows, 1), name
+    assert S["W"].shape == (n_out, n_in)

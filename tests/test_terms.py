@@ -215,3 +215,15 @@ def test_plastic_feedback_names_its_coefficients_and_writes_its_update():
     values[sp.MatrixSymbol("B", n_out, n_in)] = sp.Matrix(B)
     got = np.array(sp.Matrix(rule.feedback_sympy().subs(values).doit()), dtype=float)
     np.testing.assert_allclose(got, -0.3 * e @ x.T - 0.2 * B, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_a_term_is_stateful_exactly_when_it_reads_the_neuron_state(name):
+    """``stateful`` (which makes the inner loop keep ``ybar``, ``theta_M``, ``nrm0``) is set
+    exactly for the terms whose equation reads one of them, and a pool uses state iff a
+    live term is stateful."""
+    state = {"ybar", "theta_M", "nrm0"}
+    reads = bool(state & {str(s) for s in TERMS[name]().to_sympy().free_symbols})
+    assert TERMS[name].stateful == reads
+    assert TermPoolRule.from_names([name]).uses_state() == reads
+    assert not TermPoolRule.from_names([name], mask=[False]).uses_state()
