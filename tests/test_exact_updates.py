@@ -178,3 +178,12 @@ def test_every_strategy_lowers_the_meta_loss(learnable, learnable_start_loss, na
         return
     tr = EvolutionTrainer(problem, start, name, meta_batch=4, **settings)
     _assert_learns(problem, start, tr, generations, learnable_start_loss)
+
+
+def test_neuron_state_averages_are_finite_before_the_first_step():
+    """The bias correction divides by ``1 - (1 - rate)^max(t, 1)``: at ``t = 0`` (no sample
+    yet) the averages are the zero start, not 0/0."""
+    ns = NeuronState.start(jnp.ones((3, 2)))
+    ybar, theta_m = ns.averages(0.1)
+    np.testing.assert_array_equal(ybar, np.zeros(3))
+    np.testing.assert_array_equal(theta_m, np.zeros(3))

@@ -220,3 +220,29 @@ def test_checkpointed_scan_keeps_values_and_gradients_and_cuts_memory():
         return f.lower(W0).compile().memory_analysis().temp_size_in_bytes
 
     assert scratch(segment_length(-1, T)) < 0.5 * scratch(0)
+
+
+def test_forward_backward_reports_the_sample_loss_and_whether_it_was_right(key):
+    from metaplastic.inner._episode import forward_backward
+
+    net = Network((6, 5, 4), beta=10.0)
+    state = net.init(key)
+    x = jax.random.normal(jax.random.key(5), (6,))
+    logits = net.forward(state, x)[-1]
+    best = int(jnp.argmax(logits))
+    carry = Carry(state, None, None)
+    for label in range(4):
+        *_, loss, correct = forward_backward(net, "backprop", carry, x, label)
+        assert float(correct) == float(label == best)
+        np.testing.assert_allclose(loss, -jax.nn.log_softmax(logits)[label], rtol=1e-6)
+
+
+def test_query_metrics_defaults_to_cross_entropy_at_temperature_one(key):
+    net = Network((6, 5, 4), beta=10.0)
+    state = net.init(key)
+    qx = jax.random.normal(jax.random.key(6), (7, 6))
+    qy = jnp.arange(7) % 4
+    loss, acc = query_metrics(net, state, qx, qy)
+    logp = jax.nn.log_softmax(net.logits(state, qx))[jnp.arange(7), qy]
+    np.testing.assert_allclose(loss, -jnp.mean(logp), rtol=1e-6)
+    np.testing.assert_allclose(loss, query_metrics(net, state, qx, qy, "cross_entropy", 1.0)[0])

@@ -84,3 +84,21 @@ def test_stopped_episodes_stay_in_the_meta_gradient_and_are_clipped():
     raw = np.linalg.norm(np.asarray(grads_b.theta), axis=1)
     assert np.all(norms <= 3.0 * np.median(raw) * (1 + 1e-5))
     np.testing.assert_allclose(norms, np.minimum(raw, 3.0 * np.median(raw)), rtol=1e-5)
+
+
+def test_the_bound_is_factor_times_the_largest_start_weight_and_is_inclusive(small_net):
+    """``weight_limit = 1`` is a guard too (bound = the largest start weight of each layer),
+    and a weight exactly at the bound does not stop the episode; one just past it does."""
+    from metaplastic.inner._episode import Carry, guard, weight_limits
+
+    state = small_net.init(jax.random.key(0))
+    assert weight_limits(state, 0.0) is None
+    limits = weight_limits(state, 1.0)
+    assert [float(lim) for lim in limits] == [float(jnp.max(jnp.abs(w))) for w in state.W]
+    carry = Carry(state, None, None)
+    kept, stop = guard(carry, carry, jnp.array(False), limits)
+    assert not bool(stop)
+    bumped = eqx.tree_at(lambda c: c.net.W[0], carry, state.W[0] * 1.001)
+    kept, stop = guard(carry, bumped, jnp.array(False), limits)
+    assert bool(stop) and kept.net.W[0] is not None
+    np.testing.assert_array_equal(kept.net.W[0], state.W[0])
