@@ -246,3 +246,17 @@ def test_query_metrics_defaults_to_cross_entropy_at_temperature_one(key):
     logp = jax.nn.log_softmax(net.logits(state, qx))[jnp.arange(7), qy]
     np.testing.assert_allclose(loss, -jnp.mean(logp), rtol=1e-6)
     np.testing.assert_allclose(loss, query_metrics(net, state, qx, qy, "cross_entropy", 1.0)[0])
+
+
+def test_query_metrics_temperature_and_the_probability_error_objective(key):
+    """``p_T = softmax(z / T)``; ``prob_error = 1 - mean_q p_T(y_q)``."""
+    net = Network((6, 5, 4), beta=10.0)
+    state = net.init(key)
+    qx = jax.random.normal(jax.random.key(7), (7, 6)) * 3.0
+    qy = jnp.arange(7) % 4
+    z = net.logits(state, qx)
+    p2 = jax.nn.softmax(z / 2.0)[jnp.arange(7), qy]
+    loss, _ = query_metrics(net, state, qx, qy, "cross_entropy", 2.0)
+    np.testing.assert_allclose(loss, -jnp.mean(jnp.log(p2)), rtol=1e-5)
+    loss, _ = query_metrics(net, state, qx, qy, "prob_error", 2.0)
+    np.testing.assert_allclose(loss, 1.0 - jnp.mean(p2), rtol=1e-5)

@@ -124,3 +124,66 @@ def test_trainer_registry_maps_outer_names_to_trainer_classes():
     assert set(TRAINERS) >= {"gradient", "evolution"}
     with pytest.raises(Exception, match="no trainer serves"):
         trainer_for("not_an_outer_loop")
+
+
+def _strict_pc_reference(W, x, label, steps, rate):
+    """Strict predictive coding (Rosenbaum 2022) written out in numpy for a tanh MLP
+    without biases: beliefs ``v_1..v_{L-1}`` start at the forward pass and follow
+    ``v_l += r (-eps_l + W_l^T (eps_{l+1} * g'(z_{l+1})))`` (no ``g'`` at the softmax
+    output), with ``eps_l = v_l - tanh(W_{l-1} v_{l-1})`` and ``eps_L = softmax(z_L) -
+    onehot``. Returned errors: ``eps_L``, ``eps_l * g'(h_l)`` at the forward activities
+    ``h_l``, and ``W_0^T`` times layer 1's for the input."""
+    W = [np.asarray(w, np.float64) for w in W]
+    L = len(W)
+    h = [np.asarray(x, np.float64)]
+    for j in range(L):
+        z = W[j] @ h[-1]
+        h.append(np.tanh(z) if j < L - 1 else z)
+    onehot = np.eye(W[-1].shape[0])[label]
+
+    def softmax(z):
+        p = np.exp(z - z.max())
+        return p / p.sum()
+
+    def eps_of(v):
+        z = [None] + [W[j - 1] @ v[j - 1] for j in range(1, L + 1)]
+        eps = [None] + [v[j] - np.tanh(z[j]) for j in range(1, L)]
+        return eps + [softmax(z[L]) - onehot], z
+
+    v = list(h[:L])
+    for _ in range(steps):
+        eps, z = eps_of(v)
+        new = list(v)
+        for j in range(1, L):
+            u = eps[j + 1] * (1 - np.tanh(z[j + 1]) ** 2) if j + 1 < L else eps[j + 1]
+            new[j] = v[j] + rate * (-eps[j] + W[j].T @ u)
+        v = new
+    eps, _ = eps_of(v)
+    errs = [None] * (L + 1)
+    errs[L] = eps[L]
+    for j in range(1, L):
+        errs[j] = eps[j] * (1 - h[j] ** 2)
+    errs[0] = W[0].T @ errs[1]
+    return errs
+
+
+@pytest.mark.parametrize("steps", [0, 1, 7])
+def test_strict_pc_follows_its_equations_step_by_step(steps):
+    """The strict variant against the numpy version of its equations above (``steps = 0``
+    means its default, 20 steps), at the default step size 0.1 and at 0.3."""
+    net, state, hs, e_out = _sample("tanh", sizes=(5, 4, 3, 3))
+    for rate in (0.0, 0.3):
+        pc = PredictiveCoding(variant="strict", steps=steps, rate=rate)
+        got = pc.errors(net, state, None, hs, e_out)
+        want = _strict_pc_reference(state.W, hs[0], 1, steps or 20, rate or 0.1)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=2e-4, atol=1e-6)
+
+
+def test_predictive_coding_settings_are_checked_and_default_sensibly():
+    assert PredictiveCoding().rate == 0.0 and PredictiveCoding().step_size == 1.0
+    assert PredictiveCoding(variant="strict").step_size == 0.1
+    assert PredictiveCoding(rate=1.0).step_size == 1.0
+    for bad in ({"steps": -1}, {"steps": 1.5}, {"rate": 1.01}, {"rate": -0.1}):
+        with pytest.raises(Exception, match="pc_steps|pc_rate"):
+            PredictiveCoding(**bad)
