@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from metaplastic._errors import MetaplasticError
 from metaplastic.inner import (
     NETWORKS,
     EINetwork,
@@ -262,3 +263,27 @@ def test_every_rule_kind_and_pathway_runs_in_an_ei_network(rule, feedback, tmp_p
     assert not bool(res.diverged) and float(res.query_accuracy) > 0
     grads = jax.grad(lambda rr: problem.episode(rr, jax.random.key(0)).query_loss)(r)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+@pytest.mark.parametrize("cls", [Network, EINetwork])
+def test_network_settings_are_checked(cls):
+    """Sizes need an input and an output width, all at least 1; beta and init_scale > 0."""
+    cls((5, 3), beta=0.5, init_scale=0.5)  # any positive value is fine
+    for bad in [{"sizes": (5,)}, {"sizes": (5, 0)}, {"sizes": (0, 3)}]:
+        with pytest.raises(MetaplasticError, match="at least an input and an output"):
+            cls(**bad)
+    with pytest.raises(MetaplasticError, match="beta must be positive"):
+        cls((5, 3), beta=0.0)
+    with pytest.raises(MetaplasticError, match="init_scale must be positive"):
+        cls((5, 3), init_scale=0.0)
+
+
+@pytest.mark.parametrize("cls", [Network, EINetwork])
+def test_network_defaults_are_the_config_defaults(cls):
+    """A network built in Python without options is the one a ``[network]`` table without
+    those keys gives (so the docs' defaults hold for both ways of building it)."""
+    from metaplastic.run._config import NetworkConfig
+
+    net, cfg = cls((5, 3)), NetworkConfig()
+    for option in cls.options:
+        assert getattr(net, option) == getattr(cfg, option), option
