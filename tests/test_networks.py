@@ -287,3 +287,34 @@ def test_network_defaults_are_the_config_defaults(cls):
     net, cfg = cls((5, 3)), NetworkConfig()
     for option in cls.options:
         assert getattr(net, option) == getattr(cfg, option), option
+
+
+def test_init_scale_multiplies_the_start_weights():
+    key = jax.random.key(4)
+    base, big = Network((5, 4, 3)).init(key), Network((5, 4, 3), init_scale=2.0).init(key)
+    for a, b in zip(base.W, big.W, strict=True):
+        np.testing.assert_allclose(b, 2.0 * a, rtol=1e-7)
+
+
+def test_lognormal_start_weights_have_the_asked_mean_and_an_equal_spread():
+    from metaplastic.inner._network import _lognormal
+
+    w = np.asarray(_lognormal(jax.random.key(0), (300, 300), 0.3))
+    assert np.all(w > 0)
+    assert abs(w.mean() - 0.3) < 0.01 and abs(w.std() - 0.3) < 0.02
+
+
+def test_layer_norm_and_error_norm_act_on_the_last_axis_of_a_batch():
+    """On a batch (EINetwork.batch_forward's shape) each row is normalised on its own."""
+    from metaplastic.inner._network import _standardise, normalise_error
+
+    z = jax.random.normal(jax.random.key(1), (4, 6)) * jnp.arange(1.0, 7.0)
+    d = jax.random.normal(jax.random.key(2), (4, 6))
+    for i in range(4):
+        np.testing.assert_allclose(_standardise(z)[i], _standardise(z[i]), rtol=1e-5)
+        np.testing.assert_allclose(
+            normalise_error(d, z, 1.0, 1.0, 1.0)[i],
+            normalise_error(d[i], z[i], 1.0, 1.0, 1.0),
+            rtol=1e-5,
+            atol=1e-6,
+        )
