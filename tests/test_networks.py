@@ -318,3 +318,12 @@ def test_layer_norm_and_error_norm_act_on_the_last_axis_of_a_batch():
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+def test_error_norm_of_a_constant_drive_stays_finite():
+    """``s = sqrt(var(z) + 1e-5)``: a drive without spread divides by sqrt(1e-5), not 0."""
+    from metaplastic.inner._network import normalise_error
+
+    d = jnp.array([1.0, -2.0, 0.5])
+    out = normalise_error(d, jnp.full(3, 0.7), 1.0, 0.0, 1.0)
+    np.testing.assert_allclose(out, (d - d.mean()) / np.sqrt(1e-5), rtol=1e-4)
