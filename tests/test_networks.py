@@ -327,3 +327,23 @@ def test_error_norm_of_a_constant_drive_stays_finite():
     d = jnp.array([1.0, -2.0, 0.5])
     out = normalise_error(d, jnp.full(3, 0.7), 1.0, 0.0, 1.0)
     np.testing.assert_allclose(out, (d - d.mean()) / np.sqrt(1e-5), rtol=1e-4)
+
+
+def test_ei_network_settings_are_checked_at_their_boundaries():
+    """inhibitory_fraction in (0, 1], inhibitory_rate >= 0 (and > 0 only with I-Norm),
+    local_weight > 0; the end points that are allowed are accepted."""
+    EINetwork((5, 3), inhibitory_fraction=1.0)
+    EINetwork((5, 3), norm="inorm", inhibitory_rate=0.5, local_weight=0.5)
+    bad = [
+        ({"inhibitory_fraction": 0.0}, "inhibitory_fraction"),
+        ({"inhibitory_fraction": 1.01}, "inhibitory_fraction"),
+        ({"norm": "inorm", "inhibitory_rate": -0.1}, "inhibitory_rate must be >= 0"),
+        ({"inhibitory_rate": 0.1}, 'set network.norm = "inorm"'),
+        ({"local_weight": 0.0}, "local_weight must be positive"),
+        ({"norm": "batch"}, "EI normalisation"),
+        ({"error_norm": "batch"}, "error normalisation"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(MetaplasticError, match=match):
+            EINetwork((5, 3), **kwargs)
+    assert EINetwork((5, 3)).n_inhibitory(4) == 1 and EINetwork((5, 3)).n_inhibitory(30) == 3
