@@ -347,3 +347,16 @@ def test_ei_network_settings_are_checked_at_their_boundaries():
         with pytest.raises(MetaplasticError, match=match):
             EINetwork((5, 3), **kwargs)
     assert EINetwork((5, 3)).n_inhibitory(4) == 1 and EINetwork((5, 3)).n_inhibitory(30) == 3
+
+
+def test_ei_start_weights_have_the_he_mean_and_normalised_inhibitory_output():
+    """Excitatory and inhibitory input weights are lognormal with mean
+    ``init_scale sqrt(2 / n_in)``; each excitatory unit's inhibitory inputs sum to 1."""
+    for init_scale in (1.0, 2.0):
+        state = EINetwork((400, 60), init_scale=init_scale).init(jax.random.key(3))
+        want = init_scale * np.sqrt(2.0 / 400)
+        p = state.extra[0]
+        assert abs(float(jnp.mean(state.W[0])) / want - 1) < 0.05
+        assert abs(float(jnp.mean(p.W_IX)) / want - 1) < 0.1
+        assert abs(float(jnp.mean(p.B_IX)) / want - 1) < 0.1
+        np.testing.assert_allclose(jnp.sum(p.W_EI, axis=1), 1.0, rtol=1e-5)
