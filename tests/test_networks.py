@@ -33,7 +33,16 @@ sg = jax.lax.stop_gradient
 
 
 def _sample(norm: str, error_norm: str = "none", bias: bool = True):
-    net = EINetwork(SIZES, norm=norm, error_norm=error_norm, bias=bias, activation="tanh")
+    # several inhibitory units per layer: with one, its output reaches every excitatory unit
+    # equally (W_EI rows sum to 1), a shift that layer norm cannot see
+    net = EINetwork(
+        SIZES,
+        norm=norm,
+        error_norm=error_norm,
+        bias=bias,
+        activation="tanh",
+        inhibitory_fraction=0.5,
+    )
     state = net.init(jax.random.key(0))
     if bias:  # non-zero biases, so the test sees them
         state = NetState(
@@ -360,3 +369,19 @@ def test_ei_start_weights_have_the_he_mean_and_normalised_inhibitory_output():
         assert abs(float(jnp.mean(p.W_IX)) / want - 1) < 0.1
         assert abs(float(jnp.mean(p.B_IX)) / want - 1) < 0.1
         np.testing.assert_allclose(jnp.sum(p.W_EI, axis=1), 1.0, rtol=1e-5)
+
+
+def test_inorm_local_loss_is_its_formula():
+    """``lw (mean(u)^2 + (var(u) - 1)^2)`` with ``u = (exc - W_EI W_IX h) / sigma`` and
+    ``sigma = sqrt(mean((B_IX h)^2) + 1e-5)``."""
+    net = EINetwork(SIZES, norm="inorm", inhibitory_fraction=0.5, local_weight=3.0)
+    state = net.init(jax.random.key(2))
+    p = state.extra[0]
+    h = jax.random.uniform(jax.random.key(3), (SIZES[0],))
+    exc = state.W[0] @ h + 0.3
+    P = {k: np.asarray(getattr(p, k), np.float64) for k in ("W_IX", "W_EI", "B_IX")}
+    hh = np.asarray(h, np.float64)
+    sigma = np.sqrt(np.mean((P["B_IX"] @ hh) ** 2) + 1e-5)
+    u = (np.asarray(exc, np.float64) - P["W_EI"] @ (P["W_IX"] @ hh)) / sigma
+    want = 3.0 * (u.mean() ** 2 + (u.var() - 1.0) ** 2)
+    np.testing.assert_allclose(float(net._local_loss(p, exc, h)), want, rtol=1e-5)
