@@ -385,3 +385,47 @@ def test_inorm_local_loss_is_its_formula():
     u = (np.asarray(exc, np.float64) - P["W_EI"] @ (P["W_IX"] @ hh)) / sigma
     want = 3.0 * (u.mean() ** 2 + (u.var() - 1.0) ** 2)
     np.testing.assert_allclose(float(net._local_loss(p, exc, h)), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["none", "layer", "inorm"])
+def test_batch_forward_is_the_per_sample_forward_pass_row_by_row(norm):
+    """Logits and drives of ``batch_forward`` equal ``forward`` on each row; with I-Norm
+    its local loss is the mean over rows of each layer's ``_local_loss`` summed, and the
+    layer-norm reference equals the ``norm = "layer"`` network."""
+    net, state, _ = _sample(norm)
+    X = jax.random.uniform(jax.random.key(9), (3, SIZES[0]))
+    logits, local, drives = net.batch_forward(state, X)
+    want_local = 0.0
+    for i in range(3):
+        hs = net.forward(state, X[i])
+        np.testing.assert_allclose(logits[i], hs[-1], rtol=1e-5, atol=1e-6)
+        for layer in range(net.n_layers - 1):
+            np.testing.assert_allclose(
+                net.act(drives[layer][i]), hs[layer + 1], rtol=1e-5, atol=1e-6
+            )
+            if norm == "inorm":
+                exc = state.W[layer] @ hs[layer] + state.b[layer]
+                want_local += net._local_loss(state.extra[layer], exc, hs[layer]) / 3
+    np.testing.assert_allclose(local, want_local, rtol=1e-5, atol=1e-7)
+    if norm == "inorm":
+        ln = EINetwork(SIZES, norm="layer", bias=True, activation="tanh", inhibitory_fraction=0.5)
+        ref = net.batch_forward(state, X, layer_norm_reference=True)[0]
+        for i in range(3):
+            np.testing.assert_allclose(ref[i], ln.forward(state, X[i])[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_forward_takes_its_error_transform_from_the_network_by_default():
+    """``back=None`` means the network's ``error_norm``: the task gradient then equals the
+    one with GradNorm's coefficients passed explicitly, and differs from no transform."""
+    from metaplastic.inner._network import ERROR_NORM_COEFFICIENTS
+
+    net, state, _ = _sample("inorm", "gradnorm")
+    X = jax.random.uniform(jax.random.key(9), (3, SIZES[0]))
+
+    def grad(n, **kw):
+        return jax.grad(lambda s: jnp.sum(n.batch_forward(s, X, **kw)[0] ** 2))(state).W[0]
+
+    default = grad(net)
+    np.testing.assert_allclose(default, grad(net, back=ERROR_NORM_COEFFICIENTS["gradnorm"]))
+    plain, *_ = _sample("inorm")
+    assert not np.allclose(default, grad(plain), rtol=1e-3)
