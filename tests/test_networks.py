@@ -429,3 +429,16 @@ def test_batch_forward_takes_its_error_transform_from_the_network_by_default():
     np.testing.assert_allclose(default, grad(net, back=ERROR_NORM_COEFFICIENTS["gradnorm"]))
     plain, *_ = _sample("inorm")
     assert not np.allclose(default, grad(plain), rtol=1e-3)
+
+
+def test_inhibitory_plasticity_is_one_clamped_gradient_step_of_the_local_loss():
+    net = EINetwork(SIZES, norm="inorm", inhibitory_rate=0.01, activation="tanh")
+    state = net.init(jax.random.key(4))
+    x = jax.random.uniform(jax.random.key(5), (SIZES[0],))
+    pres = net.forward(state, x)[: net.n_layers]
+    new = net.after_update(state, pres)
+    exc = state.W[0] @ pres[0]
+    g = jax.grad(net._local_loss)(state.extra[0], exc, pres[0])
+    for name in ("W_IX", "W_EI", "B_IX"):
+        want = jnp.maximum(getattr(state.extra[0], name) - 0.01 * getattr(g, name), 0.0)
+        np.testing.assert_allclose(getattr(new.extra[0], name), want, rtol=1e-5, atol=1e-8)
