@@ -602,3 +602,25 @@ def test_matrix_symbols_have_the_documented_shapes():
     for name, rows in column.items():
         assert S[name].shape == (rows, 1), name
     assert S["W"].shape == (n_out, n_in)
+
+
+def test_pca_task_eigenvector_loss_alignment_and_scores():
+    """The pca task: ``v1`` is the top eigenvector of ``C`` (eigenvalues ``input_scale^2
+    decay^k``); the meta-loss is 0 at ``w = v1`` and 1 at ``w = 0``; a rule that does
+    nothing leaves the alignment ``|w0 . v1| / |w0|``; score ``1 - loss``, diverged 0; no
+    images, no weight guard by default."""
+    from metaplastic.tasks._pca import PCATask
+
+    task = PCATask(5, 4, 0.7, input_scale=2.0)
+    assert not PCATask.uses_images and task.weight_limit == 0.0
+    np.testing.assert_allclose(task.eigenvalues(), 4.0 * 0.7 ** np.arange(5), rtol=1e-6)
+    x, C, v1, w0 = task.sample(jax.random.key(2))
+    np.testing.assert_allclose(C @ v1, 4.0 * v1, rtol=1e-4, atol=1e-5)
+    assert float(task.loss(v1, C)) == pytest.approx(0.0, abs=1e-5)
+    assert float(task.loss(jnp.zeros(5), C)) == pytest.approx(1.0, rel=1e-6)
+    still = TermPoolRule.from_names(["oja"], [0.0])
+    res = task.run(still, Network((5, 1)), "backprop", jax.random.key(2))
+    w, v = np.asarray(w0[0]), np.asarray(v1)
+    assert float(res.query_accuracy) == pytest.approx(abs(w @ v) / np.linalg.norm(w), rel=1e-5)
+    assert float(task.score(res)) == pytest.approx(1.0 - float(res.query_loss))
+    assert float(task.diverged_score()) == 0.0
