@@ -28,6 +28,14 @@ def test_auto_mode_picks_by_coefficient_count(small_problem):
     many = TermPoolRule.from_names(POOL_TERMS, THETA, n_layers=6)  # 18 coefficients
     assert _trainer(small_problem, few, "auto").mode == "forward"
     assert _trainer(small_problem, many, "auto").mode == "reverse"
+    # the boundary: forward mode up to 16 coefficients (a per-layer pool on 4 or 17 terms)
+    from metaplastic.rules._terms import TERMS
+
+    names = sorted(TERMS)[:4]
+    sixteen = TermPoolRule.from_names(names, [0.0] * 4, n_layers=4)
+    seventeen = TermPoolRule.from_names([*sorted(TERMS), "oja"], [0.0] * 17)
+    assert _trainer(small_problem, sixteen, "auto").mode == "forward"
+    assert _trainer(small_problem, seventeen, "auto").mode == "reverse"
 
 
 @pytest.mark.parametrize("shared", [True, False])

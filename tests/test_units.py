@@ -142,3 +142,53 @@ def test_units_reach_the_run_summary_and_bad_names_are_refused(tmp_path):
     units = summary["train"]["units"]
     assert set(units) == set(summary["coefficients"]) and len(units) == 81
     assert units["x*y"] > 0 and units["W*y**2"] > 0
+
+
+def test_make_optimizer_schedule_and_clipping():
+    """Constant step size by default (and with ``steps = 0``); ``lr_end < 1`` with
+    ``steps`` decays it by a cosine to ``lr * lr_end``; ``clip > 0`` clips the global norm,
+    ``clip = 0`` is off."""
+    from metaplastic.outer._gradient import make_optimizer
+
+    def steps_taken(opt, g, n=5):
+        params, state, out = jnp.zeros(2), None, []
+        state = opt.init(params)
+        for _ in range(n):
+            upd, state = opt.update(g, state, params)
+            out.append(-float(upd[0]) / float(g[0]))
+        return out
+
+    g = jnp.array([1.0, 0.0])
+    np.testing.assert_allclose(steps_taken(make_optimizer("sgd", 0.1), g), [0.1] * 5, rtol=1e-6)
+    np.testing.assert_allclose(
+        steps_taken(make_optimizer("sgd", 0.1, lr_end=0.5, steps=0), g), [0.1] * 5, rtol=1e-6
+    )
+    for steps in (1, 4):
+        sched = optax.cosine_decay_schedule(0.1, steps, alpha=0.5)
+        np.testing.assert_allclose(
+            steps_taken(make_optimizer("sgd", 0.1, lr_end=0.5, steps=steps), g),
+            [float(sched(k)) for k in range(5)],
+            rtol=1e-6,
+        )
+
+    def first_update(opt, g):
+        params = jnp.zeros_like(g)
+        return opt.update(g, opt.init(params), params)[0]
+
+    big = jnp.array([30.0, 40.0])
+    clipped = first_update(make_optimizer("sgd", 1.0, clip=0.5), big)
+    np.testing.assert_allclose(-clipped, big / 50.0 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(-first_update(make_optimizer("sgd", 1.0, clip=0.0), big), big)
+
+
+def test_bound_gradient_rescales_only_above_the_limit():
+    from metaplastic.outer._gradient import bound_gradient
+
+    g = {"a": jnp.array([2.0, -4.0]), "b": jnp.array([1.0])}
+    same, flag = bound_gradient(g, 4.0)
+    assert not bool(flag)
+    np.testing.assert_array_equal(same["a"], g["a"])
+    small, flag = bound_gradient(g, 2.0)
+    assert bool(flag)
+    np.testing.assert_allclose(small["a"], [1.0, -2.0])
+    np.testing.assert_allclose(small["b"], [0.5])
