@@ -192,3 +192,29 @@ def test_bound_gradient_rescales_only_above_the_limit():
     assert bool(flag)
     np.testing.assert_allclose(small["a"], [1.0, -2.0])
     np.testing.assert_allclose(small["b"], [0.5])
+
+
+def test_stopped_episodes_are_clipped_to_a_multiple_of_the_median_norm():
+    """Per-episode gradients of stopped episodes above ``stopped_clip x median norm`` are
+    scaled down to it (also when that cap is below 1); the others, and stopped ones below
+    the cap or of norm 0, are unchanged; a non-finite norm counts as 0 in the median."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(stopped_clip=3.0, _times_units=lambda t: t)
+
+    def clip(rows, stopped):
+        g = jnp.array(rows, jnp.float32)
+        return np.asarray(GradientTrainer._clip_stopped(fake, {"g": g}, jnp.array(stopped))["g"])
+
+    # median norm 2 -> cap 6: the stopped norm-100 row is scaled to 6, the rest kept
+    rows = [[2.0, 0.0], [0.0, 2.0], [1.2, 1.6], [60.0, 80.0], [4.0, 0.0], [0.0, 0.0]]
+    out = clip(rows, [False, False, False, True, True, True])
+    want = np.array(rows)
+    want[3] = [3.6, 4.8]
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    # a NaN norm counts as 0: median(0.5, 0, 100) = 0.5 -> cap 1.5
+    out = clip([[0.5, 0.0], [np.nan, 0.0], [60.0, 80.0]], [False, False, True])
+    np.testing.assert_allclose(out[2], [0.9, 1.2], rtol=1e-6)
+    # a cap below 1: median 0.1 -> cap 0.3, a stopped row of norm 0.5 scaled by 0.6
+    out = clip([[0.1, 0.0], [0.0, 0.1], [0.3, 0.4]], [False, False, True])
+    np.testing.assert_allclose(out[2], [0.18, 0.24], rtol=1e-5)
