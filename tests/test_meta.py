@@ -216,3 +216,53 @@ def test_frozen_coefficients_stay_exactly_and_the_others_learn(small_problem):
     assert np.all(th_frozen[[0, 2]] != np.asarray(THETA, np.float32)[[0, 2]])
     s_frozen = frozen.step(s_frozen)[0]  # Adam's moments for it stay 0: still exact
     assert np.asarray(s_frozen.params.theta)[1] == np.float32(THETA[1])
+
+
+class _NaNGradientProblem(eqx.Module):
+    """A stand-in problem: the loss is ``(theta_0 - k)^2`` for episode key ``k``; episodes
+    with odd ``k`` add a term of value 0 and gradient NaN, episodes with ``k = 4`` are
+    flagged diverged but finite."""
+
+    remat: bool = False
+
+    def episode(self, rule, key):
+        from types import SimpleNamespace
+
+        k = jax.random.key_data(key)[-1].astype(jnp.float32)
+        th = rule.theta
+        bad = jnp.mod(k, 2.0) == 1.0
+        good = 1.0 - bad.astype(jnp.float32)  # sqrt(|0| + 0): value 0, derivative 0 * inf
+        loss = (th[0] - k) ** 2 + jnp.sqrt(jnp.abs(th[1] - th[1]) + good) - good
+        return SimpleNamespace(query_loss=loss, query_accuracy=1.0 - bad, diverged=k == 4.0)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_episodes_with_a_non_finite_gradient_are_left_out_of_the_mean(mode):
+    """Episodes whose meta-gradient is not finite (loss finite) are dropped from the average
+    and counted; the others are averaged exactly; a finite diverged episode stays in."""
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.5, 0.0, 0.0])
+    tr = _trainer(_NaNGradientProblem(), rule, mode, meta_batch=4)
+    params = eqx.partition(rule, eqx.is_inexact_array)[0]
+    keys = jax.vmap(lambda k: jax.random.wrap_key_data(jnp.array([0, k], jnp.uint32)))(
+        jnp.array([2, 3, 4, 5], jnp.uint32)
+    )
+    grads, aux = tr.loss_and_grad(params, keys)
+    # finite episodes k = 2 and 4: d/dtheta_0 (theta_0 - k)^2 = 2 (0.5 - k)
+    np.testing.assert_allclose(grads.theta, [(-3.0 - 7.0) / 2, 0.0, 0.0], rtol=1e-6)
+    assert int(aux["dropped"]) == 2 and int(aux["diverged"]) == 3
+    np.testing.assert_allclose(aux["query_loss"], (1.5**2 + 3.5**2) / 2, rtol=1e-6)
+
+
+def test_only_stopped_episodes_are_clipped_not_large_healthy_ones():
+    """With the weight guard's clipping on, a healthy episode with a large meta-gradient is
+    averaged as it is; only diverged (stopped) finite episodes are capped."""
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.5, 0.0, 0.0])
+    tr = GradientTrainer(
+        _NaNGradientProblem(), rule, make_optimizer("adam", 1e-2), meta_batch=4, stopped_clip=3.0
+    )
+    params = eqx.partition(rule, eqx.is_inexact_array)[0]
+    keys = jax.vmap(lambda k: jax.random.wrap_key_data(jnp.array([0, k], jnp.uint32)))(
+        jnp.array([2, 4, 6, 100], jnp.uint32)
+    )
+    grads, _ = tr.loss_and_grad(params, keys)
+    np.testing.assert_allclose(grads.theta[0], (-3.0 - 7.0 - 11.0 - 199.0) / 4, rtol=1e-6)
