@@ -38,6 +38,12 @@ compilation dominates a test's time):
   recompiles only the functions whose traced program it changes;
 * ``--jobs N`` runs N mutants at once (one scratch copy each).
 
+Every finished mutant is appended to a progress file (``--progress``, default
+``results/mutation/progress.jsonl``: id, mutated line, status, commit) as the run goes, so
+an interrupted run keeps its work: ``--resume`` takes the killed (and timed-out, and
+erroring) mutants of a matching mutated line from it and runs only the rest. Survivors are
+always run again, since tests added in between may kill them.
+
 ``--update`` re-runs only the selected mutants (``--only`` ids, or every mutant of the
 ``--modules`` given) on the current code and rewrites the score file with their new
 results, keeping every other mutant's result from the file; the file's ``history`` lists
@@ -635,6 +641,27 @@ def run_mutant(m: Mutant, tests, seconds, scratch, cache_dir, factor, floor) -> 
     return rec
 
 
+def load_progress(path: Path) -> dict[str, dict]:
+    """The last record of every mutant id in a progress file (see ``--resume``)."""
+    out: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[rec["id"]] = rec
+    return out
+
+
+def save_progress(path: Path, x: Mutant, rec: dict, commit: str | None) -> None:
+    """Append one finished mutant to the progress file (under the lock: jobs share it)."""
+    line = {"id": x.id, "mutated": x.mutated, "commit": commit}
+    line |= {k: v for k, v in rec.items() if k != "output"}
+    with _LOCK:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 def load_equivalents(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
@@ -748,6 +775,17 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", metavar="ID", help="run just these mutant ids")
     ap.add_argument("--list", action="store_true", help="count the mutants, run nothing")
     ap.add_argument(
+        "--progress",
+        type=Path,
+        default=ROOT / "results" / "mutation" / "progress.jsonl",
+        help="file every finished mutant is appended to (for --resume)",
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the killed mutants of --progress (same mutated line); run the rest",
+    )
+    ap.add_argument(
         "--update",
         action="store_true",
         help="re-run only the selected mutants (--only or --modules) and merge their results "
@@ -818,12 +856,21 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         baselines = {f: baseline(f, scratches[0], args.cache_dir, list(CORE_TESTS)) for f in files}
         baseline_s = time.perf_counter() - t0
+        done_before = load_progress(args.progress) if args.resume else {}
+        commit = _git_commit()
         todo = []
         for m in modules:
             for x in mutants[m]:
                 if x.id in equivalents and x.id not in stale:
                     results[x.id] = {"status": "equivalent", "reason": equivalents[x.id]["reason"]}
                     continue
+                old_rec = done_before.get(x.id)
+                if old_rec and old_rec.get("mutated") == x.mutated:
+                    if old_rec["status"] in ("killed", "timeout", "error"):
+                        results[x.id] = {
+                            k: v for k, v in old_rec.items() if k not in ("id", "mutated")
+                        } | {"resumed": True}
+                        continue
                 tests = select_tests(x, baselines)
                 if not tests:
                     results[x.id] = {"status": "survived", "not_covered": True, "tests_run": 0}
@@ -851,6 +898,7 @@ def main(argv=None) -> int:
                 f"[{done[0]}/{n_run}] {rec['status']:8s} {rec['seconds']:6.1f}s  {x.id}",
                 flush=True,
             )
+            save_progress(args.progress, x, rec, commit)
             return x.id, rec
 
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
