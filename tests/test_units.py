@@ -218,3 +218,32 @@ def test_stopped_episodes_are_clipped_to_a_multiple_of_the_median_norm():
     # a cap below 1: median 0.1 -> cap 0.3, a stopped row of norm 0.5 scaled by 0.6
     out = clip([[0.1, 0.0], [0.0, 0.1], [0.3, 0.4]], [False, False, True])
     np.testing.assert_allclose(out[2], [0.18, 0.24], rtol=1e-5)
+
+
+def test_units_are_the_weight_scale_over_each_coefficients_sensitivity():
+    """``u_k = rms(W_T) / rms(dW_T / d theta_k)`` over 8 probe episodes (the default) and
+    all weights, computed here independently with ``jax.jacfwd``; a coefficient whose term
+    never moves the weights (an error term on pca) gets the median of the others."""
+    from metaplastic.outer._units import PROBE_EPISODES
+
+    assert PROBE_EPISODES == 8
+    problem = _pca_problem(1.5, steps=10)
+    rule = TermPoolRule.from_names(["oja", "hebbian", "pseudo_gradient"], [0.01, 0.0, 0.0])
+    key = jax.random.key(4)
+    units = np.asarray(episode_units(problem, rule, key).theta, np.float64)
+
+    def final_w(theta, k):
+        r = TermPoolRule(rule.terms, theta, rule.mask)
+        return problem.episode(r, k).state.W[0].ravel()
+
+    keys = jax.random.split(key, 8)
+    jac = np.stack([np.asarray(jax.jacfwd(final_w)(rule.theta, k)) for k in keys])  # (E, n_w, 3)
+    w = np.stack([np.asarray(final_w(rule.theta, k)) for k in keys])
+    sens = np.sqrt(np.mean(jac.astype(np.float64) ** 2, axis=(0, 1)))
+    ref = np.sqrt(np.mean(w.astype(np.float64) ** 2))
+    assert sens[2] == 0.0  # no error signal on pca
+    np.testing.assert_allclose(units[:2], ref / sens[:2], rtol=1e-4)
+    assert units[2] == pytest.approx(np.median(units[:2]), rel=1e-6)
+    # no coefficient moves the weights at all: unit 1 (the raw coefficient)
+    only_error = TermPoolRule.from_names(["pseudo_gradient"], [0.0])
+    assert float(episode_units(problem, only_error, key).theta[0]) == 1.0
