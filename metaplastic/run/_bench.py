@@ -23,12 +23,11 @@ import equinox as eqx
 import jax
 
 from .._errors import MetaplasticError
+from ..outer._gradient import GRADIENT_MODES  # the modes the benchmark can time and measure
 from ._config import build_config
 from ._run import build_rule, build_setup, make_trainer
 
 UNROLLS = (250, 1000, 4000)
-#: Meta-gradient modes the benchmark can time and measure (``train.gradient`` values).
-GRADIENT_MODES = ("auto", "forward", "reverse", "checkpoint")
 
 
 def bench_trainer(rule_spec: str, task_spec: str, mode: str, overrides=()):
