@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .._errors import MetaplasticError
 from ..rules._rules import AbstractRule
 from ..rules._signals import LocalSignals, NeuronState
 from ._feedback import as_pathway
 from ._network import AbstractNetwork, NetState
+from ._reconstruct import reconstruct_unsupported, reconstructed_scan, reconstruction_drift
 
 
 class Episode(eqx.Module):
@@ -223,12 +225,20 @@ def scan_episode(
     t)``, when given, adds what it returns to the per-step outputs (distillation samples
     synapses this way). ``remat`` sets ``jax.checkpoint`` for reverse-mode memory
     (:func:`segment_length`): ``True`` each step, ``k > 1`` segments of ``k`` steps, ``-1``
-    segments of ``sqrt(T)`` steps.
+    segments of ``sqrt(T)`` steps; ``"reconstruct"`` stores no carries at all and rebuilds
+    them backwards in reverse mode (:func:`~metaplastic.inner._reconstruct.reconstructed_scan`;
+    reverse mode only, not for networks with an ``after_update``).
 
     Returns ``(carry, stopped, outs)``: the final carry, whether the guard stopped the
     episode, and the stacked per-step ``out`` (``(out, recorded)`` with ``record``).
     """
     limits = weight_limits(carry0.net, weight_limit)
+    if isinstance(remat, str):
+        every = anchor_spacing(remat, jax.tree_util.tree_leaves(stream)[0].shape[0])
+        parts = _reconstruct_parts(rule, net, feedback, signals, limits, record)
+        T = jax.tree_util.tree_leaves(stream)[0].shape[0]
+        (carry, stopped), outs = reconstructed_scan(*parts, carry0, (stream, jnp.arange(T)), every)
+        return carry, stopped, outs
 
     def body(state, inp):
         carry, stopped = state
@@ -244,6 +254,74 @@ def scan_episode(
         body, (carry0, jnp.array(False)), (stream, jnp.arange(T)), segment_length(remat, T)
     )
     return carry, stopped, outs
+
+
+def _reconstruct_parts(rule, net, feedback, signals, limits, record):
+    """The step of :func:`scan_episode` split as :func:`reconstructed_scan` needs it."""
+    why = reconstruct_unsupported(net)
+    if why is not None:
+        raise MetaplasticError(f"train.gradient = 'reconstruct' cannot be used: {why}")
+
+    def sig_out(params, carry, inp):
+        sample, t = inp
+        pres, posts, errs, out = signals(carry, sample)
+        if record is not None:
+            out = (out, record(carry, pres, posts, errs, t))
+        return (pres, posts, errs), out
+
+    def advance(params, carry, sig):
+        return apply_rule(params[0], carry, *sig, feedback, net)
+
+    def stop(params, old, new):
+        if params[1] is None:
+            return jnp.array(False)
+        return guard(old, new, jnp.array(False), params[1])[1]
+
+    return sig_out, advance, stop, (rule, limits)
+
+
+def anchor_spacing(remat: str, T: int) -> int:
+    """Steps between stored carries for ``remat = "reconstruct"`` (``ceil(sqrt(T))``) or
+    ``"reconstruct:K"`` (``K``; ``0`` stores none: memory flat in ``T``, but rounding
+    errors then grow over the whole episode, see :func:`episode_reconstruction_drift`)."""
+    name, _, k = remat.partition(":")
+    if name != "reconstruct" or (k and not k.isdigit()):
+        raise ValueError(
+            f"remat must be a bool, an int, 'reconstruct' or 'reconstruct:K', got {remat!r}"
+        )
+    return min(int(k), T) if k else max(1, math.ceil(math.sqrt(T)))
+
+
+def episode_reconstruction_drift(
+    rule: AbstractRule,
+    net: AbstractNetwork,
+    feedback,
+    key: PRNGKeyArray,
+    episode: Episode,
+    *,
+    weight_limit: float = 0.0,
+    remat: str = "reconstruct",
+) -> Array:
+    """:func:`~metaplastic.inner._reconstruct.reconstruction_drift` of one episode of
+    :func:`run_episode`: how far ``train.gradient = "reconstruct"`` (anchors as
+    :func:`anchor_spacing` of ``remat``) rebuilds the weights and the rest of the carry
+    backwards, relative to their size."""
+    carry0 = start_carry(rule, net, feedback, key)
+    limits = weight_limits(carry0.net, weight_limit)
+    parts = _reconstruct_parts(rule, net, feedback, _labelled(net, feedback), limits, None)
+    T = episode.train_x.shape[0]
+    return reconstruction_drift(*parts, carry0, ((episode.train_x, episode.train_y), jnp.arange(T)))
+
+
+def _labelled(net: AbstractNetwork, feedback) -> Callable:
+    """``signals`` of :func:`scan_episode` for a stream of ``(x, label)`` samples."""
+
+    def signals(carry, sample):
+        x, label = sample
+        pres, posts, errs, loss, correct = forward_backward(net, feedback, carry, x, label)
+        return pres, posts, errs, (loss, correct)
+
+    return signals
 
 
 def segment_length(remat: bool | int, T: int) -> int:
@@ -313,19 +391,13 @@ def run_episode(
     layer's largest initial weight (:func:`guard`); the episode then counts as diverged.
     """
     carry0 = start_carry(rule, net, feedback, key)
-
-    def signals(carry, sample):
-        x, label = sample
-        pres, posts, errs, loss, correct = forward_backward(net, feedback, carry, x, label)
-        return pres, posts, errs, (loss, correct)
-
     carry, stopped, outs = scan_episode(
         rule,
         net,
         feedback,
         carry0,
         (episode.train_x, episode.train_y),
-        signals,
+        _labelled(net, feedback),
         weight_limit=weight_limit,
         remat=remat,
         record=record,

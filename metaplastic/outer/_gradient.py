@@ -11,6 +11,7 @@ import optax
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
+from ..inner._reconstruct import reconstruct_unsupported
 from ..rules._rules import AbstractRule
 from ..tasks._problem import Problem
 from ._sharding import AxisSharding
@@ -23,7 +24,7 @@ OPTIMIZERS = {
     "rmsprop": optax.rmsprop,
     "lion": optax.lion,
 }
-GRADIENT_MODES = ("auto", "forward", "reverse", "checkpoint")
+GRADIENT_MODES = ("auto", "forward", "reverse", "checkpoint", "reconstruct")
 #: ``auto`` uses forward mode up to this many live coefficients (its cost grows with the
 #: number of coefficients; reverse mode's memory grows with the unroll length).
 FORWARD_MODE_MAX_COEFFS = 16
@@ -168,6 +169,11 @@ class GradientTrainer(AbstractTrainer):
             mode = "forward" if n <= FORWARD_MODE_MAX_COEFFS else "reverse"
         if mode == "checkpoint" and not problem.remat:  # reverse mode, sqrt(T) segments
             self.problem = dataclasses.replace(problem, remat=-1)
+        if mode == "reconstruct":  # reverse mode, carries rebuilt backwards
+            why = reconstruct_unsupported(problem.net)
+            if why is not None:
+                raise MetaplasticError(f"train.gradient = 'reconstruct' cannot be used: {why}")
+            self.problem = dataclasses.replace(problem, remat="reconstruct")
         self.mode = mode
 
     @classmethod

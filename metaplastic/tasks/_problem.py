@@ -27,8 +27,9 @@ class Problem(eqx.Module):
     task: AbstractTask
     pool: ImagePool | None
     #: jax.checkpoint of the inner scan (``scan_episode``'s ``remat``: False, True = each
-    #: step, k > 1 = segments of k steps, -1 = sqrt(T) segments)
-    remat: bool | int = eqx.field(static=True, default=False)
+    #: step, k > 1 = segments of k steps, -1 = sqrt(T) segments); "reconstruct" or
+    #: "reconstruct:K": reverse mode rebuilds the carries backwards (anchors every K steps)
+    remat: bool | int | str = eqx.field(static=True, default=False)
 
     def episode(self, rule: AbstractRule, key: PRNGKeyArray):
         """Sample one episode and learn it online; returns the :class:`InnerResult`."""

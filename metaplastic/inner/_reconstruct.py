@@ -1,0 +1,241 @@
+"""Reverse-mode meta-gradients of an episode by weight reconstruction.
+
+Reverse mode through the inner ``lax.scan`` normally stores every step's weights: ``T``
+copies of the network. But a plasticity step is usually *invertible* once its signals are
+known: with the step's pre- and post-synaptic activities and errors fixed, the new carry is
+``c_{t+1} = c_t + D(c_t)`` where the increment ``D`` (the rule's ``dW``, the plastic
+feedback's ``dB``, the running averages' update) is small and depends on ``c_t`` only
+weakly (``-eta y^2 W`` for Oja, ``-lambda W`` for decay). So ``c_t`` is the fixed point of
+
+    c  <-  c_{t+1} - D(c),
+
+which converges from ``c = c_{t+1}`` at the rate ``||dD/dc||`` (one iteration is exact when
+no term reads the weights). :func:`reconstructed_scan` therefore stores only the per-step
+signals (vectors: ``x``, ``y``, ``e`` per layer) and the guard's per-step stop flags, and
+its backward pass walks the episode backwards: rebuild ``c_t`` from ``c_{t+1}``, recompute
+step ``t`` from it and take that step's vector-Jacobian product. Memory is the signals plus
+a few carries, flat in ``T`` up to the vectors; compute is about two forward passes plus the
+fixed-point iterations.
+
+Rounding makes the rebuilt carries drift from the true ones; :func:`reconstruction_drift`
+measures it (the rebuilt ``c_0`` against the stored one). Where the increment is not a
+contraction (a rule whose ``dW`` grows faster than ``W``) the iteration does not converge
+and the drift shows it; networks that change their weights after the rule
+(:meth:`AbstractNetwork.after_update`, e.g. a clamp) cannot be inverted at all:
+:func:`reconstruct_unsupported` names why, and checkpointing is the fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._network import AbstractNetwork
+
+#: fixed-point iterations per step at most (the iteration stops earlier once converged)
+MAX_ITERATIONS = 32
+
+
+def reconstruct_unsupported(net: AbstractNetwork) -> str | None:
+    """Why an episode of ``net`` cannot be reconstructed backwards (``None`` if it can)."""
+    if type(net).after_update is not AbstractNetwork.after_update:
+        return (
+            f"the network {type(net).__name__} changes its weights after the rule "
+            "(after_update), which cannot be undone step by step"
+        )
+    return None
+
+
+def _max_abs(tree) -> jax.Array:
+    leaves = [jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree) if x.size]
+    return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros(())
+
+
+def _invert(advance: Callable, c_next, sig):
+    """``c`` with ``advance(c, sig) == c_next``, by the fixed-point iteration
+    ``c <- c_next - (advance(c, sig) - c)`` from ``c = c_next``."""
+    leaves = jax.tree_util.tree_leaves(c_next)
+    eps = jnp.finfo(leaves[0].dtype).eps if leaves else 1e-7
+    tol = 2.0 * eps * jnp.maximum(_max_abs(c_next), 1.0)
+
+    def update(c):
+        inc = jax.tree_util.tree_map(jnp.subtract, advance(c, sig), c)
+        return jax.tree_util.tree_map(jnp.subtract, c_next, inc)
+
+    def cond(s):
+        i, _, change = s
+        return (i < MAX_ITERATIONS) & (change > tol)
+
+    def body(s):
+        i, c, _ = s
+        new = update(c)
+        return i + 1, new, _max_abs(jax.tree_util.tree_map(jnp.subtract, new, c))
+
+    first = update(c_next)
+    change = _max_abs(jax.tree_util.tree_map(jnp.subtract, first, c_next))
+    _, c, _ = jax.lax.while_loop(cond, body, (jnp.array(1), first, change))
+    return c
+
+
+def _is_cotangent(x) -> bool:
+    return eqx.is_array(x) and x.dtype != jax.dtypes.float0
+
+
+def _select(flag, a, b):
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
+
+
+def _forward(signals, advance, stop, p_static, every: int):
+    """The plain forward scan, also returning each step's signals and stop flag and the
+    carry before every ``every``-th step (the anchors; none when ``every = 0``)."""
+
+    def scan_fwd(pd, carry0, xs):
+        p = eqx.combine(pd, p_static)
+        T = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        n = -(-T // every) if every else 0
+        anchors = jax.tree_util.tree_map(lambda a: jnp.zeros((n, *a.shape), a.dtype), carry0)
+
+        def body(state, inp):
+            carry, stopped, anchors = state
+            x, t = inp
+            if every:
+                anchors = jax.lax.cond(
+                    t % every == 0,
+                    lambda a: jax.tree_util.tree_map(
+                        lambda buf, c: buf.at[t // every].set(c), a, carry
+                    ),
+                    lambda a: a,
+                    anchors,
+                )
+            sig, out = signals(p, carry, x)
+            new = advance(p, carry, sig)
+            now = stopped | stop(p, carry, new)
+            return (_select(now, carry, new), now, anchors), (out, sig, now)
+
+        init = (carry0, jnp.array(False), anchors)
+        (carry, stopped, anchors), ys = jax.lax.scan(body, init, (xs, jnp.arange(T)))
+        return (carry, stopped), ys, anchors
+
+    return scan_fwd
+
+
+def reconstructed_scan(
+    signals: Callable,
+    advance: Callable,
+    stop: Callable,
+    params,
+    carry0,
+    xs,
+    every: int = 0,
+):
+    """A scan over ``xs`` whose reverse-mode derivative rebuilds the carries backwards.
+
+    One step: ``signals(params, carry, x) -> (sig, out)`` (the step's signals and per-step
+    outputs), ``advance(params, carry, sig) -> carry'`` (the update given the signals), and
+    ``stop(params, carry, carry') -> bool`` (the guard: when true the carry stays at
+    ``carry``, and it stays stopped). ``params``: the differentiated parameters (a pytree;
+    its floating arrays get gradients); ``carry0`` a pytree of floating arrays. Returns
+    ``((carry_T, stopped), outs)`` as the equivalent ``lax.scan`` would. Only reverse mode is
+    defined (``jax.grad``, ``jax.vjp``), not ``jax.jvp``/``jax.jacfwd``.
+
+    ``every > 0`` also stores the carry before every ``every``-th step (anchors) and restarts
+    the backward reconstruction from them, so rounding errors grow over at most ``every``
+    steps instead of ``T`` (memory: ``T / every`` carries); ``every = 0`` stores none.
+    """
+    p_dyn, p_static = eqx.partition(params, eqx.is_inexact_array)
+    scan_fwd = _forward(signals, advance, stop, p_static, every)
+
+    @jax.custom_vjp
+    def run(pd, carry0, xs):  # not differentiated: no anchors needed
+        (carry, stopped), (outs, _, _), _ = _forward(signals, advance, stop, p_static, 0)(
+            pd, carry0, xs
+        )
+        return (carry, stopped), outs
+
+    def run_fwd(pd, carry0, xs):
+        (carry, stopped), (outs, sigs, stops), anchors = scan_fwd(pd, carry0, xs)
+        return ((carry, stopped), outs), (pd, xs, carry, sigs, stops, anchors)
+
+    def run_bwd(res, ct):
+        pd, xs, carry_T, sigs, stops, anchors = res
+        T = stops.shape[0]
+        (ct_carry, _), ct_outs = ct
+        p = eqx.combine(pd, p_static)
+        xs_dyn, xs_static = eqx.partition(xs, eqx.is_inexact_array)
+
+        def back(acc, inp):
+            carry_next, lam, g = acc
+            sig, now, x_dyn, x_static, ct_out, t = inp
+            carry = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, now)
+            carry = _anchored(carry, anchors, t, every)
+
+            def f(pd, carry, x_dyn):
+                q = eqx.combine(pd, p_static)
+                s, out = signals(q, carry, eqx.combine(x_dyn, x_static))
+                new = advance(q, carry, s)
+                return _select(now, carry, new), eqx.filter(out, eqx.is_inexact_array)
+
+            _, vjp = jax.vjp(f, pd, carry, x_dyn)
+            g_p, lam_prev, g_x = vjp((lam, ct_out))
+            g = jax.tree_util.tree_map(jnp.add, g, g_p)
+            return (carry, lam_prev, g), g_x
+
+        zero_g = jax.tree_util.tree_map(jnp.zeros_like, pd)
+        ct_outs = eqx.filter(ct_outs, _is_cotangent)
+        inputs = (sigs, stops, xs_dyn, xs_static, ct_outs, jnp.arange(T))
+        (_, lam0, g), g_xs = jax.lax.scan(back, (carry_T, ct_carry, zero_g), inputs, reverse=True)
+        return g, lam0, eqx.combine(g_xs, jax.tree_util.tree_map(lambda _: None, xs_static))
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(p_dyn, carry0, xs)
+
+
+def _rebuild(advance: Callable, carry_next, sig, now):
+    """The carry before a step: the same carry where the guard stopped the step."""
+    return _select(now, carry_next, _invert(advance, carry_next, sig))
+
+
+def _anchored(carry, anchors, t, every: int):
+    """The stored anchor in place of the rebuilt carry before step ``t`` where there is one."""
+    if not every:
+        return carry
+    stored = jax.tree_util.tree_map(lambda a: a[t // every], anchors)
+    return _select(t % every == 0, stored, carry)
+
+
+def reconstruction_drift(signals, advance, stop, params, carry0, xs, every: int = 0):
+    """How far the carries rebuilt backwards drift from the true ones: the largest
+    ``|rebuilt c_t - c_t|`` over the carry's entries at the steps where the true carry is
+    known (``t = 0``, and every anchor with ``every > 0``), relative to ``max |c_t|``
+    (arguments as :func:`reconstructed_scan`). Rounding alone gives about ``sqrt(every)``
+    float epsilons; a rule whose steps the fixed-point iteration cannot invert stably (a
+    strongly contracting term such as Oja's with a large rate, whose inverse expands)
+    shows as a drift of order one or more, or NaN."""
+    p_dyn, p_static = eqx.partition(params, eqx.is_inexact_array)
+    p = eqx.combine(p_dyn, p_static)
+    scan_fwd = _forward(signals, advance, stop, p_static, every)
+    (carry_T, _), (_, sigs, stops), anchors = scan_fwd(p_dyn, carry0, xs)
+    T = stops.shape[0]
+    tiny = jnp.finfo(jnp.float32).tiny
+
+    def back(state, inp):
+        carry_next, worst = state
+        sig, now, t = inp
+        carry = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, now)
+        if every:
+            true = jax.tree_util.tree_map(lambda a: a[t // every], anchors)
+            rel = _max_abs(jax.tree_util.tree_map(jnp.subtract, carry, true))
+            rel = rel / jnp.maximum(_max_abs(true), tiny)
+            worst = jnp.where(t % every == 0, jnp.maximum(worst, rel), worst)
+            worst = jnp.where(jnp.isnan(rel), rel, worst)
+        return (_anchored(carry, anchors, t, every), worst), None
+
+    (rebuilt, worst), _ = jax.lax.scan(
+        back, (carry_T, jnp.zeros(())), (sigs, stops, jnp.arange(T)), reverse=True
+    )
+    rel0 = _max_abs(jax.tree_util.tree_map(jnp.subtract, rebuilt, carry0))
+    rel0 = rel0 / jnp.maximum(_max_abs(carry0), tiny)
+    return worst if every else rel0

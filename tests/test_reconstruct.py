@@ -1,0 +1,140 @@
+"""Reverse mode by weight reconstruction (``train.gradient = "reconstruct"``): the same
+meta-gradient as plain reverse mode, anchors, the guard, the drift monitor, memory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from metaplastic import MetaplasticError
+from metaplastic.inner._episode import anchor_spacing, episode_reconstruction_drift
+from metaplastic.inner._network import EINetwork, Network
+from metaplastic.outer import GradientTrainer, make_optimizer
+from metaplastic.rules._rules import TermPoolRule
+from metaplastic.tasks._classification import ClassificationTask
+from metaplastic.tasks._problem import Problem
+
+from .test_meta_gradients import EXAMPLES
+
+
+def _grad(problem, rule, keys):
+    params, static = eqx.partition(rule, eqx.is_inexact_array)
+
+    def loss(p):
+        return problem.meta_loss(eqx.combine(p, static), keys, 0.0)[0]
+
+    return np.asarray(ravel_pytree(jax.jit(jax.grad(loss))(params))[0])
+
+
+def _compare(pools, kind, mode, remat, task=None, rtol=1e-10):
+    with jax.enable_x64(True):
+        rule = jax.tree_util.tree_map(
+            lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, EXAMPLES[kind]()
+        )
+        task = task or ClassificationTask(3, 3, 2)
+        problem = Problem(Network((64, 5, 3)), mode, task, pools[0])
+        keys = jax.random.split(jax.random.key(7), 2)
+        want = _grad(problem, rule, keys)
+        got = _grad(dataclasses.replace(problem, remat=remat), rule, keys)
+        assert np.all(np.isfinite(want)) and np.abs(want).max() > 0
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def _cases():
+    """The stateful pool (BCM's running averages) with FA in the default run; the other
+    kinds and pathways (Kolen-Pollack's plastic feedback among them) are slow."""
+    for kind in EXAMPLES:
+        modes = ["kolen_pollack"] if kind == "plastic_feedback" else ["fa", "backprop", "dfa"]
+        for mode in modes:
+            quick = (kind, mode) == ("term_pool", "fa")
+            yield pytest.param(kind, mode, marks=() if quick else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("kind,mode", list(_cases()))
+def test_reconstruct_gives_the_reverse_mode_meta_gradient(pools, kind, mode):
+    """With anchors every 2 steps of 9 (so the last segment is short)."""
+    _compare(pools, kind, mode, "reconstruct:2", ClassificationTask(3, 3, 3))
+
+
+@pytest.mark.slow
+def test_the_guard_and_no_anchors_keep_the_meta_gradient_exact(pools):
+    """No anchors, and episodes the weight guard stops part-way (the carry then stays put:
+    nothing to invert)."""
+    with jax.enable_x64(True):
+        rule = TermPoolRule.from_names(["pseudo_gradient"], [jnp.float64(0.3)])
+        task = ClassificationTask(3, 3, 2, weight_limit=2.0)
+        problem = Problem(Network((64, 5, 3)), "fa", task, pools[0])
+        keys = jax.random.split(jax.random.key(7), 2)
+        res = jax.vmap(lambda k: problem.episode(rule, k))(keys)
+        assert bool(jnp.any(res.diverged))  # stopped, with finite weights
+        assert all(bool(jnp.all(jnp.isfinite(w))) for w in res.state.W)
+        want = _grad(problem, rule, keys)
+        assert np.all(np.isfinite(want)) and np.abs(want).max() > 0
+        got = _grad(dataclasses.replace(problem, remat="reconstruct:0"), rule, keys)
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_anchor_spacing():
+    assert anchor_spacing("reconstruct", 250) == 16
+    assert anchor_spacing("reconstruct:0", 250) == 0
+    assert anchor_spacing("reconstruct:5", 250) == 5
+    assert anchor_spacing("reconstruct:500", 250) == 250
+    for bad in ("reconstruct:x", "rebuild", "reconstruct:-1"):
+        with pytest.raises(ValueError, match="reconstruct:K"):
+            anchor_spacing(bad, 10)
+
+
+def test_networks_that_change_their_weights_cannot_be_reconstructed(pools):
+    problem = Problem(EINetwork((64, 5, 3)), "fa", ClassificationTask(3, 3, 2), pools[0])
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [0.01])
+    with pytest.raises(MetaplasticError, match="after_update"):
+        GradientTrainer(problem, rule, make_optimizer("adam", 1e-3), mode="reconstruct")
+    tr = GradientTrainer(
+        dataclasses.replace(problem, net=Network((64, 5, 3))),
+        rule,
+        make_optimizer("adam", 1e-3),
+        mode="reconstruct",
+    )
+    assert tr.mode == "reconstruct" and tr.problem.remat == "reconstruct"
+
+
+def test_drift_is_rounding_for_an_invertible_rule_and_large_for_a_singular_step(pools):
+    """Oja's ``-eta y y^T W`` with ``eta |y|^2`` near 1 removes W's component along y: the
+    step cannot be inverted, and the drift monitor must say so."""
+    net = Network((64, 8, 3))
+    ep = ClassificationTask(3, 10, 2).sample(jax.random.key(1), pools[0])
+    y2 = 8 * 0.25  # |y|^2 of 8 sigmoid units near 0.5
+
+    def drift(rule, remat):
+        return float(
+            episode_reconstruction_drift(rule, net, "fa", jax.random.key(0), ep, remat=remat)
+        )
+
+    pg = TermPoolRule.from_names(["pseudo_gradient"], [0.05])
+    assert drift(pg, "reconstruct:0") < 1e-5
+    oja = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.05, 1.0 / y2])
+    assert not drift(oja, "reconstruct:0") < 1e-2  # large or NaN
+
+
+def test_reconstruct_memory_does_not_grow_with_the_unroll(pools):
+    """Compiled scratch memory of the meta-gradient at T = 48: plain reverse mode keeps
+    every step's weights; reconstruction without anchors keeps only the per-step signal
+    vectors."""
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.05, 0.01])
+    params, static = eqx.partition(rule, eqx.is_inexact_array)
+    keys = jax.random.split(jax.random.key(7), 1)
+
+    def scratch(remat, k_shot):
+        problem = Problem(
+            Network((64, 32, 3)), "fa", ClassificationTask(3, k_shot, 2), pools[0], remat=remat
+        )
+        f = jax.jit(jax.grad(lambda p: problem.meta_loss(eqx.combine(p, static), keys, 0.0)[0]))
+        return f.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    assert scratch("reconstruct:0", 16) < 0.25 * scratch(False, 16)
