@@ -100,6 +100,7 @@ CORE_TESTS: dict[str, list[str]] = {
         "tests/test_inner.py",
         "tests/test_exact_updates.py",
     ],
+    "metaplastic/inner/_reconstruct.py": ["tests/test_reconstruct.py"],
     "metaplastic/inner/_feedback.py": [
         "tests/test_inner.py",
         "tests/test_pathways.py",
@@ -662,6 +663,39 @@ def save_progress(path: Path, x: Mutant, rec: dict, commit: str | None) -> None:
             f.write(json.dumps(line) + "\n")
 
 
+def _content_key(mutant_id: str, mutated: str) -> tuple:
+    """A mutant's identity without its line number (module, column, operator, mutated
+    line), so that records survive edits that only move the code up or down."""
+    module, _line, col, rest = mutant_id.split(":", 3)
+    return module, col, rest, mutated.strip()
+
+
+def relocate(records: dict[str, dict], mutants: dict[str, Mutant]) -> dict[str, dict]:
+    """``records`` (by mutant id) re-keyed to the current ids: a record whose id no longer
+    names the same mutation moves to the current mutant with the same content (module,
+    column, operator and mutated line) when exactly one matches and no record already
+    holds it; otherwise it keeps its id (the caller then reports it stale or ignores it)."""
+    by_key: dict[tuple, list[str]] = {}
+    for m in mutants.values():
+        by_key.setdefault(_content_key(m.id, m.mutated), []).append(m.id)
+    out: dict[str, dict] = {}
+    rest = []
+    for i, rec in records.items():
+        current = mutants.get(i)
+        if current is not None and rec.get("mutated", current.mutated) == current.mutated:
+            out[i] = rec
+        else:
+            rest.append((i, rec))
+    for i, rec in rest:
+        mutated = rec.get("mutated")
+        match = by_key.get(_content_key(i, mutated), []) if mutated is not None else []
+        if len(match) == 1 and match[0] not in out:
+            out[match[0]] = dict(rec, id=match[0], moved_from=i)
+        elif i not in out:
+            out[i] = rec
+    return out
+
+
 def load_equivalents(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
@@ -847,8 +881,8 @@ def main(argv=None) -> int:
             sys.exit(f"--update: {out_path} does not exist; run without --update first")
         previous = json.loads(out_path.read_text())
 
-    equivalents = load_equivalents(args.equivalent)
     all_ids = {x.id: x for v in everything.values() for x in v}
+    equivalents = relocate(load_equivalents(args.equivalent), all_ids)
     stale = [
         i
         for i, e in equivalents.items()
@@ -867,7 +901,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         baselines = {f: baseline(f, scratches[0], args.cache_dir, list(CORE_TESTS)) for f in files}
         baseline_s = time.perf_counter() - t0
-        done_before = load_progress(args.progress) if args.resume else {}
+        done_before = relocate(load_progress(args.progress), all_ids) if args.resume else {}
         commit = _git_commit()
         todo = []
         for m in modules:

@@ -266,3 +266,83 @@ def test_lm_ma_es_population_is_bounded_by_the_coefficients():
     )
     assert np.all(np.isfinite(np.asarray(res.params)))
     assert float(jnp.sum((res.params - 1.0) ** 2)) < 0.3  # started at 3
+
+
+def test_finite_fitness_fills_non_finite_members():
+    from metaplastic.outer._evolution import finite_fitness
+
+    raw = jnp.array([0.25, jnp.nan, 0.5, jnp.inf])
+    fit, finite, n_bad, worst = finite_fitness(raw)  # default: the worst finite fitness
+    np.testing.assert_array_equal(fit, [0.25, 0.5, 0.5, 0.5])
+    assert int(n_bad) == 2 and float(worst) == 0.5 and finite.tolist() == [1, 0, 1, 0]
+    for penalty in (0.0, 0.5):
+        fit = finite_fitness(raw, penalty)[0]
+        np.testing.assert_array_equal(fit, [0.25, penalty, 0.5, penalty])
+    fit, _, n_bad, worst = finite_fitness(jnp.full(3, jnp.nan))
+    assert float(fit[0]) == 1e6 and int(n_bad) == 3 and float(worst) == -np.inf
+
+
+def test_odd_populations_are_refused_only_with_antithetic_sampling():
+    sol = jnp.zeros(4)
+    with pytest.raises(MetaplasticError, match="even"):
+        make_strategy("open_es", sol, 5, 0.1)  # antithetic by default
+    make_strategy("EvoTF_ES", sol, 5, 0.1, antithetic=False)
+    with pytest.raises(MetaplasticError, match="even"):
+        make_strategy("EvoTF_ES", sol, 5, 0.1)
+    with pytest.raises(MetaplasticError, match="even"):
+        make_strategy("pgpe", sol, 5, 0.1, antithetic=False)  # PGPE always samples in pairs
+    make_strategy("SimpleES", sol, 5, 0.1)  # takes no antithetic setting
+    make_strategy("LM_MA_ES", np.zeros(2), 4, 0.1)  # the smallest allowed: 2 coefficients, 2n
+
+
+def _trace(strategy, params, sigma, sol=None, n=3):
+    """The search mean after ``n`` generations on a quadratic (eager, fixed keys)."""
+    import equinox as eqx
+    from jax.flatten_util import ravel_pytree
+
+    from metaplastic.outer._evolution import search_center, strategy_init
+
+    sol = jnp.zeros(4) if sol is None else eqx.filter(sol, eqx.is_inexact_array)
+    state = strategy_init(strategy, jax.random.key(0), sol, params, sigma)
+    for i in range(n):
+        pop, state = strategy.ask(jax.random.key(10 + i), state, params)
+        fit = sum(
+            jnp.sum(((x - 1.0) ** 2).reshape(x.shape[0], -1), axis=1)
+            for x in jax.tree_util.tree_leaves(pop)
+        )
+        state, _ = strategy.tell(jax.random.key(20 + i), pop, fit, state, params)
+    center = ravel_pytree(search_center(strategy, state))[0]
+    return np.asarray(center), float(jnp.mean(state.std))
+
+
+def test_strategy_and_trainer_defaults_are_the_documented_ones(small_problem):
+    """make_strategy: no sigma decay, Adam lr 1e-3, antithetic sampling; the trainer:
+    population 16, sigma 0.01, meta-batch 8, no L1, the worst finite fitness for members
+    that blew up, the error-rate fitness."""
+    sol = jnp.zeros(4)
+    default = _trace(*make_strategy("open_es", sol, 4, 0.1), 0.1)
+    explicit = make_strategy("open_es", sol, 4, 0.1, 1.0, 1e-3, True)
+    np.testing.assert_array_equal(default[0], _trace(*explicit, 0.1)[0])
+    assert default[1] == pytest.approx(0.1)
+    decayed = _trace(*make_strategy("open_es", sol, 4, 0.1, sigma_decay=0.5), 0.1)
+    assert decayed[1] == pytest.approx(0.1 * 0.5**2, rel=1e-5)  # std of the 3rd generation
+
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.05, 0.0, 0.0])
+    tr = EvolutionTrainer(small_problem, rule, "open_es")
+    assert (tr.strategy.population_size, tr.sigma, tr.meta_batch, tr.l1, tr.penalty) == (
+        16,
+        0.01,
+        8,
+        0.0,
+        -1.0,
+    )
+    assert tr.objective == "error"
+    ref = EvolutionTrainer(
+        small_problem, rule, "open_es", sigma_decay=1.0, lr=1e-3, antithetic=True
+    )
+    a = _trace(tr.strategy, tr.es_params, 0.01, rule)
+    b = _trace(ref.strategy, ref.es_params, 0.01, rule)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+    state = tr.init(rule, jax.random.key(0))
+    assert int(state.skipped) == 0 and int(state.step) == 0

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metaplastic._errors import MetaplasticError
 from metaplastic.outer import GradientTrainer, OuterState, make_optimizer
 from metaplastic.rules._rules import TermPoolRule
 from metaplastic.tasks._problem import Problem, mean_ci95
@@ -266,3 +267,84 @@ def test_only_stopped_episodes_are_clipped_not_large_healthy_ones():
     )
     grads, _ = tr.loss_and_grad(params, keys)
     np.testing.assert_allclose(grads.theta[0], (-3.0 - 7.0 - 11.0 - 199.0) / 4, rtol=1e-6)
+
+
+def test_trainer_defaults_are_the_documented_ones(small_problem):
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.05, 0.0, 0.0])
+    tr = GradientTrainer(small_problem, rule, make_optimizer("adam", 1e-3))
+    assert (tr.meta_batch, tr.l1, tr.grad_limit, tr.max_diverged, tr.stopped_clip) == (
+        8,
+        0.0,
+        0.0,
+        0.25,
+        0.0,
+    )
+    assert tr.units is None and tr.trainable is None and tr.mode == "forward"
+
+
+def test_make_optimizer_schedules_only_with_both_lr_end_and_steps():
+    """A cosine schedule needs ``lr_end < 1`` and ``steps > 0``; either alone keeps lr."""
+    g = {"a": jnp.ones(2)}
+
+    def lrs(opt, n=3):
+        state, out = opt.init(g), []
+        for _ in range(n):
+            u, state = opt.update(g, state, g)
+            out.append(-float(u["a"][0]))
+        return out
+
+    np.testing.assert_allclose(lrs(make_optimizer("sgd", 0.1, steps=2)), [0.1] * 3, rtol=1e-6)
+    np.testing.assert_allclose(lrs(make_optimizer("sgd", 0.1, lr_end=0.5)), [0.1] * 3, rtol=1e-6)
+    np.testing.assert_allclose(
+        lrs(make_optimizer("sgd", 0.1, lr_end=0.5, steps=2)), [0.1, 0.075, 0.05], rtol=1e-6
+    )
+    with pytest.raises(MetaplasticError, match="positive"):
+        make_optimizer("adam", 0.0)
+
+
+def test_from_config_clips_stopped_episodes_only_with_the_weight_guard(small_problem):
+    import dataclasses
+
+    from metaplastic.run._config import TrainConfig
+
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.05, 0.0, 0.0])
+    base = TrainConfig(meta_batch=2, episodes=11, lr_end=0.0, outer="sgd", lr=0.1, clip=0.0)
+    off = GradientTrainer.from_config(base, small_problem, rule)
+    on = GradientTrainer.from_config(
+        dataclasses.replace(base, weight_limit=0.5), small_problem, rule
+    )
+    assert off.stopped_clip == 0.0 and on.stopped_clip > 0
+    # the cosine runs over episodes // meta_batch = 5 whole meta-steps: lr 0 from the 6th on
+    g = {"theta": jnp.ones(3)}
+    state = on.optimizer.init(g)
+    steps = []
+    for _ in range(6):
+        u, state = on.optimizer.update(g, state, g)
+        steps.append(-float(u["theta"][0]))
+    assert steps[0] == pytest.approx(0.1) and steps[5] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_trainer_settings_at_their_bounds(small_problem):
+    import dataclasses
+
+    from metaplastic.outer._evolution import EvolutionTrainer
+    from metaplastic.run._config import TrainConfig
+
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.05, 0.0, 0.0])
+    GradientTrainer(small_problem, rule, make_optimizer("adam", 1e-3), meta_batch=1)
+    with pytest.raises(MetaplasticError, match="meta_batch"):
+        GradientTrainer(small_problem, rule, make_optimizer("adam", 1e-3), meta_batch=0)
+    t = TrainConfig()
+    for ok in (0.0, 1.0):
+        GradientTrainer.check_config(dataclasses.replace(t, lr_end=ok))
+    for bad in (-0.1, 1.1):
+        with pytest.raises(MetaplasticError, match="lr_end"):
+            GradientTrainer.check_config(dataclasses.replace(t, lr_end=bad))
+    GradientTrainer.check_config(dataclasses.replace(t, clip=0.0, grad_limit=0.0))
+    GradientTrainer.check_config(dataclasses.replace(t, outer="open_es", prune_refit=0))
+    with pytest.raises(MetaplasticError, match="prune_refit"):
+        GradientTrainer.check_config(dataclasses.replace(t, outer="open_es", prune_refit=1))
+    EvolutionTrainer.check_config(dataclasses.replace(t, population=2))
+    for bad in ({"population": 1}, {"sigma": 0.0}, {"sigma_decay": 0.0}):
+        with pytest.raises(MetaplasticError):
+            EvolutionTrainer.check_config(dataclasses.replace(t, **bad))
