@@ -673,8 +673,9 @@ def _content_key(mutant_id: str, mutated: str) -> tuple:
 def relocate(records: dict[str, dict], mutants: dict[str, Mutant]) -> dict[str, dict]:
     """``records`` (by mutant id) re-keyed to the current ids: a record whose id no longer
     names the same mutation moves to the current mutant with the same content (module,
-    column, operator and mutated line) when exactly one matches and no record already
-    holds it; otherwise it keeps its id (the caller then reports it stale or ignores it)."""
+    column, operator and mutated line) that no record holds yet, the nearest one when the
+    line occurs more than once; otherwise it keeps its id (the caller then reports it stale
+    or ignores it)."""
     by_key: dict[tuple, list[str]] = {}
     for m in mutants.values():
         by_key.setdefault(_content_key(m.id, m.mutated), []).append(m.id)
@@ -689,8 +690,11 @@ def relocate(records: dict[str, dict], mutants: dict[str, Mutant]) -> dict[str, 
     for i, rec in rest:
         mutated = rec.get("mutated")
         match = by_key.get(_content_key(i, mutated), []) if mutated is not None else []
-        if len(match) == 1 and match[0] not in out:
-            out[match[0]] = dict(rec, id=match[0], moved_from=i)
+        free = [j for j in match if j not in out]
+        if free:  # the nearest free one, when the same line occurs more than once
+            line = int(i.split(":", 2)[1])
+            j = min(free, key=lambda j: abs(mutants[j].line - line))
+            out[j] = dict(rec, id=j, moved_from=i)
         elif i not in out:
             out[i] = rec
     return out
