@@ -1,12 +1,14 @@
 """How well ``train.gradient = "reconstruct"`` rebuilds the inner loop's weights backwards at
 the reference size: the drift monitor (``episode_reconstruction_drift``) for the reference
-pool at several coefficient vectors, without anchors and with the default sqrt(T) anchors.
+pool at several coefficient vectors, without anchors and with anchors every 16 (sqrt(T), the
+default), 4 and 1 steps.
 
     python scripts/reconstruct_drift.py [--json results/bench/reconstruct_drift.json]
 
-A drift of about 1e-6 is float32 rounding; order one or NaN means the reconstruction is not
-usable for that rule (a step that the fixed-point iteration cannot invert, typically Oja's
-``-eta y y^T W`` with ``eta |y|^2`` near 1), and ``checkpoint`` mode is the fallback.
+A drift of about 1e-6 is float32 rounding. Terms that contract the weights (Oja's
+``-eta y y^T W``) have inverses that expand them, so rounding errors grow exponentially over
+the steps between anchors; a drift of order one or NaN means the reconstruction is not usable
+at that spacing, and closer anchors (or ``checkpoint`` mode) are the fallback.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from metaplastic.rules._rules import TermPoolRule
 from metaplastic.run._bench import bench_trainer
 
 TERMS = ["pseudo_gradient", "error_hebbian", "oja"]
+#: no anchors, sqrt(T) = 16 steps between anchors (the default), 4, every step
+REMATS = ("reconstruct:0", "reconstruct", "reconstruct:4", "reconstruct:1")
 COEFFS = [
     [1e-3, 0.0, 0.0],  # the reference initialisation
     [1e-3, 1e-3, 0.0],
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
     keys = jax.random.split(jax.random.key(0), args.episodes)
     eps = [pr.task.sample(jax.random.fold_in(k, 1), pr.pool) for k in keys]
     rows = []
-    for remat in ("reconstruct:0", "reconstruct"):
+    for remat in REMATS:
         f = jax.jit(
             lambda r, k, e, remat=remat: episode_reconstruction_drift(
                 r, pr.net, pr.feedback, k, e, remat=remat

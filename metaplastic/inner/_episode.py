@@ -310,7 +310,8 @@ def episode_reconstruction_drift(
     limits = weight_limits(carry0.net, weight_limit)
     parts = _reconstruct_parts(rule, net, feedback, _labelled(net, feedback), limits, None)
     T = episode.train_x.shape[0]
-    return reconstruction_drift(*parts, carry0, ((episode.train_x, episode.train_y), jnp.arange(T)))
+    xs = ((episode.train_x, episode.train_y), jnp.arange(T))
+    return reconstruction_drift(*parts, carry0, xs, anchor_spacing(remat, T))
 
 
 def _labelled(net: AbstractNetwork, feedback) -> Callable:

@@ -37,6 +37,13 @@ from ._network import AbstractNetwork
 
 #: fixed-point iterations per step at most (the iteration stops earlier once converged)
 MAX_ITERATIONS = 32
+#: a step counts as inverted when the last iteration changed the carry by at most this many
+#: float epsilons (relative to its largest entry)
+CONVERGED_EPS = 64.0
+#: the largest drift (relative to the carry's size) tolerated at an anchor in the backward
+#: pass; beyond it, or where a step was not inverted, the meta-gradient is NaN (so the outer
+#: loop counts the episode as diverged instead of using a wrong gradient)
+DRIFT_LIMIT = 1e-3
 
 
 def reconstruct_unsupported(net: AbstractNetwork) -> str | None:
@@ -55,8 +62,10 @@ def _max_abs(tree) -> jax.Array:
 
 
 def _invert(advance: Callable, c_next, sig):
-    """``c`` with ``advance(c, sig) == c_next``, by the fixed-point iteration
-    ``c <- c_next - (advance(c, sig) - c)`` from ``c = c_next``."""
+    """``(c, ok)``: ``c`` with ``advance(c, sig) == c_next``, by the fixed-point iteration
+    ``c <- c_next - (advance(c, sig) - c)`` from ``c = c_next``; ``ok`` when it converged
+    (it does not where the increment changes faster than the carry, e.g. Oja's term with
+    ``eta |y|^2 > 1``)."""
     leaves = jax.tree_util.tree_leaves(c_next)
     eps = jnp.finfo(leaves[0].dtype).eps if leaves else 1e-7
     tol = 2.0 * eps * jnp.maximum(_max_abs(c_next), 1.0)
@@ -76,8 +85,9 @@ def _invert(advance: Callable, c_next, sig):
 
     first = update(c_next)
     change = _max_abs(jax.tree_util.tree_map(jnp.subtract, first, c_next))
-    _, c, _ = jax.lax.while_loop(cond, body, (jnp.array(1), first, change))
-    return c
+    _, c, change = jax.lax.while_loop(cond, body, (jnp.array(1), first, change))
+    ok = jnp.isfinite(change) & (change <= CONVERGED_EPS / 2.0 * tol)
+    return c, ok
 
 
 def _is_cotangent(x) -> bool:
@@ -167,10 +177,14 @@ def reconstructed_scan(
         xs_dyn, xs_static = eqx.partition(xs, eqx.is_inexact_array)
 
         def back(acc, inp):
-            carry_next, lam, g = acc
+            carry_next, lam, g, bad = acc
             sig, now, x_dyn, x_static, ct_out, t = inp
-            carry = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, now)
-            carry = _anchored(carry, anchors, t, every)
+            carry, ok = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, now)
+            bad = bad | ~ok
+            if every:
+                true = jax.tree_util.tree_map(lambda a: a[t // every], anchors)
+                bad = bad | ((t % every == 0) & ~(_drift(carry, true) <= DRIFT_LIMIT))
+                carry = _select(t % every == 0, true, carry)
 
             def f(pd, carry, x_dyn):
                 q = eqx.combine(pd, p_static)
@@ -181,12 +195,16 @@ def reconstructed_scan(
             _, vjp = jax.vjp(f, pd, carry, x_dyn)
             g_p, lam_prev, g_x = vjp((lam, ct_out))
             g = jax.tree_util.tree_map(jnp.add, g, g_p)
-            return (carry, lam_prev, g), g_x
+            return (carry, lam_prev, g, bad), g_x
 
         zero_g = jax.tree_util.tree_map(jnp.zeros_like, pd)
         ct_outs = eqx.filter(ct_outs, _is_cotangent)
         inputs = (sigs, stops, xs_dyn, xs_static, ct_outs, jnp.arange(T))
-        (_, lam0, g), g_xs = jax.lax.scan(back, (carry_T, ct_carry, zero_g), inputs, reverse=True)
+        init = (carry_T, ct_carry, zero_g, jnp.array(False))
+        (_, lam0, g, bad), g_xs = jax.lax.scan(back, init, inputs, reverse=True)
+        # a carry that could not be rebuilt makes the whole meta-gradient NaN: the outer
+        # loop then drops the episode as diverged instead of stepping along a wrong gradient
+        g, lam0 = jax.tree_util.tree_map(lambda a: jnp.where(bad, jnp.nan, a), (g, lam0))
         return g, lam0, eqx.combine(g_xs, jax.tree_util.tree_map(lambda _: None, xs_static))
 
     run.defvjp(run_fwd, run_bwd)
@@ -194,48 +212,47 @@ def reconstructed_scan(
 
 
 def _rebuild(advance: Callable, carry_next, sig, now):
-    """The carry before a step: the same carry where the guard stopped the step."""
-    return _select(now, carry_next, _invert(advance, carry_next, sig))
+    """``(carry, ok)``: the carry before a step (the same carry where the guard stopped the
+    step) and whether it could be rebuilt."""
+    carry, ok = _invert(advance, carry_next, sig)
+    return _select(now, carry_next, carry), ok | now
 
 
-def _anchored(carry, anchors, t, every: int):
-    """The stored anchor in place of the rebuilt carry before step ``t`` where there is one."""
-    if not every:
-        return carry
-    stored = jax.tree_util.tree_map(lambda a: a[t // every], anchors)
-    return _select(t % every == 0, stored, carry)
+def _drift(carry, true):
+    tiny = jnp.finfo(jnp.float32).tiny
+    diff = _max_abs(jax.tree_util.tree_map(jnp.subtract, carry, true))
+    return diff / jnp.maximum(_max_abs(true), tiny)
 
 
 def reconstruction_drift(signals, advance, stop, params, carry0, xs, every: int = 0):
     """How far the carries rebuilt backwards drift from the true ones: the largest
     ``|rebuilt c_t - c_t|`` over the carry's entries at the steps where the true carry is
     known (``t = 0``, and every anchor with ``every > 0``), relative to ``max |c_t|``
-    (arguments as :func:`reconstructed_scan`). Rounding alone gives about ``sqrt(every)``
-    float epsilons; a rule whose steps the fixed-point iteration cannot invert stably (a
-    strongly contracting term such as Oja's with a large rate, whose inverse expands)
-    shows as a drift of order one or more, or NaN."""
+    (arguments as :func:`reconstructed_scan`); ``inf`` when a step could not be inverted at
+    all. Rounding alone gives about ``sqrt(every)`` float epsilons. Terms that contract the
+    weights (Oja's ``-eta y y^T W``) have inverses that expand them, so errors grow
+    exponentially over the steps between anchors. The backward pass of
+    :func:`reconstructed_scan` makes the meta-gradient NaN where this exceeds
+    :data:`DRIFT_LIMIT` at an anchor or a step is not inverted."""
     p_dyn, p_static = eqx.partition(params, eqx.is_inexact_array)
     p = eqx.combine(p_dyn, p_static)
     scan_fwd = _forward(signals, advance, stop, p_static, every)
     (carry_T, _), (_, sigs, stops), anchors = scan_fwd(p_dyn, carry0, xs)
     T = stops.shape[0]
-    tiny = jnp.finfo(jnp.float32).tiny
 
     def back(state, inp):
         carry_next, worst = state
         sig, now, t = inp
-        carry = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, now)
+        carry, ok = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, now)
+        worst = jnp.where(ok, worst, jnp.inf)
         if every:
             true = jax.tree_util.tree_map(lambda a: a[t // every], anchors)
-            rel = _max_abs(jax.tree_util.tree_map(jnp.subtract, carry, true))
-            rel = rel / jnp.maximum(_max_abs(true), tiny)
-            worst = jnp.where(t % every == 0, jnp.maximum(worst, rel), worst)
-            worst = jnp.where(jnp.isnan(rel), rel, worst)
-        return (_anchored(carry, anchors, t, every), worst), None
+            at = t % every == 0
+            worst = jnp.where(at, jnp.maximum(worst, _drift(carry, true)), worst)
+            carry = _select(at, true, carry)
+        return (carry, worst), None
 
     (rebuilt, worst), _ = jax.lax.scan(
         back, (carry_T, jnp.zeros(())), (sigs, stops, jnp.arange(T)), reverse=True
     )
-    rel0 = _max_abs(jax.tree_util.tree_map(jnp.subtract, rebuilt, carry0))
-    rel0 = rel0 / jnp.maximum(_max_abs(carry0), tiny)
-    return worst if every else rel0
+    return worst if every else jnp.maximum(worst, _drift(rebuilt, carry0))

@@ -631,9 +631,9 @@ def distill(run_dir, episodes, samples, method, alpha, check_episodes, trust_use
 )
 @click.option(
     "--modes",
-    default="auto,forward,reverse,checkpoint",
+    default="auto,forward,reverse,checkpoint,reconstruct",
     help="Gradient modes to time and measure (comma-separated: auto, forward, reverse, "
-    "checkpoint).",
+    "checkpoint, reconstruct).",
 )
 @click.option(
     "--vmap-width",
