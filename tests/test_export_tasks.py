@@ -136,3 +136,38 @@ def test_meta_test_images_never_in_meta_train(pools):
     for x in np.asarray(ep.query_x):
         r = np.flatnonzero((x_all == x).all(1))
         assert not set(r.tolist()) <= tr_rows
+
+
+def test_rule_files_are_written_and_read_back(tmp_path):
+    from metaplastic.export._export import format_rule, read_rule_file, write_rule_files
+
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.5, 0.25])
+    data = write_rule_files(tmp_path, rule, 0.0)
+    text = (tmp_path / "rule.json").read_text()
+    assert text.endswith("}\n") and text.splitlines()[1].startswith('  "')
+    assert not text.splitlines()[1].startswith('   ')  # indented by 2
+    assert (tmp_path / "rule.tex").read_text() == data["latex"] + "\n"
+    back = read_rule_file(tmp_path)
+    assert back.coefficients() == rule.coefficients()
+    js = format_rule(rule, "json", 0.0)
+    assert js.splitlines()[1].startswith('  "') and not js.splitlines()[1].startswith("   ")
+
+
+def test_rule_expression_keeps_every_coefficient_by_default_and_prunes_at_the_threshold():
+    from metaplastic.export._export import pruned_terms, rule_expression
+
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.5, 0.25])
+    assert rule_expression(rule) != 0 and len(rule_expression(rule).free_symbols) >= 3
+    assert pruned_terms(rule, 0.25) == ["oja"]  # at the threshold: pruned
+    assert pruned_terms(rule, 0.2) == []
+
+
+def test_rule_files_with_format_version_zero_are_refused():
+    from metaplastic.export._export import rule_from_json, rule_to_json
+
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [0.5])
+    data = rule_to_json(rule, 0.0)
+    assert rule_from_json(dict(data, format_version=1)).coefficients() == rule.coefficients()
+    for bad in (0, -1, True, "2"):
+        with pytest.raises(MetaplasticError, match="format_version"):
+            rule_from_json(dict(data, format_version=bad))

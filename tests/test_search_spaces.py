@@ -148,6 +148,7 @@ def test_python_export_of_a_per_layer_rule_has_one_function_per_layer():
 def test_mlp_sympy_form_with_two_hidden_layers_and_biases():
     rng = np.random.default_rng(1)
     rule = MLPRule.init((3, 2), 0.3, seed=2)
+    assert rule.hidden == (3, 2)
     biases = tuple(jnp.asarray(rng.normal(size=b.shape), jnp.float32) for b in rule.biases)
     last = jnp.asarray(rng.normal(size=(2, 1)), jnp.float32)
     pg = jnp.asarray(0.2, jnp.float32)  # the pseudo-gradient part is in the equation too
