@@ -145,7 +145,7 @@ def test_rule_files_are_written_and_read_back(tmp_path):
     data = write_rule_files(tmp_path, rule, 0.0)
     text = (tmp_path / "rule.json").read_text()
     assert text.endswith("}\n") and text.splitlines()[1].startswith('  "')
-    assert not text.splitlines()[1].startswith('   ')  # indented by 2
+    assert not text.splitlines()[1].startswith("   ")  # indented by 2
     assert (tmp_path / "rule.tex").read_text() == data["latex"] + "\n"
     back = read_rule_file(tmp_path)
     assert back.coefficients() == rule.coefficients()
@@ -171,3 +171,65 @@ def test_rule_files_with_format_version_zero_are_refused():
     for bad in (0, -1, True, "2"):
         with pytest.raises(MetaplasticError, match="format_version"):
             rule_from_json(dict(data, format_version=bad))
+
+
+def _chain_rule_and_score():
+    """Four coefficients a < b < c < d: d can always go, c only once d is gone, b only once
+    c is gone, a only once b is gone (so each sweep removes one more)."""
+    rule = TermPoolRule.from_names(
+        ["pseudo_gradient", "error_hebbian", "oja", "hebbian"], [0.1, 0.2, 0.3, 0.4]
+    )
+
+    def score(r):
+        a, b, c, d = (float(v) != 0.0 for v in np.asarray(r.theta).reshape(-1))
+        cost = 0.5 * ((not a and b) + (not b and c) + (not c and d))
+        return 1.0 - cost
+
+    return rule, score
+
+
+def test_prune_by_effect_sweeps_until_nothing_more_goes():
+    from metaplastic.export._export import prune_by_effect
+
+    rule, score = _chain_rule_and_score()
+    pruned, report = prune_by_effect(rule, score, 0.01)  # at most 3 sweeps by default
+    assert report[0] == {"pass": 0, "coefficient": "(none)", "score": 1.0, "pruned": False}
+    gone = [(e["pass"], e["coefficient"]) for e in report[1:] if e["pruned"]]
+    assert gone == [(1, "hebbian"), (2, "oja"), (3, "error_hebbian")]
+    assert np.asarray(pruned.theta).reshape(-1).tolist() == pytest.approx([0.1, 0, 0, 0])
+    tried = {e["coefficient"] for e in report[1:]}
+    assert tried == {"pseudo_gradient", "error_hebbian", "oja", "hebbian"}
+    _, report = prune_by_effect(rule, score, 0.01, max_passes=4)
+    assert [e["coefficient"] for e in report[1:] if e["pruned"]][-1] == "pseudo_gradient"
+    _, report = prune_by_effect(rule, score, 0.01, max_passes=2)
+    assert max(e["pass"] for e in report[1:]) == 2
+
+
+def test_prune_by_effect_keeps_a_coefficient_whose_cost_equals_the_tolerance():
+    from metaplastic.export._export import prune_by_effect
+
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.5, 0.0])  # oja is off
+
+    def score(r):
+        return 1.0 - 0.25 * (float(np.asarray(r.theta).reshape(-1)[0]) == 0.0)
+
+    pruned, report = prune_by_effect(rule, score, 0.25)
+    assert [e["coefficient"] for e in report[1:]] == ["pseudo_gradient"]  # zeros not tried
+    assert not report[1]["pruned"] and float(np.asarray(pruned.theta).reshape(-1)[0]) == 0.5
+
+
+def test_prune_by_effect_on_a_rule_without_a_mask():
+    """Equation rules have no mask: every coefficient is a candidate."""
+    from metaplastic.export._export import coefficient_getter, prune_by_effect
+    from metaplastic.rules import EquationRule
+
+    rule = EquationRule.from_text("-0.05*e*x.T + 0.01*(y*x.T - y*y.T*W)")
+    get = coefficient_getter(rule)
+
+    def score(r):
+        return 1.0 - 0.5 * (float(np.asarray(get(r))[0]) == 0.0)
+
+    pruned, report = prune_by_effect(rule, score, 0.1)
+    # smallest first; a second sweep, since the first removed something
+    assert [(e["pass"], e["pruned"]) for e in report[1:]] == [(1, True), (1, False), (2, False)]
+    np.testing.assert_allclose(np.asarray(get(pruned)), [-0.05, 0.0])
