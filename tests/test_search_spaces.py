@@ -625,3 +625,10 @@ def test_pca_task_eigenvector_loss_alignment_and_scores():
     assert float(res.query_accuracy) == pytest.approx(abs(w @ v) / np.linalg.norm(w), rel=1e-5)
     assert float(task.score(res)) == pytest.approx(1.0 - float(res.query_loss))
     assert float(task.diverged_score()) == 0.0
+
+
+def test_taylor_coefficients_per_layer():
+    rule = TaylorRule.from_monomials(["1001", "1100"], [-0.05, 0.01], n_layers=3)
+    assert rule.theta.shape == (3, 81)
+    np.testing.assert_array_equal(rule.theta[0], rule.theta[2])
+    assert float(jnp.sum(rule.theta[1])) == pytest.approx(-0.04)

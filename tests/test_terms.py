@@ -227,3 +227,31 @@ def test_a_term_is_stateful_exactly_when_it_reads_the_neuron_state(name):
     assert TERMS[name].stateful == reads
     assert TermPoolRule.from_names([name]).uses_state() == reads
     assert not TermPoolRule.from_names([name], mask=[False]).uses_state()
+
+
+def test_pool_bias_is_the_weighted_sum_of_the_term_biases():
+    s = random_signals(3)
+    np.testing.assert_allclose(TERMS["pseudo_gradient"]().bias(s), -s.e)
+    names, theta = ["pseudo_gradient", "oja", "hebbian"], [0.3, 0.2, 0.5]
+    rule = TermPoolRule.from_names(names, theta)
+    want = sum(t * np.asarray(TERMS[n]().bias(s)) for n, t in zip(names, theta, strict=True))
+    np.testing.assert_allclose(rule.bias(0, s), want, rtol=1e-6)
+    np.testing.assert_allclose(
+        TermPoolRule.from_names(["pseudo_gradient"], [0.3]).bias(0, s), -0.3 * s.e, rtol=1e-6
+    )
+
+
+def test_rule_kinds_register_once_under_a_non_empty_name():
+    from metaplastic.rules._rules import RULE_KINDS, register_rule_kind
+
+    class NoKind(TermPoolRule):
+        kind = ""
+
+    class Clash(TermPoolRule):
+        kind = "term_pool"
+
+    with pytest.raises(TypeError, match="kind"):
+        register_rule_kind(NoKind)
+    with pytest.raises(ValueError, match="already registered"):
+        register_rule_kind(Clash)
+    assert register_rule_kind(RULE_KINDS["term_pool"]) is RULE_KINDS["term_pool"]
