@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from metaplastic.inner._episode import Carry, online_step, query_metrics, run_episode
 from metaplastic.inner._feedback import backward, init_feedback
@@ -261,3 +262,18 @@ def test_query_metrics_temperature_and_the_probability_error_objective(key):
     np.testing.assert_allclose(loss, -jnp.mean(jnp.log(p2)), rtol=1e-5)
     loss, _ = query_metrics(net, state, qx, qy, "prob_error", 2.0)
     np.testing.assert_allclose(loss, 1.0 - jnp.mean(p2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "softplus"])
+def test_activation_derivatives_from_the_output(activation):
+    """``g'(z)`` from ``h = g(z)`` against autodiff, including relu's dead units (h = 0:
+    derivative 0) and outputs between 0 and 1."""
+    from metaplastic.inner._network import _act
+
+    net = Network((3, 9, 2), activation=activation, beta=2.0)
+    z = jnp.array([-2.0, -0.5, -1e-3, 0.0, 1e-3, 0.3, 0.9, 1.5, 3.0])
+    h = _act(activation, 2.0, z)
+    want = jax.vmap(jax.grad(lambda v: _act(activation, 2.0, v)))(z)
+    if activation == "relu":
+        want = jnp.where(z > 0, 1.0, 0.0)  # autodiff's value at exactly 0 is a convention
+    np.testing.assert_allclose(net.act_deriv_from_output(h), want, rtol=1e-4, atol=1e-5)

@@ -442,3 +442,14 @@ def test_inhibitory_plasticity_is_one_clamped_gradient_step_of_the_local_loss():
     for name in ("W_IX", "W_EI", "B_IX"):
         want = jnp.maximum(getattr(state.extra[0], name) - 0.01 * getattr(g, name), 0.0)
         np.testing.assert_allclose(getattr(new.extra[0], name), want, rtol=1e-5, atol=1e-8)
+
+
+def test_dale_clamp_zeroes_only_negative_weights():
+    from metaplastic.inner._network import EINetwork, NetState
+
+    st = NetState(
+        W=(jnp.array([[-1.0, 0.5]]),), b=(jnp.array([-2.0]),), extra=(jnp.array([-0.1, 0.25]),)
+    )
+    out = EINetwork.clamp(st)
+    assert out.W[0].tolist() == [[0.0, 0.5]] and out.b[0].tolist() == [-2.0]
+    np.testing.assert_array_equal(out.extra[0], [0.0, 0.25])
