@@ -241,6 +241,8 @@ def test_first_generation_searches_at_sigma(name):
     members, _ = strategy.ask(jax.random.key(1), state, params)
     spread = float(jnp.std(jnp.concatenate([members["a"], members["b"]], axis=1)))
     assert 0.3 * sigma < spread < 3.0 * sigma
+    if name.startswith("iAMaLGaM"):  # C = sigma^2 I plus std^2: about 1.4 sigma
+        assert 1.2 * sigma < spread < 2.2 * sigma
 
 
 def test_lm_ma_es_population_is_bounded_by_the_coefficients():
@@ -346,3 +348,15 @@ def test_strategy_and_trainer_defaults_are_the_documented_ones(small_problem):
     assert a[1] == b[1]
     state = tr.init(rule, jax.random.key(0))
     assert int(state.skipped) == 0 and int(state.step) == 0
+
+
+def test_es_settings_at_their_bounds():
+    import dataclasses
+
+    from metaplastic.run._config import TrainConfig
+
+    t = TrainConfig()
+    EvolutionTrainer.check_config(dataclasses.replace(t, population=2))
+    for bad in ({"population": 1}, {"sigma": 0.0}, {"sigma_decay": 0.0}):
+        with pytest.raises(MetaplasticError):
+            EvolutionTrainer.check_config(dataclasses.replace(t, **bad))

@@ -327,7 +327,6 @@ def test_from_config_clips_stopped_episodes_only_with_the_weight_guard(small_pro
 def test_trainer_settings_at_their_bounds(small_problem):
     import dataclasses
 
-    from metaplastic.outer._evolution import EvolutionTrainer
     from metaplastic.run._config import TrainConfig
 
     rule = TermPoolRule.from_names(POOL_TERMS, [0.05, 0.0, 0.0])
@@ -344,7 +343,3 @@ def test_trainer_settings_at_their_bounds(small_problem):
     GradientTrainer.check_config(dataclasses.replace(t, outer="open_es", prune_refit=0))
     with pytest.raises(MetaplasticError, match="prune_refit"):
         GradientTrainer.check_config(dataclasses.replace(t, outer="open_es", prune_refit=1))
-    EvolutionTrainer.check_config(dataclasses.replace(t, population=2))
-    for bad in ({"population": 1}, {"sigma": 0.0}, {"sigma_decay": 0.0}):
-        with pytest.raises(MetaplasticError):
-            EvolutionTrainer.check_config(dataclasses.replace(t, **bad))
