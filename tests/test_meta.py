@@ -48,6 +48,8 @@ def test_forward_equals_reverse(small_problem, shared):
     gr, ar = _trainer(small_problem, rule, "reverse", l1=1e-3).loss_and_grad(params, keys)
     np.testing.assert_allclose(gf.theta, gr.theta, rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(af["loss"], ar["loss"], rtol=1e-6)
+    pen = 1e-3 * float(rule.l1())  # the reported loss includes the L1 penalty
+    np.testing.assert_allclose(af["loss"], float(af["query_loss"]) + pen, rtol=1e-6)
     if shared:  # reverse mode through sqrt(T) checkpointed segments: the same gradient
         tc = _trainer(small_problem, rule, "checkpoint", l1=1e-3)
         assert tc.problem.remat == -1 and not small_problem.remat
@@ -229,9 +231,10 @@ class _NaNGradientProblem(eqx.Module):
     def episode(self, rule, key):
         from types import SimpleNamespace
 
-        k = jax.random.key_data(key)[-1].astype(jnp.float32)
+        kd = jax.random.key_data(key)[-1]
+        k = kd.astype(jnp.float32)
         th = rule.theta
-        bad = jnp.mod(k, 2.0) == 1.0
+        bad = kd % 2 == 1  # on the integer: float32 rounds large k to even numbers
         good = 1.0 - bad.astype(jnp.float32)  # sqrt(|0| + 0): value 0, derivative 0 * inf
         loss = (th[0] - k) ** 2 + jnp.sqrt(jnp.abs(th[1] - th[1]) + good) - good
         return SimpleNamespace(query_loss=loss, query_accuracy=1.0 - bad, diverged=k == 4.0)
@@ -343,3 +346,28 @@ def test_trainer_settings_at_their_bounds(small_problem):
     GradientTrainer.check_config(dataclasses.replace(t, outer="open_es", prune_refit=0))
     with pytest.raises(MetaplasticError, match="prune_refit"):
         GradientTrainer.check_config(dataclasses.replace(t, outer="open_es", prune_refit=1))
+
+
+def test_a_step_is_bad_when_more_than_max_diverged_of_the_episodes_drop():
+    """max_diverged = 0.25 of 4 episodes: one dropped episode is tolerated, two are not
+    (unless max_diverged = 0.5)."""
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.5, 0.0, 0.0])
+
+    def n_odd(seed):  # the episode keys GradientTrainer.step draws from this start key
+        _, sub = jax.random.split(jax.random.key(seed))
+        return int(jnp.sum(jax.random.key_data(jax.random.split(sub, 4))[:, -1] % 2))
+
+    one = next(s for s in range(200) if n_odd(s) == 1)
+    two = next(s for s in range(200) if n_odd(s) == 2)
+
+    def step(seed, **kw):
+        tr = GradientTrainer(
+            _NaNGradientProblem(), rule, make_optimizer("sgd", 0.1), meta_batch=4, **kw
+        )
+        return tr.step(tr.init(rule, jax.random.key(seed)))[1]
+
+    aux = step(one)
+    assert int(aux["dropped"]) == 1 and bool(aux["step_ok"])
+    aux = step(two)
+    assert int(aux["dropped"]) == 2 and not bool(aux["step_ok"])
+    assert bool(step(two, max_diverged=0.5)["step_ok"])
