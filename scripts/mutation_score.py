@@ -99,6 +99,7 @@ CORE_TESTS: dict[str, list[str]] = {
         "tests/test_weight_guard.py",
         "tests/test_inner.py",
         "tests/test_exact_updates.py",
+        "tests/test_reconstruct.py",
     ],
     "metaplastic/inner/_reconstruct.py": ["tests/test_reconstruct.py"],
     "metaplastic/inner/_feedback.py": [
@@ -123,6 +124,7 @@ CORE_TESTS: dict[str, list[str]] = {
         "tests/test_units.py",
         "tests/test_meta.py",
         "tests/test_exact_updates.py",
+        "tests/test_reconstruct.py",
     ],
     "metaplastic/outer/_units.py": ["tests/test_units.py"],
     "metaplastic/outer/_evolution.py": ["tests/test_evolution.py", "tests/test_exact_updates.py"],

@@ -360,3 +360,14 @@ def test_es_settings_at_their_bounds():
     for bad in ({"population": 1}, {"sigma": 0.0}, {"sigma_decay": 0.0}):
         with pytest.raises(MetaplasticError):
             EvolutionTrainer.check_config(dataclasses.replace(t, **bad))
+
+
+def test_random_search_draws_around_the_rule():
+    from metaplastic.outer._evolution import strategy_init
+
+    sol = jnp.full(3, 2.0)
+    strategy, params = make_strategy("RandomSearch", sol, 256, 0.1)
+    state = strategy_init(strategy, jax.random.key(0), sol, params, 0.1)
+    members, _ = strategy.ask(jax.random.key(1), state, params)
+    assert abs(float(jnp.mean(members)) - 2.0) < 0.03
+    assert 0.08 < float(jnp.std(members)) < 0.12

@@ -371,3 +371,12 @@ def test_a_step_is_bad_when_more_than_max_diverged_of_the_episodes_drop():
     aux = step(two)
     assert int(aux["dropped"]) == 2 and not bool(aux["step_ok"])
     assert bool(step(two, max_diverged=0.5)["step_ok"])
+
+
+def test_bound_gradient_of_an_empty_tree_rescales_nothing():
+    from metaplastic.outer._gradient import bound_gradient
+
+    grads, rescaled = bound_gradient({}, 1.0)
+    assert grads == {} and not bool(rescaled)
+    grads, rescaled = bound_gradient({"a": jnp.array([4.0, -8.0])}, 2.0)
+    assert bool(rescaled) and grads["a"].tolist() == [1.0, -2.0]
