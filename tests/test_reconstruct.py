@@ -145,3 +145,66 @@ def test_reconstruct_memory_does_not_grow_with_the_unroll(pools):
         return f.lower(params).compile().memory_analysis().temp_size_in_bytes
 
     assert scratch("reconstruct:0", 16) < 0.25 * scratch(False, 16)
+
+
+def test_fixed_point_inversion_converges_or_says_it_did_not():
+    """``c_next = c + D(c)`` with ``D(c) = -r c + a``: the iteration contracts at rate
+    ``r``; it converges for ``r < 1`` whatever the carry's scale, and reports failure for
+    ``r > 1`` (where it diverges although the step is invertible)."""
+    from metaplastic.inner._reconstruct import _invert
+
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1.0, 1e3):
+        c = jnp.asarray(rng.normal(size=50) * scale, jnp.float32)
+        a = jnp.asarray(rng.normal(size=50) * scale, jnp.float32)
+        for r, ok_want in ((0.0, True), (0.3, True), (1.5, False)):
+
+            def advance(x, sig, r=r):
+                return x - r * x + sig
+
+            back, ok = _invert(advance, advance(c, a), a)
+            assert bool(ok) == ok_want, (scale, r)
+            if ok_want:
+                np.testing.assert_allclose(back, c, rtol=1e-5, atol=1e-6)  # tol floor: 1
+
+
+def test_reconstructed_scan_gradients_match_a_plain_scan():
+    """A toy scan with a float and an integer output per step and a float input stream:
+    gradients with respect to the parameters, the start carry and the inputs are those of
+    ``lax.scan``, and the integer output passes through."""
+    from metaplastic.inner._reconstruct import reconstructed_scan
+
+    def signals(p, c, inp):
+        x, t = inp
+        y = jnp.tanh(c @ x)
+        return (x, y), (jnp.sum(y * y), t * 2)
+
+    def advance(p, c, sig):
+        x, y = sig
+        return c + p["a"] * jnp.outer(y, x).sum(0)[: c.shape[0]] - p["b"] * c
+
+    def stop(p, old, new):
+        return jnp.array(False)
+
+    rng = np.random.default_rng(1)
+    p = {"a": jnp.float32(0.1), "b": jnp.float32(0.05)}
+    c0 = jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)
+    xs = (jnp.asarray(rng.normal(size=(12, 4)), jnp.float32), jnp.arange(12))
+
+    def plain(p, c0, xf):
+        def body(c, inp):
+            sig, out = signals(p, c, inp)
+            return advance(p, c, sig), out
+
+        cT, (o, ti) = jax.lax.scan(body, c0, (xf, xs[1]))
+        return jnp.sum(cT**2) + jnp.sum(o), ti
+
+    def rebuilt(p, c0, xf):
+        (cT, _), (o, ti) = reconstructed_scan(signals, advance, stop, p, c0, (xf, xs[1]), 5)
+        return jnp.sum(cT**2) + jnp.sum(o), ti
+
+    want, ti_want = jax.grad(plain, argnums=(0, 1, 2), has_aux=True)(p, c0, xs[0])
+    got, ti_got = jax.grad(rebuilt, argnums=(0, 1, 2), has_aux=True)(p, c0, xs[0])
+    np.testing.assert_array_equal(ti_got, ti_want)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-5)

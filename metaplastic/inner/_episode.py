@@ -233,11 +233,11 @@ def scan_episode(
     episode, and the stacked per-step ``out`` (``(out, recorded)`` with ``record``).
     """
     limits = weight_limits(carry0.net, weight_limit)
+    T = jax.tree_util.tree_leaves(stream)[0].shape[0]
     if isinstance(remat, str):
-        every = anchor_spacing(remat, jax.tree_util.tree_leaves(stream)[0].shape[0])
         parts = _reconstruct_parts(rule, net, feedback, signals, limits, record)
-        T = jax.tree_util.tree_leaves(stream)[0].shape[0]
-        (carry, stopped), outs = reconstructed_scan(*parts, carry0, (stream, jnp.arange(T)), every)
+        xs = (stream, jnp.arange(T))
+        (carry, stopped), outs = reconstructed_scan(*parts, carry0, xs, anchor_spacing(remat, T))
         return carry, stopped, outs
 
     def body(state, inp):
@@ -249,7 +249,6 @@ def scan_episode(
             out = (out, record(carry, pres, posts, errs, t))
         return guard(carry, new, stopped, limits), out
 
-    T = jax.tree_util.tree_leaves(stream)[0].shape[0]
     (carry, stopped), outs = checkpointed_scan(
         body, (carry0, jnp.array(False)), (stream, jnp.arange(T)), segment_length(remat, T)
     )
@@ -272,9 +271,7 @@ def _reconstruct_parts(rule, net, feedback, signals, limits, record):
     def advance(params, carry, sig):
         return apply_rule(params[0], carry, *sig, feedback, net)
 
-    def stop(params, old, new):
-        if params[1] is None:
-            return jnp.array(False)
+    def stop(params, old, new):  # never, without limits
         return guard(old, new, jnp.array(False), params[1])[1]
 
     return sig_out, advance, stop, (rule, limits)
