@@ -629,7 +629,7 @@ def run_mutant(m: Mutant, tests, seconds, scratch, cache_dir, factor, floor) -> 
         status = "timeout"
     elif rc == 0:
         status = "survived"
-    elif rc in (1, 2) or rc < 0 or "ERROR collecting" in out:
+    elif rc in (1, 2) or rc < 0 or "ERROR collecting" in out or "while loading conftest" in out:
         status = "killed"  # failures, errors at import or collection, crashes
     else:  # 3 internal error, 4 usage error, 5 no tests: a problem of this script
         status = "error"
@@ -917,7 +917,7 @@ def main(argv=None) -> int:
                     continue
                 old_rec = done_before.get(x.id)
                 if old_rec and old_rec.get("mutated") == x.mutated:
-                    if old_rec["status"] in ("killed", "timeout", "error"):
+                    if old_rec["status"] in ("killed", "timeout"):  # errors: run again
                         results[x.id] = {
                             k: v for k, v in old_rec.items() if k not in ("id", "mutated")
                         } | {"resumed": True}
