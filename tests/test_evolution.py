@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -371,3 +372,27 @@ def test_random_search_draws_around_the_rule():
     members, _ = strategy.ask(jax.random.key(1), state, params)
     assert abs(float(jnp.mean(members)) - 2.0) < 0.03
     assert 0.08 < float(jnp.std(members)) < 0.12
+
+
+class _NaNAboveOne(eqx.Module):
+    """A stand-in problem: meta-loss ``(theta_0 - 0.3)^2``, NaN where ``theta_0 > 1``."""
+
+    def meta_loss(self, rule, keys, l1):
+        th = rule.theta[0]
+        loss = jnp.where(th > 1.0, jnp.nan, (th - 0.3) ** 2)
+        aux = {"loss": loss, "query_loss": loss, "query_accuracy": 1.0 - loss}
+        return loss, dict(aux, diverged=jnp.isnan(loss).astype(jnp.int32))
+
+
+def test_a_generation_in_which_every_member_blows_up_is_skipped_and_reported():
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [5.0])
+    tr = EvolutionTrainer(
+        _NaNAboveOne(), rule, "open_es", population=4, sigma=0.01, meta_batch=1, objective="loss"
+    )
+    state, aux = tr.step(tr.init(rule, jax.random.key(0)))
+    assert int(state.skipped) == 1 and int(state.diverged_members) == 4
+    assert int(aux["diverged"]) == 4 and not bool(aux["grad_finite"])
+    assert float(aux["mean_fitness"]) == 0.0  # no finite member: nothing to average
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [0.3])
+    state, aux = tr.step(tr.init(rule, jax.random.key(0)))
+    assert int(state.skipped) == 0 and bool(aux["grad_finite"])

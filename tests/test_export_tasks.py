@@ -233,3 +233,54 @@ def test_prune_by_effect_on_a_rule_without_a_mask():
     # smallest first; a second sweep, since the first removed something
     assert [(e["pass"], e["pruned"]) for e in report[1:]] == [(1, True), (1, False), (2, False)]
     np.testing.assert_allclose(np.asarray(get(pruned)), [-0.05, 0.0])
+
+
+def test_prune_by_effect_refits_the_rest_when_a_coefficient_alone_costs_too_much():
+    """Score 1 - 10 |a + b - 0.75|: zeroing a alone costs 2.5, but refitting b to 0.75 brings
+    it back, so a goes with the refit kept; a final refit of what is left is reported."""
+    import equinox as eqx
+
+    from metaplastic.export._export import coefficient_getter, prune_by_effect
+
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.25, 0.5])
+    get = coefficient_getter(rule)
+
+    def score(r):
+        a, b = (float(v) for v in np.asarray(get(r)))
+        return 1.0 - 10.0 * abs(a + b - 0.75)
+
+    def refit(r, keep):
+        th = np.asarray(get(r), np.float32) * np.asarray(keep)
+        th[np.argmax(keep)] += 0.75 - th.sum()  # the first kept coefficient takes it all
+        return eqx.tree_at(get, r, jnp.asarray(th))
+
+    pruned, report = prune_by_effect(rule, score, 0.01, refit=refit)
+    first = report[1]
+    assert first["coefficient"] == "pseudo_gradient" and first["pruned"]
+    assert first["refit"] == {"oja": pytest.approx(0.75)}
+    np.testing.assert_allclose(np.asarray(get(pruned)), [0.0, 0.75], atol=1e-6)
+    final = report[-1]
+    assert final["pass"] == "final refit" and final["accepted"] and not final["pruned"]
+    assert final["refit"] == {"oja": pytest.approx(0.75)}
+    # with no tolerance at all nothing goes, not even when the refit scores exactly as well
+    kept, report = prune_by_effect(rule, score, 0.0, refit=refit)
+    assert not any(e["pruned"] for e in report) and np.all(np.asarray(get(kept)) != 0)
+
+
+def test_prune_by_effect_per_layer_taylor_rule():
+    """Per-layer coefficients with a mask over the 81 monomials: the live ones are tried
+    and labelled by name (layer, monomial)."""
+    from metaplastic.export._export import coefficient_getter, prune_by_effect
+    from metaplastic.rules import TaylorRule
+
+    rule = TaylorRule.from_monomials(["1001", "1100"], [-0.05, 0.01], n_layers=2)
+    get = coefficient_getter(rule)
+    names = list(rule.coefficients())
+
+    def score(r):
+        th = np.asarray(get(r))
+        return 1.0 - 0.5 * float(np.sum(th[:, np.flatnonzero(th[0])[:1]] == 0.0))
+
+    _, report = prune_by_effect(rule, score, 0.1)
+    tried = {e["coefficient"] for e in report[1:]}
+    assert len(tried) == 4 and tried <= set(names)

@@ -380,3 +380,14 @@ def test_bound_gradient_of_an_empty_tree_rescales_nothing():
     assert grads == {} and not bool(rescaled)
     grads, rescaled = bound_gradient({"a": jnp.array([4.0, -8.0])}, 2.0)
     assert bool(rescaled) and grads["a"].tolist() == [1.0, -2.0]
+
+
+def test_grad_limit_below_one_rescales_the_meta_gradient():
+    """``train.grad_limit`` works at any positive value (here 0.5): the stand-in problem's
+    gradient ``2 (theta_0 - k)`` with keys ``k`` of order 1e9 is rescaled."""
+    rule = TermPoolRule.from_names(POOL_TERMS, [0.5, 0.0, 0.0])
+    tr = GradientTrainer(
+        _NaNGradientProblem(), rule, make_optimizer("sgd", 0.1), meta_batch=2, grad_limit=0.5
+    )
+    _, aux = tr.step(tr.init(rule, jax.random.key(3)))
+    assert bool(aux["grad_rescaled"])

@@ -208,3 +208,43 @@ def test_reconstructed_scan_gradients_match_a_plain_scan():
     np.testing.assert_array_equal(ti_got, ti_want)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-5)
+
+
+def _toy(r=0.5, scale=1.0, limit=None):
+    """A carry that the step contracts by ``1 - r`` (its inverse expands by ``1 / (1 - r)``),
+    driven by the inputs; with ``limit`` the guard stops once ``max |c|`` exceeds it."""
+
+    def signals(p, c, inp):
+        return inp[0], jnp.sum(c)
+
+    def advance(p, c, x):
+        return c - p["r"] * c + scale * x
+
+    def stop(p, old, new):
+        return jnp.array(False) if limit is None else jnp.max(jnp.abs(new)) > limit
+
+    rng = np.random.default_rng(2)
+    c0 = jnp.asarray(rng.normal(size=6) * scale, jnp.float32)
+    xs = (jnp.asarray(rng.normal(size=(40, 6)), jnp.float32), jnp.arange(40))
+    return signals, advance, stop, {"r": jnp.float32(r)}, c0, xs
+
+
+def test_drift_of_a_toy_scan_with_and_without_anchors():
+    from metaplastic.inner._reconstruct import reconstruction_drift
+
+    parts = _toy(r=0.5, scale=1e3)
+    assert not reconstruction_drift(*parts) < 1e-2  # 2^40 amplification, no anchors
+    for every in (1, 2):  # compared at the anchors only, relative to the carry's size
+        assert reconstruction_drift(*parts, every) < 1e-5
+    assert reconstruction_drift(*_toy(r=0.0, scale=1e3)) < 1e-6
+
+
+def test_the_guard_stops_a_reconstructed_scan_for_good():
+    """Once the guard stops, the carry stays where it was, for the rest of the scan."""
+    from metaplastic.inner._reconstruct import reconstructed_scan
+
+    signals, advance, stop, p, c0, xs = _toy(r=-0.2, limit=5.0)  # grows until stopped
+    (cT, stopped), outs = reconstructed_scan(signals, advance, stop, p, c0, xs)
+    assert bool(stopped) and float(jnp.max(jnp.abs(cT))) <= 5.0
+    first = int(jnp.argmax(jnp.diff(outs) == 0))  # the carry no longer changes from here
+    assert first > 0 and np.all(np.diff(np.asarray(outs))[first:] == 0)
