@@ -396,3 +396,9 @@ def test_a_generation_in_which_every_member_blows_up_is_skipped_and_reported():
     rule = TermPoolRule.from_names(["pseudo_gradient"], [0.3])
     state, aux = tr.step(tr.init(rule, jax.random.key(0)))
     assert int(state.skipped) == 0 and bool(aux["grad_finite"])
+    # antithetic pairs around 1.0: half the members above 1 (NaN), half below (fitness
+    # about 0.7^2); the mean is over the finite ones
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [1.0])
+    state, aux = tr.step(tr.init(rule, jax.random.key(0)))
+    assert int(aux["diverged"]) == 2 and int(state.skipped) == 0
+    assert float(aux["mean_fitness"]) == pytest.approx(0.49, abs=0.03)

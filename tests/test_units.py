@@ -3,6 +3,7 @@ outer loop uses them."""
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,3 +248,28 @@ def test_units_are_the_weight_scale_over_each_coefficients_sensitivity():
     # no coefficient moves the weights at all: unit 1 (the raw coefficient)
     only_error = TermPoolRule.from_names(["pseudo_gradient"], [0.0])
     assert float(episode_units(problem, only_error, key).theta[0]) == 1.0
+
+
+class _HalfNaN(eqx.Module):
+    """A stand-in problem: final weights ``2 theta_0`` (three of them), NaN for odd keys."""
+
+    def episode(self, rule, key):
+        from types import SimpleNamespace
+
+        bad = jax.random.key_data(key)[-1] % 2 == 1
+        w = rule.theta[0] * jnp.where(bad, jnp.nan, 2.0) * jnp.ones(3)
+        return SimpleNamespace(state=SimpleNamespace(W=(w,)))
+
+
+def test_probe_episodes_that_blow_up_count_as_zero_change():
+    """Sensitivities and the weight scale average over every probe episode, a non-finite
+    one contributing zero (so it cannot make the units NaN or inflate them)."""
+    from metaplastic.outer._units import _sensitivities
+
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [0.5])
+    keys = jax.vmap(lambda k: jax.random.wrap_key_data(jnp.array([0, k], jnp.uint32)))(
+        jnp.array([2, 3], jnp.uint32)
+    )
+    sens, ref = _sensitivities(_HalfNaN(), rule, keys)
+    np.testing.assert_allclose(np.asarray(sens), [np.sqrt(4.0 / 2)], rtol=1e-6)
+    np.testing.assert_allclose(float(ref), np.sqrt(1.0 / 2), rtol=1e-6)
