@@ -104,6 +104,7 @@ def test_networks_that_change_their_weights_cannot_be_reconstructed(pools):
     assert tr.mode == "reconstruct" and tr.problem.remat == "reconstruct"
 
 
+@pytest.mark.slow
 def test_drift_monitor_and_anchors(pools):
     """Oja's ``-eta y y^T W`` contracts W along y, so its inverse expands: rebuilt over a
     whole episode, rounding errors grow exponentially (the drift monitor must show it);
@@ -237,6 +238,36 @@ def test_drift_of_a_toy_scan_with_and_without_anchors():
     for every in (1, 2):  # compared at the anchors only, relative to the carry's size
         assert reconstruction_drift(*parts, every) < 1e-5
     assert reconstruction_drift(*_toy(r=0.0, scale=1e3)) < 1e-6
+
+
+def test_steps_that_cannot_be_rebuilt_give_a_nan_meta_gradient():
+    """``r > 1``: the step is invertible, but the fixed-point iteration diverges; the
+    meta-gradient must then be NaN (the outer loop drops the episode), not wrong. With
+    ``r = 0.5`` it is finite and equals the plain scan's."""
+    from metaplastic.inner._reconstruct import reconstructed_scan, reconstruction_drift
+
+    def loss(r, scan, every=0):
+        signals, advance, stop, p, c0, xs = _toy(r=0.0)
+        xs = (xs[0][:3], xs[1][:3])  # 3 steps: a wrong rebuild stays finite
+        (cT, _), outs = scan(signals, advance, stop, {"r": r}, c0, xs, every)
+        return jnp.sum(cT**2) + jnp.sum(outs)
+
+    def plain(signals, advance, stop, p, c0, xs, every):
+        def body(c, inp):
+            sig, out = signals(p, c, inp)
+            return advance(p, c, sig), out
+
+        cT, outs = jax.lax.scan(body, c0, xs)
+        return (cT, jnp.array(False)), outs
+
+    for every in (0, 1):  # caught by the convergence check, and at the anchors
+        # r = 1.05: the iteration drifts away slowly and stays finite, so only the
+        # checks can tell (r = 1.5 overflows to NaN by itself)
+        assert np.isnan(float(jax.grad(loss)(jnp.float32(1.05), reconstructed_scan, every)))
+    assert reconstruction_drift(*_toy(r=1.5), 1) == np.inf
+    got = float(jax.grad(loss)(jnp.float32(0.5), reconstructed_scan, 1))
+    want = float(jax.grad(loss)(jnp.float32(0.5), plain))
+    assert got == pytest.approx(want, rel=1e-4)
 
 
 def test_the_guard_stops_a_reconstructed_scan_for_good():
