@@ -553,13 +553,13 @@ def _run(cmd, cwd: Path, env: dict, timeout: float | None):
     return rc, out, time.perf_counter() - t0
 
 
-def _tree_hash(*paths: Path) -> str:
+def _tree_hash(root: Path, *paths: Path) -> str:
     h = hashlib.sha256(f"v{BASELINE_VERSION}".encode())
     for base in paths:
         files = sorted(base.rglob("*.py")) if base.is_dir() else [base]
         for f in files:
             if "__pycache__" not in f.parts:
-                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -567,11 +567,14 @@ def baseline(test_file: str, scratch: Path, cache_dir: Path, core: list[str]) ->
     """Per test of ``test_file`` (unmutated): the core lines it executes and its seconds.
     Cached under ``cache_dir`` by the contents of the package, ``pyproject.toml``, the test
     file and the test modules it imports (``conftest`` always)."""
-    local = re.findall(r"^from \.(\w+) import", (ROOT / test_file).read_text(), re.M)
+    # hashed from the scratch copy the tests run in, not from the working tree (which may
+    # have changed since the copy was made)
+    local = re.findall(r"^from \.(\w+) import", (scratch / test_file).read_text(), re.M)
     deps = [
-        ROOT / "tests" / f"{name}.py" for name in ["__init__", "conftest", *local, test_file[6:-3]]
+        scratch / "tests" / f"{name}.py"
+        for name in ["__init__", "conftest", *local, test_file[6:-3]]
     ]
-    key = _tree_hash(ROOT / "metaplastic", ROOT / "pyproject.toml", *deps)
+    key = _tree_hash(scratch, scratch / "metaplastic", scratch / "pyproject.toml", *deps)
     path = cache_dir / "baseline" / f"{key}-{test_file.replace('/', '_')}.json"
     if path.exists():
         data = json.loads(path.read_text())
