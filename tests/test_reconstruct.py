@@ -279,3 +279,27 @@ def test_the_guard_stops_a_reconstructed_scan_for_good():
     assert bool(stopped) and float(jnp.max(jnp.abs(cT))) <= 5.0
     first = int(jnp.argmax(jnp.diff(outs) == 0))  # the carry no longer changes from here
     assert first > 0 and np.all(np.diff(np.asarray(outs))[first:] == 0)
+
+
+def test_drift_beyond_the_limit_at_an_anchor_gives_a_nan_meta_gradient():
+    """Each step converges, but over 20 steps the expanding inverse (2^20) takes the
+    rebuilt carry past DRIFT_LIMIT at the next anchor: NaN, not a wrong gradient; with
+    anchors every 2 steps the gradient is finite."""
+    from metaplastic.inner._reconstruct import reconstructed_scan
+
+    signals, advance, stop, _, c0, xs = _toy(r=0.5, scale=1e3)
+
+    def loss(r, every):
+        (cT, _), outs = reconstructed_scan(signals, advance, stop, {"r": r}, c0, xs, every)
+        return jnp.sum(cT**2) + jnp.sum(outs)
+
+    assert np.isnan(float(jax.grad(loss)(jnp.float32(0.5), 20)))
+    assert np.isfinite(float(jax.grad(loss)(jnp.float32(0.5), 2)))
+
+
+def test_episode_drift_of_a_rule_that_reads_no_weights(pools):
+    rule = TermPoolRule.from_names(["pseudo_gradient"], [0.05])
+    ep = ClassificationTask(3, 2, 2).sample(jax.random.key(1), pools[0])
+    net = Network((64, 5, 3))
+    drift = episode_reconstruction_drift(rule, net, "fa", jax.random.key(0), ep)
+    assert float(drift) < 1e-5
