@@ -22,9 +22,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from metaplastic.inner._episode import episode_reconstruction_drift, run_episode
-from metaplastic.rules._rules import TermPoolRule
-from metaplastic.run._bench import bench_trainer
+from metaplastic.inner import episode_reconstruction_drift, run_episode
+from metaplastic.rules import TermPoolRule
+from metaplastic.run import bench_trainer
 
 TERMS = ["pseudo_gradient", "error_hebbian", "oja"]
 #: no anchors, sqrt(T) = 16 steps between anchors (the default), 4, every step

@@ -2,7 +2,16 @@
 credit-assignment pathways and the online episode (one ``lax.scan`` over samples in which the
 rule changes the weights after every sample)."""
 
-from ._episode import OBJECTIVES, Episode, InnerResult, apply_rule, guard, online_step, run_episode
+from ._episode import (
+    OBJECTIVES,
+    Episode,
+    InnerResult,
+    apply_rule,
+    episode_reconstruction_drift,
+    guard,
+    online_step,
+    run_episode,
+)
 from ._feedback import (
     CREDIT_PATHWAYS,
     FEEDBACK_MODES,
@@ -32,6 +41,7 @@ from ._network import (
     register_network,
 )
 from ._normalised import NORMALISATIONS, NormalisedMLP, scaling_step
+from ._reconstruct import reconstructed_scan, reconstruction_drift
 
 __all__ = [
     "register_pathway",
@@ -68,4 +78,7 @@ __all__ = [
     "init_feedback",
     "online_step",
     "run_episode",
+    "episode_reconstruction_drift",
+    "reconstructed_scan",
+    "reconstruction_drift",
 ]
