@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .._errors import MetaplasticError
 from ..rules._rules import AbstractRule
 from ..rules._signals import LocalSignals, NeuronState
 from ._feedback import as_pathway
 from ._network import AbstractNetwork, NetState
-from ._reconstruct import reconstruct_unsupported, reconstructed_scan, reconstruction_drift
+from ._reconstruct import reconstructed_scan, reconstruction_drift, require_reconstructable
 
 
 class Episode(eqx.Module):
@@ -257,9 +256,7 @@ def scan_episode(
 
 def _reconstruct_parts(rule, net, feedback, signals, limits, record):
     """The step of :func:`scan_episode` split as :func:`reconstructed_scan` needs it."""
-    why = reconstruct_unsupported(net)
-    if why is not None:
-        raise MetaplasticError(f"train.gradient = 'reconstruct' cannot be used: {why}")
+    require_reconstructable(net)
 
     def sig_out(params, carry, inp):
         sample, t = inp

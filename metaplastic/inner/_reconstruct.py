@@ -22,7 +22,7 @@ measures it (the rebuilt ``c_0`` against the stored one). Where the increment is
 contraction (a rule whose ``dW`` grows faster than ``W``) the iteration does not converge
 and the drift shows it; networks that change their weights after the rule
 (:meth:`AbstractNetwork.after_update`, e.g. a clamp) cannot be inverted at all:
-:func:`reconstruct_unsupported` names why, and checkpointing is the fallback.
+:func:`require_reconstructable` refuses them, and checkpointing is the fallback.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._errors import MetaplasticError
 from ._network import AbstractNetwork
 
 #: fixed-point iterations per step at most (the iteration stops earlier once converged)
@@ -46,14 +47,14 @@ CONVERGED_EPS = 64.0
 DRIFT_LIMIT = 1e-3
 
 
-def reconstruct_unsupported(net: AbstractNetwork) -> str | None:
-    """Why an episode of ``net`` cannot be reconstructed backwards (``None`` if it can)."""
+def require_reconstructable(net: AbstractNetwork) -> None:
+    """Refuse, in one line, a network whose episodes cannot be rebuilt backwards."""
     if type(net).after_update is not AbstractNetwork.after_update:
-        return (
-            f"the network {type(net).__name__} changes its weights after the rule "
-            "(after_update), which cannot be undone step by step"
+        raise MetaplasticError(
+            f"train.gradient = 'reconstruct' cannot be used: the network {type(net).__name__} "
+            "changes its weights after the rule (after_update), which cannot be undone step "
+            "by step; use train.gradient = 'checkpoint'"
         )
-    return None
 
 
 def _max_abs(tree) -> jax.Array:
@@ -182,7 +183,7 @@ def reconstructed_scan(
             carry, ok = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, now)
             bad = bad | ~ok
             if every:
-                true = jax.tree_util.tree_map(lambda a: a[t // every], anchors)
+                true = _anchor(anchors, t, every)
                 bad = bad | ((t % every == 0) & ~(_drift(carry, true) <= DRIFT_LIMIT))
                 carry = _select(t % every == 0, true, carry)
 
@@ -218,6 +219,11 @@ def _rebuild(advance: Callable, carry_next, sig, now):
     return _select(now, carry_next, carry), ok | now
 
 
+def _anchor(anchors, t, every: int):
+    """The stored carry of the anchor at or before step ``t``."""
+    return jax.tree_util.tree_map(lambda a: a[t // every], anchors)
+
+
 def _drift(carry, true):
     tiny = jnp.finfo(jnp.float32).tiny
     diff = _max_abs(jax.tree_util.tree_map(jnp.subtract, carry, true))
@@ -246,7 +252,7 @@ def reconstruction_drift(signals, advance, stop, params, carry0, xs, every: int 
         carry, ok = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, now)
         worst = jnp.where(ok, worst, jnp.inf)
         if every:
-            true = jax.tree_util.tree_map(lambda a: a[t // every], anchors)
+            true = _anchor(anchors, t, every)
             at = t % every == 0
             worst = jnp.where(at, jnp.maximum(worst, _drift(carry, true)), worst)
             carry = _select(at, true, carry)

@@ -11,7 +11,7 @@ import optax
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
-from ..inner._reconstruct import reconstruct_unsupported
+from ..inner._reconstruct import require_reconstructable
 from ..rules._rules import AbstractRule
 from ..tasks._problem import Problem
 from ._sharding import AxisSharding
@@ -170,9 +170,7 @@ class GradientTrainer(AbstractTrainer):
         if mode == "checkpoint" and not problem.remat:  # reverse mode, sqrt(T) segments
             self.problem = dataclasses.replace(problem, remat=-1)
         if mode == "reconstruct":  # reverse mode, carries rebuilt backwards
-            why = reconstruct_unsupported(problem.net)
-            if why is not None:
-                raise MetaplasticError(f"train.gradient = 'reconstruct' cannot be used: {why}")
+            require_reconstructable(problem.net)  # one line now, not at the first step
             self.problem = dataclasses.replace(problem, remat="reconstruct")
         self.mode = mode
 
