@@ -14,6 +14,10 @@ output width. Every run is tested on the same 500 meta-test episodes per seed. O
 * ``ce_10``: query cross-entropy, 10 output units (the data set's class count)
 * ``prob_5``: 1 − mean probability of the right class (``train.objective = "prob_error"``)
 * ``ce_t3_5``: cross-entropy of logits / 3 (``train.query_temperature = 3``)
+* ``ce_5_guard``, ``prob_5_guard``, ``ce_t3_5_guard``: the same with the weight guard
+  (``train.weight_limit = 100``): an episode whose weights pass 100x their layer's largest
+  start value stops there, counts as diverged, and keeps a finite meta-gradient that points
+  away from the blow-up (without it the gradient cannot see an episode that overflowed)
 
 Writes ``results.json`` (every run: option, seed, status, meta-test accuracy, validation
 scores, coefficients) and ``results.md`` (per option: accuracy per seed, mean ± sd, seeds
@@ -44,6 +48,8 @@ OPTIONS = {
     "prob_5": (["network.n_out=5", "train.objective='prob_error'"], "fa_5"),
     "ce_t3_5": (["network.n_out=5", "train.query_temperature=3.0"], "fa_5"),
 }
+GUARD = "train.weight_limit=100.0"
+OPTIONS.update({f"{k}_guard": ([*v[0], GUARD], v[1]) for k, v in list(OPTIONS.items()) if k != "ce_10"})
 BASELINES = {"fa_5": ["network.n_out=5"], "fa_10": ["network.n_out=10"]}
 
 

@@ -11,7 +11,10 @@ and writes ``oja_rate_scan.json`` into the run directory (``--out`` to write els
 It answers: is a term that pruning keeps really needed, or is the pair alone, with its rate
 refitted, as good?
 
-    python scripts/oja_rate_scan.py RUN_DIR [--episodes 200]
+    python scripts/oja_rate_scan.py RUN_DIR [--episodes 200] [--factors F ...] [--ratios R ...]
+
+``--ratios`` with a fine grid of ``--factors`` gives the best score for each ratio at its
+own best rate (``best_per_ratio``): is Oja's ratio 1 really worse there than the learned one?
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--factors",
+        type=float,
+        nargs="+",
+        default=FACTORS,
+        help="rates, as factors of the learned theta(x y)",
+    )
+    ap.add_argument(
+        "--ratios", type=float, nargs="+", default=RATIOS, help="decay ratios r to scan"
+    )
     args = ap.parse_args()
     try:
         cfg, _ = read_run_config(args.run)
@@ -64,22 +77,28 @@ def main() -> None:
     eta0 = float(theta[ix])
     learned = score(theta)
     scan = []
-    for f in FACTORS:
-        for r in RATIOS:
+    for f in args.factors:
+        for r in args.ratios:
             th = np.zeros_like(theta)
             th[ix], th[iw] = f * eta0, -r * f * eta0
             scan.append({"rate_factor": f, "ratio": r, "eta": f * eta0, "score": score(th)})
     best = max(scan, key=lambda d: d["score"])
+    best_per_ratio = [
+        max((d for d in scan if d["ratio"] == r), key=lambda d: d["score"]) for r in args.ratios
+    ]
     kept = {n: float(v) for n, v in zip(names, theta) if abs(v) > 1e-4}
     result = {
         "run": str(args.run),
         "episodes": args.episodes,
         "learned": {"score": learned, "coefficients_above_1e-4": kept},
         "best_oja": best,
+        "best_per_ratio": best_per_ratio,
         "scan": scan,
     }
     out = args.out or args.run / "oja_rate_scan.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    for d in best_per_ratio:
+        print(f"ratio {d['ratio']:g}: best score {d['score']:.4f} at eta = {d['eta']:.4g}")
     print(
         f"learned rule: {learned:.4f}; best Oja pair: {best['score']:.4f} at "
         f"eta = {best['rate_factor']:g} x theta(x y) = {best['eta']:.4g}, ratio {best['ratio']:g}"

@@ -120,14 +120,20 @@ def test_drift_monitor_and_anchors(pools):
     oja = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.05, 0.02])
     assert not drift(oja, "reconstruct:0") < 1e-2  # large or NaN
     assert drift(oja, "reconstruct:1") < 1e-5
-    # eta |y|^2 > 1 at some steps: the fixed-point iteration cannot invert them; the
-    # meta-gradient is then NaN (the outer loop drops the episode) instead of wrong
+    # eta |y|^2 > 1 at some steps: the fixed-point iteration cannot invert them; without
+    # anchors the meta-gradient is then NaN (the outer loop drops the episode) instead of
+    # wrong, with anchors those segments are recomputed forward: reverse mode's gradient
     strong = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.05, 0.05])
     assert drift(strong, "reconstruct:1") == np.inf
-    problem = Problem(net, "fa", ClassificationTask(5, 20, 2), pools[0], remat="reconstruct:1")
+    task = ClassificationTask(5, 20, 2)
     keys = jax.random.split(jax.random.key(1), 1)
+    problem = Problem(net, "fa", task, pools[0], remat="reconstruct:0")
     assert np.isfinite(float(problem.meta_loss(strong, keys, 0.0)[0]))
     assert np.all(np.isnan(_grad(problem, strong, keys)))
+    want = _grad(Problem(net, "fa", task, pools[0]), strong, keys)
+    for remat in ("reconstruct", "reconstruct:3"):
+        got = _grad(dataclasses.replace(problem, remat=remat), strong, keys)
+        np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
 def test_reconstruct_memory_does_not_grow_with_the_unroll(pools):
@@ -240,10 +246,20 @@ def test_drift_of_a_toy_scan_with_and_without_anchors():
     assert reconstruction_drift(*_toy(r=0.0, scale=1e3)) < 1e-6
 
 
-def test_steps_that_cannot_be_rebuilt_give_a_nan_meta_gradient():
-    """``r > 1``: the step is invertible, but the fixed-point iteration diverges; the
-    meta-gradient must then be NaN (the outer loop drops the episode), not wrong. With
-    ``r = 0.5`` it is finite and equals the plain scan's."""
+def _plain(signals, advance, stop, p, c0, xs, every=0):
+    def body(c, inp):
+        sig, out = signals(p, c, inp)
+        return advance(p, c, sig), out
+
+    cT, outs = jax.lax.scan(body, c0, xs)
+    return (cT, jnp.array(False)), outs
+
+
+def test_steps_that_cannot_be_rebuilt_are_recomputed_or_give_nan():
+    """``r > 1``: the step is invertible, but the fixed-point iteration diverges. Without
+    anchors the meta-gradient must then be NaN (the outer loop drops the episode), not
+    wrong; with anchors the failed segment is recomputed forward from its anchor, so the
+    meta-gradient is the plain scan's. With ``r = 0.5`` it is finite either way."""
     from metaplastic.inner._reconstruct import reconstructed_scan, reconstruction_drift
 
     def loss(r, scan, every=0):
@@ -252,22 +268,15 @@ def test_steps_that_cannot_be_rebuilt_give_a_nan_meta_gradient():
         (cT, _), outs = scan(signals, advance, stop, {"r": r}, c0, xs, every)
         return jnp.sum(cT**2) + jnp.sum(outs)
 
-    def plain(signals, advance, stop, p, c0, xs, every):
-        def body(c, inp):
-            sig, out = signals(p, c, inp)
-            return advance(p, c, sig), out
-
-        cT, outs = jax.lax.scan(body, c0, xs)
-        return (cT, jnp.array(False)), outs
-
-    for every in (0, 1):  # caught by the convergence check, and at the anchors
-        # r = 1.05: the iteration drifts away slowly and stays finite, so only the
-        # checks can tell (r = 1.5 overflows to NaN by itself)
-        assert np.isnan(float(jax.grad(loss)(jnp.float32(1.05), reconstructed_scan, every)))
+    # r = 1.05: the iteration drifts away slowly and stays finite, so only the check can
+    # tell (r = 1.5 overflows to NaN by itself)
+    assert np.isnan(float(jax.grad(loss)(jnp.float32(1.05), reconstructed_scan, 0)))
     assert reconstruction_drift(*_toy(r=1.5), 1) == np.inf
-    got = float(jax.grad(loss)(jnp.float32(0.5), reconstructed_scan, 1))
-    want = float(jax.grad(loss)(jnp.float32(0.5), plain))
-    assert got == pytest.approx(want, rel=1e-4)
+    for r in (1.05, 1.5, 0.5):
+        want = float(jax.grad(loss)(jnp.float32(r), _plain))
+        for every in (1, 2):  # segments of 1 and 2 steps, the last one padded
+            got = float(jax.grad(loss)(jnp.float32(r), reconstructed_scan, every))
+            assert got == pytest.approx(want, rel=1e-4), (r, every)
 
 
 def test_the_guard_stops_a_reconstructed_scan_for_good():
@@ -281,20 +290,24 @@ def test_the_guard_stops_a_reconstructed_scan_for_good():
     assert first > 0 and np.all(np.diff(np.asarray(outs))[first:] == 0)
 
 
-def test_drift_beyond_the_limit_at_an_anchor_gives_a_nan_meta_gradient():
+def test_drift_beyond_the_limit_at_an_anchor_recomputes_the_segment():
     """Each step converges, but over 20 steps the expanding inverse (2^20) takes the
-    rebuilt carry past DRIFT_LIMIT at the next anchor: NaN, not a wrong gradient; with
-    anchors every 2 steps the gradient is finite."""
+    rebuilt carry past DRIFT_LIMIT at the anchor: that segment is recomputed forward from
+    the anchor, so the meta-gradient is the plain scan's, with anchors every 20 steps as
+    with anchors every 2 (which need no recomputing); without anchors it is NaN."""
     from metaplastic.inner._reconstruct import reconstructed_scan
 
     signals, advance, stop, _, c0, xs = _toy(r=0.5, scale=1e3)
 
-    def loss(r, every):
-        (cT, _), outs = reconstructed_scan(signals, advance, stop, {"r": r}, c0, xs, every)
+    def loss(r, scan, every):
+        (cT, _), outs = scan(signals, advance, stop, {"r": r}, c0, xs, every)
         return jnp.sum(cT**2) + jnp.sum(outs)
 
-    assert np.isnan(float(jax.grad(loss)(jnp.float32(0.5), 20)))
-    assert np.isfinite(float(jax.grad(loss)(jnp.float32(0.5), 2)))
+    want = float(jax.grad(loss)(jnp.float32(0.5), _plain, 0))
+    assert np.isnan(float(jax.grad(loss)(jnp.float32(0.5), reconstructed_scan, 0)))
+    for every in (20, 2, 7):  # 7: the last segment is padded
+        got = float(jax.grad(loss)(jnp.float32(0.5), reconstructed_scan, every))
+        assert got == pytest.approx(want, rel=1e-4), every
 
 
 def test_episode_drift_of_a_rule_that_reads_no_weights(pools):

@@ -20,9 +20,14 @@ fixed-point iterations.
 Rounding makes the rebuilt carries drift from the true ones; :func:`reconstruction_drift`
 measures it (the rebuilt ``c_0`` against the stored one). Where the increment is not a
 contraction (a rule whose ``dW`` grows faster than ``W``) the iteration does not converge
-and the drift shows it; networks that change their weights after the rule
+and the drift shows it. With anchors (the true carry stored every ``every`` steps) the
+backward pass works segment by segment and falls back to checkpointing where rebuilding
+fails: a segment whose steps do not all invert, or whose rebuilt start misses its anchor by
+more than :data:`DRIFT_LIMIT`, is recomputed forward from the anchor instead (``every``
+carries of scratch), so the meta-gradient stays exact and the cost is paid only where
+needed. Networks that change their weights after the rule
 (:meth:`AbstractNetwork.after_update`, e.g. a clamp) cannot be inverted at all:
-:func:`require_reconstructable` refuses them, and checkpointing is the fallback.
+:func:`require_reconstructable` refuses them, and checkpointing is the mode for them.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ MAX_ITERATIONS = 32
 #: float epsilons (relative to its largest entry)
 CONVERGED_EPS = 64.0
 #: the largest drift (relative to the carry's size) tolerated at an anchor in the backward
-#: pass; beyond it, or where a step was not inverted, the meta-gradient is NaN (so the outer
-#: loop counts the episode as diverged instead of using a wrong gradient)
-DRIFT_LIMIT = 1e-3
+#: pass; beyond it, or where a step was not inverted, the segment is recomputed forward from
+#: its anchor (without anchors the meta-gradient is NaN instead, so the outer loop counts
+#: the episode as diverged rather than use a wrong gradient)
+DRIFT_LIMIT = 1e-4
 
 
 def require_reconstructable(net: AbstractNetwork) -> None:
@@ -106,7 +112,7 @@ def _forward(signals, advance, stop, p_static, every: int):
     def scan_fwd(pd, carry0, xs):
         p = eqx.combine(pd, p_static)
         T = jax.tree_util.tree_leaves(xs)[0].shape[0]
-        n = -(-T // every) if every else 0
+        n = anchors_count(T, every)
         anchors = jax.tree_util.tree_map(lambda a: jnp.zeros((n, *a.shape), a.dtype), carry0)
 
         def body(state, inp):
@@ -154,7 +160,12 @@ def reconstructed_scan(
 
     ``every > 0`` also stores the carry before every ``every``-th step (anchors) and restarts
     the backward reconstruction from them, so rounding errors grow over at most ``every``
-    steps instead of ``T`` (memory: ``T / every`` carries); ``every = 0`` stores none.
+    steps instead of ``T`` (memory: ``T / every`` carries), and a segment that cannot be
+    rebuilt (a step that does not invert, or drift past :data:`DRIFT_LIMIT` at its anchor)
+    is recomputed forward from its anchor instead (``every`` more carries of scratch): the
+    meta-gradient is then exact whatever the rule. ``every = 0`` stores none, and a carry
+    that cannot be rebuilt, or a rebuilt ``c_0`` that misses the true one by more than
+    :data:`DRIFT_LIMIT`, makes the meta-gradient NaN.
     """
     p_dyn, p_static = eqx.partition(params, eqx.is_inexact_array)
     scan_fwd = _forward(signals, advance, stop, p_static, every)
@@ -168,24 +179,20 @@ def reconstructed_scan(
 
     def run_fwd(pd, carry0, xs):
         (carry, stopped), (outs, sigs, stops), anchors = scan_fwd(pd, carry0, xs)
-        return ((carry, stopped), outs), (pd, xs, carry, sigs, stops, anchors)
+        return ((carry, stopped), outs), (pd, xs, carry0, carry, sigs, stops, anchors)
 
     def run_bwd(res, ct):
-        pd, xs, carry_T, sigs, stops, anchors = res
+        pd, xs, carry0, carry_T, sigs, stops, anchors = res
         T = stops.shape[0]
         (ct_carry, _), ct_outs = ct
         p = eqx.combine(pd, p_static)
         xs_dyn, xs_static = eqx.partition(xs, eqx.is_inexact_array)
+        ct_outs = eqx.filter(ct_outs, _is_cotangent)
+        zero_g = jax.tree_util.tree_map(jnp.zeros_like, pd)
 
-        def back(acc, inp):
-            carry_next, lam, g, bad = acc
-            sig, now, x_dyn, x_static, ct_out, t = inp
-            carry, ok = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, now)
-            bad = bad | ~ok
-            if every:
-                true = _anchor(anchors, t, every)
-                bad = bad | ((t % every == 0) & ~(_drift(carry, true) <= DRIFT_LIMIT))
-                carry = _select(t % every == 0, true, carry)
+        def step_vjp(carry, lam, inp):
+            """``(g_params, lam_before, g_x)`` of one step taken from ``carry``."""
+            now, x_dyn, x_static, ct_out = inp
 
             def f(pd, carry, x_dyn):
                 q = eqx.combine(pd, p_static)
@@ -194,22 +201,100 @@ def reconstructed_scan(
                 return _select(now, carry, new), eqx.filter(out, eqx.is_inexact_array)
 
             _, vjp = jax.vjp(f, pd, carry, x_dyn)
-            g_p, lam_prev, g_x = vjp((lam, ct_out))
-            g = jax.tree_util.tree_map(jnp.add, g, g_p)
-            return (carry, lam_prev, g, bad), g_x
+            return vjp((lam, ct_out))
 
-        zero_g = jax.tree_util.tree_map(jnp.zeros_like, pd)
-        ct_outs = eqx.filter(ct_outs, _is_cotangent)
-        inputs = (sigs, stops, xs_dyn, xs_static, ct_outs, jnp.arange(T))
-        init = (carry_T, ct_carry, zero_g, jnp.array(False))
-        (_, lam0, g, bad), g_xs = jax.lax.scan(back, init, inputs, reverse=True)
-        # a carry that could not be rebuilt makes the whole meta-gradient NaN: the outer
-        # loop then drops the episode as diverged instead of stepping along a wrong gradient
-        g, lam0 = jax.tree_util.tree_map(lambda a: jnp.where(bad, jnp.nan, a), (g, lam0))
+        def rebuild_back(acc, inp):
+            """One step backwards: rebuild the carry before it, then its VJP."""
+            carry_next, lam, g, ok = acc
+            sig, step = inp
+            carry, ok_t = _rebuild(lambda c, s: advance(p, c, s), carry_next, sig, step[0])
+            g_p, lam_prev, g_x = step_vjp(carry, lam, step)
+            return (carry, lam_prev, _add(g, g_p), ok & ok_t), g_x
+
+        steps = (stops, xs_dyn, xs_static, ct_outs)
+        if not every:
+            init = (carry_T, ct_carry, zero_g, jnp.array(True))
+            (c0, lam0, g, ok), g_xs = jax.lax.scan(rebuild_back, init, (sigs, steps), reverse=True)
+            ok = ok & (_drift(c0, carry0) <= DRIFT_LIMIT)
+            # a carry that could not be rebuilt, or a rebuilt start that misses the true one,
+            # makes the whole meta-gradient NaN: the outer loop then drops the episode as
+            # diverged instead of stepping along a wrong gradient (with anchors, the
+            # segment is recomputed instead, below)
+            g, lam0 = jax.tree_util.tree_map(lambda a: jnp.where(ok, a, jnp.nan), (g, lam0))
+            return g, lam0, eqx.combine(g_xs, jax.tree_util.tree_map(lambda _: None, xs_static))
+
+        # with anchors: segments of `every` steps, backwards. Each is first rebuilt from
+        # its end; where a step does not invert or the rebuilt start misses the stored
+        # anchor by more than DRIFT_LIMIT, the segment is recomputed forward from its anchor
+        # instead (checkpointing: `every` carries), so the meta-gradient stays exact
+        n = anchors_count(T, every)
+        pad = n * every - T  # the last segment's missing steps: stopped, no cotangent
+        segs = _segments((sigs, (stops, xs_dyn, xs_static)), every, pad, edge=True)
+        segs = (segs[0], (*segs[1], _segments(ct_outs, every, pad, edge=False)))
+        segs = (segs[0], (segs[1][0].at[-1, every - pad :].set(True), *segs[1][1:]))
+
+        def segment(acc, inp):
+            carry_end, lam = acc
+            (seg_sigs, seg_steps), anchor = inp
+            init = (carry_end, lam, zero_g, jnp.array(True))
+            (start, lam_r, g_r, ok), gx_r = jax.lax.scan(
+                rebuild_back, init, (seg_sigs, seg_steps), reverse=True
+            )
+            ok = ok & (_drift(start, anchor) <= DRIFT_LIMIT)
+
+            def recompute(_):
+                def fwd(c, inp):
+                    sig, now = inp
+                    return _select(now, c, advance(p, c, sig)), c
+
+                _, carries = jax.lax.scan(fwd, anchor, (seg_sigs, seg_steps[0]))
+
+                def back(acc, inp):
+                    lam, g = acc
+                    g_p, lam_prev, g_x = step_vjp(inp[0], lam, inp[1])
+                    return (lam_prev, _add(g, g_p)), g_x
+
+                (lam_c, g_c), gx_c = jax.lax.scan(
+                    back, (lam, zero_g), (carries, seg_steps), reverse=True
+                )
+                return lam_c, g_c, gx_c
+
+            lam_prev, g_seg, gx = jax.lax.cond(ok, lambda _: (lam_r, g_r, gx_r), recompute, None)
+            return (anchor, lam_prev), (g_seg, gx)
+
+        (_, lam0), (g_segs, g_xs) = jax.lax.scan(
+            segment, (carry_T, ct_carry), (segs, anchors), reverse=True
+        )
+        g = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), g_segs)
+        g_xs = jax.tree_util.tree_map(lambda a: a.reshape(n * every, *a.shape[2:])[:T], g_xs)
         return g, lam0, eqx.combine(g_xs, jax.tree_util.tree_map(lambda _: None, xs_static))
 
     run.defvjp(run_fwd, run_bwd)
     return run(p_dyn, carry0, xs)
+
+
+def _add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def anchors_count(T: int, every: int) -> int:
+    """Anchors stored for ``T`` steps at one every ``every`` steps (``ceil(T / every)``)."""
+    return -(-T // every) if every else 0
+
+
+def _segments(tree, every: int, pad: int, *, edge: bool):
+    """Per-step arrays ``(T, ...)`` as segments ``(n, every, ...)``, the last padded by
+    ``pad`` steps (copies of the last step with ``edge``, else zeros)."""
+
+    def cut(a):
+        if pad:
+            fill = (
+                jnp.repeat(a[-1:], pad, axis=0) if edge else jnp.zeros((pad, *a.shape[1:]), a.dtype)
+            )
+            a = jnp.concatenate([a, fill])
+        return a.reshape(-1, every, *a.shape[1:])
+
+    return jax.tree_util.tree_map(cut, tree)
 
 
 def _rebuild(advance: Callable, carry_next, sig, now):
@@ -237,9 +322,9 @@ def reconstruction_drift(signals, advance, stop, params, carry0, xs, every: int 
     (arguments as :func:`reconstructed_scan`); ``inf`` when a step could not be inverted at
     all. Rounding alone gives about ``sqrt(every)`` float epsilons. Terms that contract the
     weights (Oja's ``-eta y y^T W``) have inverses that expand them, so errors grow
-    exponentially over the steps between anchors. The backward pass of
-    :func:`reconstructed_scan` makes the meta-gradient NaN where this exceeds
-    :data:`DRIFT_LIMIT` at an anchor or a step is not inverted."""
+    exponentially over the steps between anchors. Where this exceeds :data:`DRIFT_LIMIT` at
+    an anchor or a step is not inverted, the backward pass of :func:`reconstructed_scan`
+    recomputes that segment forward (without anchors: a NaN meta-gradient)."""
     p_dyn, p_static = eqx.partition(params, eqx.is_inexact_array)
     p = eqx.combine(p_dyn, p_static)
     scan_fwd = _forward(signals, advance, stop, p_static, every)
