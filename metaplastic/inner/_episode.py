@@ -174,8 +174,10 @@ def query_metrics(
     qy,
     objective: str = "cross_entropy",
     temperature: float = 1.0,
+    mask=None,
 ):
-    """Query loss (the meta-objective) and accuracy of the network on the query set.
+    """Query loss (the meta-objective) and accuracy of the network on the query set
+    (``mask``: 1/0 per query image, the images the means run over; default all).
 
     ``objective``: ``"cross_entropy"``, ``mean_q -log p_T(y_q | x_q)``, or ``"prob_error"``,
     ``1 - mean_q p_T(y_q | x_q)`` (one minus the mean probability of the right class, a
@@ -190,14 +192,17 @@ def query_metrics(
     """
     logits = net.logits(state, qx)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature), qy[:, None], axis=1)
-    if objective == "prob_error":
-        loss = 1.0 - jnp.mean(jnp.exp(logp))
-    else:
-        loss = -jnp.mean(logp)
     finite = jnp.all(jnp.isfinite(logits), axis=1)
     hit = (jnp.argmax(logits, axis=1) == qy) & finite
-    acc = jnp.mean(hit.astype(logits.dtype))
-    return loss, acc
+    if mask is None:
+        if objective == "prob_error":
+            loss = 1.0 - jnp.mean(jnp.exp(logp))
+        else:
+            loss = -jnp.mean(logp)
+        return loss, jnp.mean(hit.astype(logits.dtype))
+    w = mask.astype(logits.dtype) / jnp.sum(mask)
+    per = 1.0 - jnp.exp(logp[:, 0]) if objective == "prob_error" else -logp[:, 0]
+    return jnp.sum(w * per), jnp.sum(w * hit.astype(logits.dtype))
 
 
 def scan_episode(
@@ -211,6 +216,7 @@ def scan_episode(
     weight_limit: float = 0.0,
     remat: bool | int = False,
     record: Callable | None = None,
+    limits_from: NetState | None = None,
 ):
     """The online scan every task runs: one ``lax.scan`` over the samples of ``stream``
     (a pytree whose leaves have a leading time axis) in which the rule changes the weights
@@ -228,10 +234,13 @@ def scan_episode(
     them backwards in reverse mode (:func:`~metaplastic.inner._reconstruct.reconstructed_scan`;
     reverse mode only, not for networks with an ``after_update``).
 
+    ``limits_from``: the network state whose largest weights set the guard's bounds
+    (default ``carry0.net``; a segment of a longer episode passes the episode's start).
+
     Returns ``(carry, stopped, outs)``: the final carry, whether the guard stopped the
     episode, and the stacked per-step ``out`` (``(out, recorded)`` with ``record``).
     """
-    limits = weight_limits(carry0.net, weight_limit)
+    limits = weight_limits(carry0.net if limits_from is None else limits_from, weight_limit)
     T = jax.tree_util.tree_leaves(stream)[0].shape[0]
     if isinstance(remat, str):
         parts = _reconstruct_parts(rule, net, feedback, signals, limits, record)
@@ -302,13 +311,13 @@ def episode_reconstruction_drift(
     backwards, relative to their size."""
     carry0 = start_carry(rule, net, feedback, key)
     limits = weight_limits(carry0.net, weight_limit)
-    parts = _reconstruct_parts(rule, net, feedback, _labelled(net, feedback), limits, None)
+    parts = _reconstruct_parts(rule, net, feedback, labelled_signals(net, feedback), limits, None)
     T = episode.train_x.shape[0]
     xs = ((episode.train_x, episode.train_y), jnp.arange(T))
     return reconstruction_drift(*parts, carry0, xs, anchor_spacing(remat, T))
 
 
-def _labelled(net: AbstractNetwork, feedback) -> Callable:
+def labelled_signals(net: AbstractNetwork, feedback) -> Callable:
     """``signals`` of :func:`scan_episode` for a stream of ``(x, label)`` samples."""
 
     def signals(carry, sample):
@@ -392,7 +401,7 @@ def run_episode(
         feedback,
         carry0,
         (episode.train_x, episode.train_y),
-        _labelled(net, feedback),
+        labelled_signals(net, feedback),
         weight_limit=weight_limit,
         remat=remat,
         record=record,

@@ -331,6 +331,12 @@ class EvolutionTrainer(AbstractTrainer):
                 raise MetaplasticError(f"{where}.{n} must be positive, got {getattr(train, n)}")
         if train.population < 2:
             raise MetaplasticError(f"{where}.population must be at least 2, got {train.population}")
+        if train.truncation and cls.accepts(train.outer):
+            raise MetaplasticError(
+                f"{where}.truncation needs the gradient outer loop (persistent evolution "
+                f"strategies over segments are not implemented); {where}.outer = "
+                f"{train.outer!r} evaluates whole episodes: set {where}.truncation = 0"
+            )
 
     @classmethod
     def from_config(cls, train, problem, rule, *, units_key=None, trainable=None):

@@ -131,6 +131,8 @@ class GradientTrainer(AbstractTrainer):
     #: exactly (no gradient reaches the optimiser, no update). None = all trainable. Used to
     #: refit the coefficients left after pruning (``train.prune_refit``).
     trainable: AbstractRule | None = None
+    #: > 0: truncated meta-gradients over segments of this many updates (train.truncation)
+    truncation: int = eqx.field(static=True, default=0)
 
     def __init__(
         self,
@@ -147,6 +149,7 @@ class GradientTrainer(AbstractTrainer):
         units=None,
         stopped_clip=0.0,
         trainable=None,
+        truncation=0,
     ):
         self.units = units
         self.trainable = trainable
@@ -157,6 +160,11 @@ class GradientTrainer(AbstractTrainer):
             raise unknown_name("gradient mode", mode, GRADIENT_MODES, "train.gradient")
         if meta_batch < 1:
             raise MetaplasticError(f"train.meta_batch must be at least 1, got {meta_batch}")
+        if truncation < 0:
+            raise MetaplasticError(f"train.truncation must be >= 0, got {truncation}")
+        if truncation:
+            problem.task.check_segments(truncation)
+        self.truncation = int(truncation)
         params, static = eqx.partition(rule, eqx.is_inexact_array)
         self.problem = problem
         self.static = static
@@ -192,7 +200,7 @@ class GradientTrainer(AbstractTrainer):
             raise MetaplasticError(
                 f"{where}.lr_end must be a fraction of train.lr between 0 and 1, got {train.lr_end}"
             )
-        for n in ("clip", "grad_limit"):
+        for n in ("clip", "grad_limit", "truncation"):
             if getattr(train, n) < 0:
                 raise MetaplasticError(f"{where}.{n} must be >= 0, got {getattr(train, n)}")
         if train.prune_refit > 0 and not cls.accepts(train.outer):
@@ -227,6 +235,7 @@ class GradientTrainer(AbstractTrainer):
             units=units,
             stopped_clip=STOPPED_CLIP if t.weight_limit > 0 else 0.0,
             trainable=trainable,
+            truncation=t.truncation,
         )
 
     def rule(self, state_or_params) -> AbstractRule:
@@ -295,7 +304,10 @@ class GradientTrainer(AbstractTrainer):
         grad_fn = (jax.jacfwd if self.mode == "forward" else jax.grad)(per_episode, has_aux=True)
 
         def one(key_data):
-            return grad_fn(params, jax.random.wrap_key_data(key_data))
+            key = jax.random.wrap_key_data(key_data)
+            if self.truncation:
+                return self._truncated(params, key)
+            return grad_fn(params, key)
 
         grads_b, (ql, qa, dv) = self.sharding.map(one, jax.random.key_data(keys))
 
@@ -337,6 +349,52 @@ class GradientTrainer(AbstractTrainer):
             "dropped": jnp.sum((~ok).astype(jnp.int32)),
         }
         return grads, aux
+
+    def _truncated(self, params, key):
+        """Truncated meta-gradient of one episode: ``(grads, (loss, accuracy,
+        diverged))``.
+
+        The episode is cut into ``n`` segments of ``truncation`` updates; segment ``k``
+        starts from the carry segment ``k - 1`` ended with (passed on without gradient)
+        and its loss ``L_k`` (:meth:`AbstractTask.run_segment`: the task's query loss at
+        the segment's end) is differentiated through that segment alone, inside the scan
+        over segments, so only one segment's residuals are ever alive. The episode's
+        meta-loss is ``mean_k L_k``, its gradient ``mean_k dL_k/dtheta`` (the terms that
+        cross a segment boundary are what truncation drops); accuracy and divergence are
+        those at the last segment's end."""
+        pb = self.problem
+        rule0 = eqx.combine(params, self.static)
+        carry0, xs, ctx = pb.task.segments(
+            rule0, pb.net, pb.feedback, key, pb.pool, self.truncation
+        )
+        diff = jax.jacfwd if self.mode == "forward" else jax.grad
+
+        def body(state, inp):
+            carry, stopped = state
+            seg, index = inp
+
+            def f(p):
+                out = pb.task.run_segment(
+                    eqx.combine(p, self.static),
+                    pb.net,
+                    pb.feedback,
+                    carry,
+                    stopped,
+                    seg,
+                    index,
+                    ctx,
+                    remat=pb.remat,
+                )
+                return out[2], out
+
+            g, (new, now, loss, acc, dv) = diff(f, has_aux=True)(params)
+            return (jax.lax.stop_gradient(new), now), (g, loss, acc, dv)
+
+        n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        init = (carry0, jnp.array(False))
+        _, (gs, losses, accs, dvs) = jax.lax.scan(body, init, (xs, jnp.arange(n)))
+        g = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), gs)
+        return g, (jnp.mean(losses), accs[-1], dvs[-1])
 
     @eqx.filter_jit
     def step(self, state: OuterState) -> tuple[OuterState, dict]:

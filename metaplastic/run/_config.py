@@ -66,7 +66,9 @@ class RuleConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     """``[task]``: N-way K-shot online classification on a data set (``kind =
-    "classification"``), or principal-component extraction by one linear neuron (``kind =
+    "classification"``), class-incremental learning over a long stream (``kind =
+    "continual"``: ``stages`` groups of classes, ``stage_steps`` updates each), or
+    principal-component extraction by one linear neuron (``kind =
     "pca"``: ``dim`` inputs, ``steps`` online samples, covariance eigenvalues
     ``eig_decay**k``, every input multiplied by ``input_scale``)."""
 
@@ -84,6 +86,10 @@ class TaskConfig:
     n_way: int = 5
     k_shot: int = 20
     q_query: int = 10
+    #: continual: the n_way classes are taught in this many equal groups, one after another,
+    #: each for stage_steps online updates (episode length stages * stage_steps)
+    stages: int = 5
+    stage_steps: int = 1000
     test_fraction: float = 0.5
     #: of each class's meta-train images, this fraction is held out as the validation split
     #: (checks at the end of a run, seed selection, pruning by effect, distillation)
@@ -159,6 +165,11 @@ class TrainConfig:
     l1: float = 0.0
     gradient: str = "auto"
     remat: bool = False
+    #: > 0: truncated meta-gradients: the episode is cut into segments of this many updates
+    #: and each segment's loss (the task's query loss at the segment's end) is differentiated
+    #: through that segment only, the carry passed on without gradient; memory is that of one
+    #: segment, whatever the episode's length (tasks with segments: "continual"). 0 = off
+    truncation: int = 0
     seed: int = 0
     eval_episodes: int = 500
     log_every: int = 1

@@ -1,10 +1,14 @@
 """Tasks the rules are meta-learned on: data sets and their splits, online few-shot
-classification, principal-component extraction (the Oja ground truth), and the
-:class:`Problem` that turns a task, a network and a rule into a meta-loss."""
+classification, class-incremental (continual) learning, principal-component extraction
+(the Oja ground truth), and the :class:`Problem` that turns a task, a network and a rule
+into a meta-loss."""
 
 from ._classification import (
     ClassificationTask,
     luminosity_shift,
+)
+from ._continual import (
+    ContinualTask,
 )
 from ._data import (
     DATASETS,
@@ -37,6 +41,7 @@ __all__ = [
     "register_task",
     "task_class",
     "ClassificationTask",
+    "ContinualTask",
     "luminosity_shift",
     "DATASETS",
     "Dataset",
@@ -52,5 +57,5 @@ __all__ = [
     "train_test_arrays",
 ]
 
-for _cls in (ClassificationTask, PCATask):
+for _cls in (ClassificationTask, ContinualTask, PCATask):
     register_task(_cls)

@@ -115,18 +115,7 @@ class ClassificationTask(AbstractTask):
 
     def sample(self, key: PRNGKeyArray, pool: ImagePool) -> Episode:
         k_cls, k_img, k_order = jax.random.split(key, 3)
-        classes = jax.random.choice(k_cls, pool.n_classes, (self.n_way,), replace=False)
-        n_take = self.k_shot + self.q_query
-        img_keys = jax.random.split(k_img, self.n_way)
-
-        def pick(k, c):
-            # n_take distinct images in random order: the top n_take of i.i.d. uniform keys.
-            # A full permutation of the class (a sort of every key) cost about 25x more
-            # (scripts/bench_kernels.py).
-            _, idx = jax.lax.top_k(jax.random.uniform(k, (pool.per_class,)), n_take)
-            return pool.class_index[c, idx]
-
-        rows = jax.vmap(pick)(img_keys, classes)  # (n_way, K + Q)
+        rows = draw_images(k_cls, k_img, pool, self.n_way, self.k_shot + self.q_query)
         labels = jnp.broadcast_to(jnp.arange(self.n_way)[:, None], rows.shape)
         tr_rows = rows[:, : self.k_shot].reshape(-1)
         tr_lab = labels[:, : self.k_shot].reshape(-1)
@@ -147,6 +136,22 @@ class ClassificationTask(AbstractTask):
 
     def _shift(self, key: PRNGKeyArray, x: Array) -> Array:
         return luminosity_shift(key, x, self.luminosity_shift)
+
+
+def draw_images(k_cls, k_img, pool: ImagePool, n_way: int, n_take: int) -> Array:
+    """Rows of ``pool.x``, shape ``(n_way, n_take)``: ``n_way`` classes drawn without
+    replacement with ``k_cls`` (row ``i`` is the class relabelled ``i``), ``n_take``
+    distinct images of each in random order (``k_img``)."""
+    classes = jax.random.choice(k_cls, pool.n_classes, (n_way,), replace=False)
+
+    def pick(k, c):
+        # n_take distinct images in random order: the top n_take of i.i.d. uniform keys.
+        # A full permutation of the class (a sort of every key) cost about 25x more
+        # (scripts/bench_kernels.py).
+        _, idx = jax.lax.top_k(jax.random.uniform(k, (pool.per_class,)), n_take)
+        return pool.class_index[c, idx]
+
+    return jax.vmap(pick)(jax.random.split(k_img, n_way), classes)
 
 
 def luminosity_shift(key: PRNGKeyArray, x: Float[Array, "n d"], eps) -> Float[Array, "n d"]:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import equinox as eqx
 from jaxtyping import Array, PRNGKeyArray
 
-from .._errors import unknown_name
+from .._errors import MetaplasticError, unknown_name
 from .._registry import refuse_unread_keys, register
 from ..inner._episode import InnerResult
 from ..rules._rules import AbstractRule
@@ -57,6 +57,40 @@ class AbstractTask(eqx.Module):
     @abc.abstractmethod
     def diverged_score(self) -> float:
         """The score a diverged episode gets (the worst a working network can do)."""
+
+    def segments(self, rule, net, feedback, key: PRNGKeyArray, pool: Any, length: int):
+        """Truncated meta-gradients (``train.truncation``), optional: the episode
+        :meth:`run` would learn from ``key`` as ``(carry0, xs, context)``, its start carry,
+        its stream with a leading axis of segments of ``length`` updates, and what
+        :meth:`run_segment` needs besides. Tasks without it refuse truncation."""
+        self.check_segments(length)
+
+    def check_segments(self, length: int) -> None:
+        """Refuse, in one line, a truncation to segments of ``length`` updates that this
+        task cannot run."""
+        if not self.supports_segments():
+            raise MetaplasticError(
+                f"task.kind = {self.name!r} cannot cut its episodes into segments, so it "
+                "cannot use train.truncation; set train.truncation = 0 (tasks that can: "
+                f"{', '.join(k for k, c in TASKS.items() if c.supports_segments())})"
+            )
+        T = self.episode_length()
+        if length < 1 or (T and T % length):
+            raise MetaplasticError(
+                f"train.truncation = {length} does not divide the episode's {T} updates; "
+                "pick a divisor of the episode length"
+            )
+
+    def run_segment(self, rule, net, feedback, carry, stopped, seg, index, context, remat=False):
+        """Learn segment ``index`` (``seg``, one entry of :meth:`segments`' ``xs``) from
+        ``carry``; returns ``(carry, stopped, loss, accuracy, diverged)`` with the segment's
+        loss, the one truncated meta-gradients differentiate."""
+        raise NotImplementedError
+
+    @classmethod
+    def supports_segments(cls) -> bool:
+        """Whether the task implements :meth:`segments` and :meth:`run_segment`."""
+        return cls.segments is not AbstractTask.segments
 
     def episode_length(self) -> int:
         """Online updates per episode (0: unknown until sampled)."""

@@ -1,0 +1,119 @@
+"""The class-incremental task and truncated meta-gradients (``train.truncation``)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from metaplastic import MetaplasticError
+from metaplastic.inner._episode import query_metrics
+from metaplastic.inner._network import Network
+from metaplastic.outer import GradientTrainer, check_train_config, make_optimizer
+from metaplastic.rules._rules import TermPoolRule
+from metaplastic.run import build_config
+from metaplastic.tasks import ContinualTask, PCATask
+from metaplastic.tasks._problem import Problem
+
+TASK = ContinualTask(4, 3, 2, stages=2, stage_steps=6)  # 12 updates, classes {0,1} then {2,3}
+NET = Network((64, 6, 4))
+RULE = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.05, 0.01])
+
+
+def _trainer(pools, mode="reverse", truncation=0, task=TASK):
+    problem = Problem(NET, "fa", task, pools[0])
+    opt = make_optimizer("adam", 1e-3)
+    return GradientTrainer(problem, RULE, opt, meta_batch=2, mode=mode, truncation=truncation)
+
+
+def _grads(tr):
+    params, _ = eqx.partition(RULE, eqx.is_inexact_array)
+    g, aux = tr.loss_and_grad(params, jax.random.split(jax.random.key(5), 2))
+    return np.asarray(ravel_pytree(g)[0]), float(aux["query_loss"])
+
+
+def test_the_stream_teaches_the_classes_stage_by_stage(pools):
+    ep = TASK.sample(jax.random.key(0), pools[0])
+    y = np.asarray(ep.train_y)
+    assert y.shape == (12,) and ep.train_x.shape == (12, 64)
+    assert set(y[:6]) <= {0, 1} and set(y[6:]) <= {2, 3}
+    assert sorted(np.asarray(ep.query_y).tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # every training image of a class is one of that class's k_shot images, and none of
+    # them is a query image
+    train_rows = {tuple(np.asarray(r)) for r in ep.train_x}
+    assert not train_rows & {tuple(np.asarray(r)) for r in ep.query_x}
+    for c in range(4):
+        assert len({tuple(np.asarray(r)) for r in ep.train_x[y == c]}) <= 3
+
+
+@pytest.mark.slow
+def test_one_segment_is_the_whole_episode_and_modes_agree(pools):
+    """``truncation = T`` is the untruncated meta-gradient; with 3 segments forward and
+    reverse mode give the same truncated gradient, and it differs from the whole one (the
+    terms that cross a boundary are dropped)."""
+    whole, loss = _grads(_trainer(pools))
+    one, loss1 = _grads(_trainer(pools, truncation=12))
+    np.testing.assert_allclose(one, whole, rtol=1e-5)
+    assert loss1 == pytest.approx(loss, rel=1e-6)
+    rev, _ = _grads(_trainer(pools, truncation=4))
+    fwd, _ = _grads(_trainer(pools, "forward", truncation=4))
+    np.testing.assert_allclose(fwd, rev, rtol=1e-4, atol=1e-6)
+    assert np.all(np.isfinite(rev)) and not np.allclose(rev, whole, rtol=1e-3)
+
+
+def test_a_segment_loss_covers_the_classes_seen_so_far(pools):
+    key = jax.random.key(2)
+    carry0, xs, ctx = TASK.segments(RULE, NET, "fa", key, pools[0], 6)
+    assert jax.tree_util.tree_leaves(xs)[0].shape[:2] == (2, 6)
+    seg0 = jax.tree_util.tree_map(lambda a: a[0], xs)
+    carry, stopped, loss, acc, dv = TASK.run_segment(
+        RULE, NET, "fa", carry0, jnp.array(False), seg0, 0, ctx
+    )
+    _, qx, qy, _ = ctx
+    seen = np.asarray(qy) < 2  # the first stage's classes only
+    want, want_acc = query_metrics(NET, carry.net, qx[seen], qy[seen])
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(acc) == pytest.approx(float(want_acc))
+    assert not bool(stopped) and not bool(dv)
+    full = TASK.run(RULE, NET, "fa", key, pools[0])
+    seg1 = jax.tree_util.tree_map(lambda a: a[1], xs)
+    end = TASK.run_segment(RULE, NET, "fa", carry, stopped, seg1, 1, ctx)
+    # the last segment's loss is the whole episode's meta-loss (every class seen)
+    assert float(end[2]) == pytest.approx(float(full.query_loss), rel=1e-5)
+
+
+def test_truncation_is_refused_where_it_cannot_run(pools):
+    with pytest.raises(MetaplasticError, match="does not divide"):
+        _trainer(pools, truncation=5)
+    pca = Problem(Network((4, 1)), "backprop", PCATask(4, 20, 0.5), None)
+    with pytest.raises(MetaplasticError, match="cannot cut its episodes.*continual"):
+        GradientTrainer(pca, RULE, make_optimizer("adam", 1e-3), truncation=10)
+    with pytest.raises(MetaplasticError, match="truncation must be >= 0"):
+        _trainer(pools, truncation=-1)
+    with pytest.raises(MetaplasticError, match="multiple of stages"):
+        ContinualTask(5, 3, 2, stages=2, stage_steps=6)
+    with pytest.raises(MetaplasticError, match="truncation needs the gradient outer loop"):
+        build_config("pool", "digits", {"outer": "open_es", "truncation": 10})
+    check_train_config(build_config("pool", "digits", {"truncation": 10}).train)
+
+
+def test_truncated_memory_does_not_grow_with_the_episode(pools):
+    """Compiled scratch memory of a truncated meta-gradient: one segment's residuals,
+    whatever the number of segments; only the stream itself (64 pixels and a label per
+    update) grows with T, while plain reverse mode keeps every step's weights."""
+    params, _ = eqx.partition(RULE, eqx.is_inexact_array)
+    keys = jax.random.split(jax.random.key(7), 1)
+
+    def scratch(stage_steps, truncation):
+        task = ContinualTask(4, 3, 2, stages=2, stage_steps=stage_steps)
+        tr = _trainer(pools, truncation=truncation, task=task)
+        f = jax.jit(lambda p: tr.loss_and_grad(p, keys)[0])
+        return f.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    short, long = scratch(8, 4), scratch(64, 4)
+    stream = (128 - 16) * (64 + 2) * 4  # bytes: the extra updates' images, labels, draws
+    assert long - short < 1.5 * stream
+    assert scratch(64, 0) - long > 3 * (long - short)
