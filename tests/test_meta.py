@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,24 @@ def test_auto_mode_picks_by_coefficient_count(small_problem):
     seventeen = TermPoolRule.from_names([*sorted(TERMS), "oja"], [0.0] * 17)
     assert _trainer(small_problem, sixteen, "auto").mode == "forward"
     assert _trainer(small_problem, seventeen, "auto").mode == "reverse"
+
+
+def test_auto_mode_checkpoints_where_reverse_mode_would_not_fit(small_problem):
+    """Past forward mode's range, plain reverse mode while its stored steps fit in
+    AUTO_REVERSE_MAX_MB, checkpointing beyond (reference network, 4,000 steps: 9 GB)."""
+    from metaplastic.inner import Network
+    from metaplastic.outer._gradient import AUTO_REVERSE_MAX_MB, reverse_memory_mb
+    from metaplastic.tasks import ClassificationTask
+
+    many = TermPoolRule.from_names(POOL_TERMS, THETA, n_layers=6)
+    ref = Network((784, 170, 130, 100, 70, 47))
+    long = dataclasses.replace(small_problem, net=ref, task=ClassificationTask(5, 800, 2))
+    short = dataclasses.replace(long, task=ClassificationTask(5, 50, 2))
+    assert reverse_memory_mb(long) == pytest.approx(4000 * 178_670 * 13 / 2**20)
+    assert reverse_memory_mb(short) < AUTO_REVERSE_MAX_MB < reverse_memory_mb(long)
+    assert _trainer(long, many, "auto").mode == "checkpoint"
+    assert _trainer(short, many, "auto").mode == "reverse"
+    assert _trainer(long, TermPoolRule.from_names(POOL_TERMS, THETA), "auto").mode == "forward"
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import equinox as eqx
 import jax
@@ -26,8 +27,28 @@ OPTIMIZERS = {
 }
 GRADIENT_MODES = ("auto", "forward", "reverse", "checkpoint", "reconstruct")
 #: ``auto`` uses forward mode up to this many live coefficients (its cost grows with the
-#: number of coefficients; reverse mode's memory grows with the unroll length).
+#: number of coefficients); above, plain reverse mode while its stored steps fit in
+#: :data:`AUTO_REVERSE_MAX_MB`, else checkpointed reverse mode. At the reference size on
+#: this project's CPU (results/bench/reference_pool_cpu.json, ms per episode, T = 250) the
+#: 3-term pool took 73 by forward mode, 512 by plain reverse mode (peak RSS 2.3 / 4.0 / 12.3
+#: GB at T = 250 / 1000 / 4000), 605 by checkpointing and 1,762 by reconstruction (both flat
+#: at 2.3 GB).
 FORWARD_MODE_MAX_COEFFS = 16
+#: plain reverse mode keeps about REVERSE_BYTES_PER_WEIGHT bytes per weight per step
+#: (measured at the reference size: +1.7 GB of peak RSS from T = 250 to 1000 for 178,670
+#: weights, 3.2 float32 copies); ``auto`` checkpoints when that would pass this many MB
+AUTO_REVERSE_MAX_MB = 1024.0
+REVERSE_BYTES_PER_WEIGHT = 13.0
+
+
+def reverse_memory_mb(problem, steps: int = 0) -> float:
+    """What plain reverse mode would store for ``steps`` updates (default: one episode)
+    of ``problem``, in MB (``steps * weights * REVERSE_BYTES_PER_WEIGHT``; 0 when the task
+    does not know its episode length in advance)."""
+    shapes = jax.eval_shape(problem.net.init, jax.random.key(0))
+    weights = sum(math.prod(w.shape) for w in jax.tree_util.tree_leaves(shapes))
+    steps = steps or problem.task.episode_length()
+    return steps * weights * REVERSE_BYTES_PER_WEIGHT / 2**20
 
 
 def make_optimizer(
@@ -174,7 +195,11 @@ class GradientTrainer(AbstractTrainer):
         self.sharding = AxisSharding(devices, self.meta_batch, "meta_batch", vmap_width)
         if mode == "auto":
             n = sum(x.size for x in jax.tree_util.tree_leaves(params))
-            mode = "forward" if n <= FORWARD_MODE_MAX_COEFFS else "reverse"
+            if n <= FORWARD_MODE_MAX_COEFFS:
+                mode = "forward"
+            else:
+                big = reverse_memory_mb(problem, truncation) > AUTO_REVERSE_MAX_MB
+                mode = "checkpoint" if big else "reverse"
         if mode == "checkpoint" and not problem.remat:  # reverse mode, sqrt(T) segments
             self.problem = dataclasses.replace(problem, remat=-1)
         if mode == "reconstruct":  # reverse mode, carries rebuilt backwards
