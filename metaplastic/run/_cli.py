@@ -687,12 +687,17 @@ def list_cmd(what):
     else:
         for name in list_presets("tasks"):
             t, n, _ = load_task(name)
-            click.echo(
-                f"{name:18s} {t.dataset} {t.n_way}-way K={t.k_shot} Q={t.q_query} "
-                f"hidden={list(n.hidden)}  {t.description}"
-                if t.kind == "classification"
-                else f"{name:18s} [{t.kind}] dim={t.dim} steps={t.steps}  {t.description}"
-            )
+            if t.kind == "classification":
+                what = f"{t.dataset} {t.n_way}-way K={t.k_shot} Q={t.q_query}"
+            elif t.kind == "continual":
+                what = (
+                    f"[continual] {t.dataset} {t.n_way} classes in {t.stages} stages of "
+                    f"{t.stage_steps} updates, K={t.k_shot} Q={t.q_query}"
+                )
+            else:
+                click.echo(f"{name:18s} [{t.kind}] dim={t.dim} steps={t.steps}  {t.description}")
+                continue
+            click.echo(f"{name:18s} {what} hidden={list(n.hidden)}  {t.description}")
 
 
 if __name__ == "__main__":  # pragma: no cover
