@@ -43,7 +43,8 @@ def test_auto_mode_picks_by_coefficient_count(small_problem):
 
 def test_auto_mode_checkpoints_where_reverse_mode_would_not_fit(small_problem):
     """Past forward mode's range, plain reverse mode while its stored steps fit in
-    AUTO_REVERSE_MAX_MB, checkpointing beyond (reference network, 4,000 steps: 9 GB)."""
+    AUTO_REVERSE_MAX_MB, checkpointing beyond (reference network, 4,000 steps: 9 GB; 50
+    steps: 110 MB)."""
     from metaplastic.inner import Network
     from metaplastic.outer._gradient import AUTO_REVERSE_MAX_MB, reverse_memory_mb
     from metaplastic.tasks import ClassificationTask
@@ -51,7 +52,7 @@ def test_auto_mode_checkpoints_where_reverse_mode_would_not_fit(small_problem):
     many = TermPoolRule.from_names(POOL_TERMS, THETA, n_layers=6)
     ref = Network((784, 170, 130, 100, 70, 47))
     long = dataclasses.replace(small_problem, net=ref, task=ClassificationTask(5, 800, 2))
-    short = dataclasses.replace(long, task=ClassificationTask(5, 50, 2))
+    short = dataclasses.replace(long, task=ClassificationTask(5, 10, 2))
     assert reverse_memory_mb(long) == pytest.approx(4000 * 178_670 * 13 / 2**20)
     assert reverse_memory_mb(short) < AUTO_REVERSE_MAX_MB < reverse_memory_mb(long)
     assert _trainer(long, many, "auto").mode == "checkpoint"

@@ -28,16 +28,20 @@ OPTIMIZERS = {
 GRADIENT_MODES = ("auto", "forward", "reverse", "checkpoint", "reconstruct")
 #: ``auto`` uses forward mode up to this many live coefficients (its cost grows with the
 #: number of coefficients); above, plain reverse mode while its stored steps fit in
-#: :data:`AUTO_REVERSE_MAX_MB`, else checkpointed reverse mode. At the reference size on
-#: this project's CPU (results/bench/reference_pool_cpu.json, ms per episode, T = 250) the
-#: 3-term pool took 73 by forward mode, 512 by plain reverse mode (peak RSS 2.3 / 4.0 / 12.3
-#: GB at T = 250 / 1000 / 4000), 605 by checkpointing and 1,762 by reconstruction (both flat
-#: at 2.3 GB).
+#: :data:`AUTO_REVERSE_MAX_MB`, else checkpointed reverse mode. Measured at the reference
+#: size on this project's CPU (ms per episode, T = 250): the 3-term pool at meta-batch 8
+#: (results/bench/reference_pool_cpu.json) took 73 by forward mode, 512 by plain reverse
+#: mode (peak RSS 2.3 / 4.0 / 12.3 GB at T = 250 / 1000 / 4000), 605 by checkpointing and
+#: 1,762 by reconstruction (both flat at 2.3 GB); the 81-monomial Taylor rule at meta-batch
+#: 1 (results/bench/reference_taylor_cpu.json) 10,632 by forward mode, 350 by plain reverse
+#: mode, 256 by checkpointing and 657 by reconstruction.
 FORWARD_MODE_MAX_COEFFS = 16
 #: plain reverse mode keeps about REVERSE_BYTES_PER_WEIGHT bytes per weight per step
 #: (measured at the reference size: +1.7 GB of peak RSS from T = 250 to 1000 for 178,670
 #: weights, 3.2 float32 copies); ``auto`` checkpoints when that would pass this many MB
-AUTO_REVERSE_MAX_MB = 1024.0
+#: (553 MB for one reference episode: checkpointing is about as fast there, and its memory
+#: stays flat as episodes grow)
+AUTO_REVERSE_MAX_MB = 256.0
 REVERSE_BYTES_PER_WEIGHT = 13.0
 
 
