@@ -97,7 +97,11 @@ def test_truncation_is_refused_where_it_cannot_run(pools):
         ContinualTask(5, 3, 2, stages=2, stage_steps=6)
     with pytest.raises(MetaplasticError, match="truncation needs the gradient outer loop"):
         build_config("pool", "digits", {"outer": "open_es", "truncation": 10})
-    check_train_config(build_config("pool", "digits", {"truncation": 10}).train)
+    with pytest.raises(MetaplasticError, match="cannot cut its episodes"):  # before any run
+        build_config("pool", "digits", {"truncation": 10})  # directory is made
+    with pytest.raises(MetaplasticError, match="does not divide"):
+        build_config("pool", "continual_digits", overrides=["train.truncation=333"])
+    check_train_config(build_config("pool", "continual_digits").train)
 
 
 def test_truncated_memory_does_not_grow_with_the_episode(pools):

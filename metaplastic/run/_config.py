@@ -610,7 +610,18 @@ def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
         cls = SECTIONS[section]
         new = parse_section(cls, values, f"--set {section}", getattr(cfg, section))
         cfg = cfg.replace(**{section: new})
+    check_across(cfg)
     return cfg
+
+
+def check_across(cfg: RunConfig) -> None:
+    """Checks that need two tables: a ``train.truncation`` the task can run (before any
+    run directory is made)."""
+    if cfg.train.truncation:
+        from ..tasks._task import task_class
+
+        task = task_class(cfg.task.kind).from_config(cfg.task, cfg.train)
+        task.check_segments(cfg.train.truncation)
 
 
 def config_from_dict(data: dict[str, Any], where: str) -> RunConfig:
