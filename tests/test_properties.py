@@ -345,15 +345,32 @@ def _task_tables():
         "emnist_split": st.one_of(st.sampled_from(EMNIST_SPLITS), _text),
     }
 
-    def at_defaults(keys):
-        return {k: st.just(getattr(defaults, k)) for k in keys}
+    continual = {"stages": st.integers(1, 2**31), "stage_steps": _count}
 
+    def at_defaults(*groups):
+        return {k: st.just(getattr(defaults, k)) for keys in groups for k in keys}
+
+    no_shift = {k: v for k, v in classification.items() if k != "luminosity_shift"}
     return st.one_of(
         st.fixed_dictionaries(
-            {**shared, "kind": st.just("pca"), **pca, **at_defaults(classification)}
+            {**shared, "kind": st.just("pca"), **pca, **at_defaults(classification, continual)}
         ),
         st.fixed_dictionaries(
-            {**shared, "kind": st.just("classification"), **classification, **at_defaults(pca)}
+            {
+                **shared,
+                "kind": st.just("classification"),
+                **classification,
+                **at_defaults(pca, continual),
+            }
+        ),
+        st.fixed_dictionaries(
+            {
+                **shared,
+                "kind": st.just("continual"),
+                **no_shift,
+                **continual,
+                **at_defaults(pca, ["luminosity_shift"]),
+            }
         ),
     )
 
@@ -425,6 +442,7 @@ def _train_tables():
                 "l1": _nonneg,
                 "gradient": st.sampled_from(GRADIENT_MODES),
                 "remat": st.booleans(),
+                "truncation": st.just(0),  # > 0 needs a task that can cut its episodes
                 "seed": st.integers(0, 2**32 - 1),
                 "eval_episodes": _count,
                 "log_every": _count,
