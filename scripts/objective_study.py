@@ -49,7 +49,9 @@ OPTIONS = {
     "ce_t3_5": (["network.n_out=5", "train.query_temperature=3.0"], "fa_5"),
 }
 GUARD = "train.weight_limit=100.0"
-OPTIONS.update({f"{k}_guard": ([*v[0], GUARD], v[1]) for k, v in list(OPTIONS.items()) if k != "ce_10"})
+OPTIONS.update(
+    {f"{k}_guard": ([*v[0], GUARD], v[1]) for k, v in list(OPTIONS.items()) if k != "ce_10"}
+)
 BASELINES = {"fa_5": ["network.n_out=5"], "fa_10": ["network.n_out=10"]}
 
 

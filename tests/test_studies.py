@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,6 +19,7 @@ def run_script(name: str, *args: str) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+@pytest.mark.slow  # a study script end to end: 10-50 s each (`-m slow`)
 def test_oja_constraints_quick(tmp_path):
     out = tmp_path / "oja"
     run_script(
@@ -48,6 +50,7 @@ def test_oja_constraints_quick(tmp_path):
     assert (out / "accuracy.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a study script end to end: 10-50 s each (`-m slow`)
 def test_scaling_normalization_quick(tmp_path):
     out = tmp_path / "scaling"
     run_script(
@@ -90,6 +93,7 @@ def test_scaling_normalization_quick(tmp_path):
     assert (out / "accuracy.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a study script end to end: 10-50 s each (`-m slow`)
 def test_inhibitory_normalization_quick(tmp_path):
     out = tmp_path / "inhib"
     run_script(
@@ -136,6 +140,7 @@ def test_inhibitory_normalization_quick(tmp_path):
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "meta.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a study script end to end: 10-50 s each (`-m slow`)
 def test_profile_meta_step_small(tmp_path):
     """The profiling script traces a small set-up and reports per-op busy time; an unknown
     preset is one line and exit code 2."""
@@ -169,6 +174,7 @@ def test_bench_kernels_runs(tmp_path):
         assert len(data[case]) == 2 and all(v > 0 for v in data[case].values())
 
 
+@pytest.mark.slow  # a study script end to end: 10-50 s each (`-m slow`)
 def test_bench_vmap_width_runs(tmp_path):
     """The script behind the train.vmap_width default times every width for both outer
     loops and writes JSON (tiny task, one repeat)."""
@@ -199,6 +205,7 @@ def test_bench_vmap_width_runs(tmp_path):
         assert all(v["ms_per_episode"] > 0 for v in data[outer].values())
 
 
+@pytest.mark.slow  # a study script end to end: 10-50 s each (`-m slow`)
 def test_oja_grid_runs_a_point_and_resumes(tmp_path):
     """One tiny grid point: train + export through the CLI, a record with the exported
     equation, the table; a second call finds the point done and does not re-run it."""
