@@ -176,6 +176,7 @@ def task(tmp_path):
     return path
 
 
+@pytest.mark.slow  # a whole `metaplastic train` run (12-19 s); `-m slow`
 def test_ei_network_trains_from_the_command_line(tmp_path, task):
     args = ["train", "--rule", "pool", "--task", str(task), "--quiet", "--out", str(tmp_path / "r")]
     res = CliRunner().invoke(

@@ -78,6 +78,7 @@ def task(tmp_path):
     return path
 
 
+@pytest.mark.slow  # a whole `metaplastic train` run (12-19 s); `-m slow`
 def test_predictive_coding_runs_in_train_from_the_command_line(tmp_path, task):
     args = ["train", "--rule", "pool", "--task", str(task), "--quiet"]
     res = CliRunner().invoke(
