@@ -83,6 +83,8 @@ def test_a_segment_loss_covers_the_classes_seen_so_far(pools):
     end = TASK.run_segment(RULE, NET, "fa", carry, stopped, seg1, 1, ctx)
     # the last segment's loss is the whole episode's meta-loss (every class seen)
     assert float(end[2]) == pytest.approx(float(full.query_loss), rel=1e-5)
+    assert float(TASK.score(full)) == float(full.query_accuracy)  # the whole episode's
+    assert TASK.diverged_score() == 0.0
 
 
 def test_truncation_is_refused_where_it_cannot_run(pools):

@@ -24,14 +24,13 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from .._errors import MetaplasticError
 from ..inner._episode import (
     Episode,
     labelled_signals,
     query_metrics,
-    run_episode,
     scan_episode,
     start_carry,
 )
@@ -45,16 +44,9 @@ class ContinualTask(AbstractTask):
     ``task.kind = "continual"``)."""
 
     name: ClassVar[str] = "continual"
+    #: classification's keys (no luminosity shift) and the stages
     options: ClassVar[tuple[str, ...]] = (
-        "dataset",
-        "data_dir",
-        "emnist_split",
-        "test_fraction",
-        "val_fraction",
-        "split_seed",
-        "n_way",
-        "k_shot",
-        "q_query",
+        *(k for k in ClassificationTask.options if k != "luminosity_shift"),
         "stages",
         "stage_steps",
     )
@@ -121,32 +113,11 @@ class ContinualTask(AbstractTask):
             query_y=q_lab.astype(jnp.int32),
         )
 
-    def run(
-        self, rule, net, feedback, key: PRNGKeyArray, pool: ImagePool, remat=False, record=None
-    ):
-        """One whole episode (:func:`run_episode`); the query covers every class."""
-        k_task, k_net = jax.random.split(key)
-        return run_episode(
-            rule,
-            net,
-            feedback,
-            k_net,
-            self.sample(k_task, pool),
-            remat=remat,
-            objective=self.objective,
-            temperature=self.temperature,
-            weight_limit=self.weight_limit,
-            record=record,
-        )
-
-    @staticmethod
-    def score(result) -> Array:
-        """Query accuracy over all classes after the last update."""
-        return result.query_accuracy
-
-    @staticmethod
-    def diverged_score() -> float:
-        return 0.0
+    # one whole episode (the query covers every class), its score and a diverged one's:
+    # as for classification, on this task's stream
+    run = ClassificationTask.run
+    score = staticmethod(ClassificationTask.score)
+    diverged_score = staticmethod(ClassificationTask.diverged_score)
 
     def segments(self, rule, net, feedback, key: PRNGKeyArray, pool: ImagePool, length: int):
         """The episode :meth:`run` would learn from ``key``, cut into segments of
