@@ -35,3 +35,41 @@ def meta_split(x, y, n_val: int):
     quarter) are the search's validation set, so the test split never enters it."""
     n_val = min(n_val, x.shape[0] // 4)
     return x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+
+
+# --------------------------------------------------------------------------- verdicts
+
+VERDICTS = ("reproduced", "partly", "not")
+
+
+def verdict_of(hits: int, total: int) -> str:
+    """``reproduced`` when a claim holds in every case it names, ``partly`` in some,
+    ``not`` in none."""
+    if total <= 0:
+        raise ValueError("a claim needs at least one case")
+    return "reproduced" if hits == total else ("partly" if hits > 0 else "not")
+
+
+def write_verdict(out, claims: list[dict], quick: bool) -> dict:
+    """Write ``out/verdict.json``: ``{"claims": [{"claim", "verdict", "seeds", ...}],
+    "quick": bool}``; every claim carries the numbers its verdict rests on."""
+    import json
+    from pathlib import Path
+
+    for c in claims:
+        missing = {"claim", "verdict", "seeds"} - set(c)
+        if missing:
+            raise ValueError(f"claim {c.get('claim')!r} lacks {sorted(missing)}")
+        if c["verdict"] not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {c['verdict']!r}")
+    doc = {"claims": claims, "quick": quick}
+    Path(out, "verdict.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def verdict_table(claims: list[dict]) -> list[str]:
+    """The verdicts as markdown table lines."""
+    lines = ["| claim | verdict | seeds | evidence |", "|---|---|---|---|"]
+    for c in claims:
+        lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['seeds']} | {c['evidence']} |")
+    return lines

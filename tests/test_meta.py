@@ -13,7 +13,8 @@ import pytest
 from metaplastic._errors import MetaplasticError
 from metaplastic.outer import GradientTrainer, OuterState, make_optimizer
 from metaplastic.rules._rules import TermPoolRule
-from metaplastic.tasks._problem import Problem, mean_ci95
+from metaplastic.tasks._problem import Problem
+from metaplastic.tasks._stats import bootstrap_ci, mean_ci95, paired_difference
 
 from .conftest import POOL_TERMS
 
@@ -166,6 +167,27 @@ def test_mean_ci95():
     m, lo, hi = mean_ci95([0.0, 1.0] * 50)
     assert m == 0.5 and lo < 0.5 < hi
     assert abs((hi - lo) / 2 - 1.984 * np.std([0, 1] * 50, ddof=1) / 10) < 1e-3
+
+
+def test_bootstrap_intervals_stay_in_range_and_pair_units():
+    """Accuracies near 1: the t interval leaves [0, 1], the bootstrap one cannot; the
+    paired difference uses the pairing (a constant offset is significant even though the
+    two samples overlap)."""
+    acc = [1.0, 1.0, 1.0, 0.2]
+    _, _, t_hi = mean_ci95(acc)
+    m, lo, hi = bootstrap_ci(acc)
+    assert t_hi > 1.0 and 0.2 <= lo < m < hi <= 1.0
+    assert bootstrap_ci(acc) == bootstrap_ci(acc)  # seeded
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0.3, 0.9, 20)
+    d = paired_difference(b + 0.01, b)
+    assert d["significant"] and d["a_better"] == 20 and abs(d["mean"] - 0.01) < 1e-12
+    d0 = paired_difference(b, b[::-1])
+    assert not d0["significant"] and d0["ci"][0] < 0 < d0["ci"][1]
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_ci([0.5, float("nan")])
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_huge_meta_gradients_are_rescaled_not_silently_dropped():

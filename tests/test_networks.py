@@ -454,3 +454,57 @@ def test_dale_clamp_zeroes_only_negative_weights():
     out = EINetwork.clamp(st)
     assert out.W[0].tolist() == [[0.0, 0.5]] and out.b[0].tolist() == [-2.0]
     np.testing.assert_array_equal(out.extra[0], [0.0, 0.25])
+
+
+def test_exact_inhibition_makes_inorm_a_layer_norm_at_start_and_keeps_its_pool_signed():
+    """The authors' start: I-Norm's drive equals layer norm of the excitatory drive (exact
+    centring by W_IX = mean row of W_EX, exact scaling by B_IX from the SVD), its local loss
+    is ~0, and the signed B_IX survives the Dale clamp and the inhibitory update."""
+    from metaplastic.inner._network import _standardise
+
+    for sizes in ((20, 15, 12, 3), (6, 9, 3)):  # fewer and more units than inputs
+        net = EINetwork(sizes, activation="relu", norm="inorm", inhibition_init="exact")
+        st = net.init(jax.random.key(0))
+        x = jax.random.uniform(jax.random.key(1), (7, sizes[0]))
+        _, local, drives = net.batch_forward(st, x)
+        np.testing.assert_allclose(drives[0], _standardise(x @ st.W[0].T), atol=1e-4)
+        assert float(local) < 1e-4
+        p = st.extra[0]
+        assert float(jnp.min(p.B_IX)) < 0  # signed
+        kept = EINetwork.clamp(st, signed_pool=True).extra[0].B_IX
+        np.testing.assert_array_equal(kept, p.B_IX)
+        assert float(jnp.min(EINetwork.clamp(st).extra[0].B_IX)) == 0.0
+    net = EINetwork((20, 15, 3), norm="inorm", inhibition_init="exact", inhibitory_rate=0.1)
+    st = net.init(jax.random.key(2))
+    h = jax.random.uniform(jax.random.key(3), (20,))
+    after = net.after_update(st, [h, net.act(net.pre(st, 0, h))])
+    assert float(jnp.min(after.extra[0].B_IX)) < 0
+    with pytest.raises(MetaplasticError, match="inhibition init"):
+        EINetwork((4, 3), inhibition_init="svd")
+
+
+def test_bounded_scaling_keeps_a_silent_unit_finite_where_fixed_target_scaling_grows():
+    """A silent unit (ybar = 0) under the fixed-target step grows like (1 + gamma rho)^t
+    without limit; under scaling_bounded its gain settles below c^tanh(1). An over-active
+    unit shrinks to no less than 1/c. Unknown step names are refused."""
+    from metaplastic.inner import BOUNDED_GAIN, scaling_step
+
+    W0 = jnp.ones((2, 3))
+    p0 = {"W": [W0, jnp.ones((1, 2))]}
+    nrm0 = [jnp.linalg.norm(W0, axis=1)]
+    ybar = [jnp.array([0.0, 50.0])]  # silent, far over the target 0.5
+
+    def run(coefs, steps=3000):
+        p = p0
+        for _ in range(steps):
+            p = scaling_step(coefs, [0.5], p, ybar, nrm0)
+        return np.asarray(jnp.linalg.norm(p["W"][0], axis=1) / nrm0[0])
+
+    fixed = run({"scaling_fixed": 0.01}, 300)
+    assert fixed[0] > 4.0  # 1.005^300 = 4.5 and still growing
+    gain = run({"scaling_bounded": 0.05})
+    assert 1.0 < gain[0] < BOUNDED_GAIN ** np.tanh(1.0) + 1e-3
+    assert 1.0 / BOUNDED_GAIN - 1e-3 < gain[1] < 1.0
+    np.testing.assert_allclose(run({"scaling_bounded": 0.05}, 4000), gain, rtol=1e-3)  # settled
+    with pytest.raises(MetaplasticError, match="scaling step"):
+        scaling_step({"scaling_unbounded": 0.1}, [0.5], p0, ybar, nrm0)

@@ -37,10 +37,18 @@ from ._network import (
     NetState,
     Network,
     error_norm,
+    exact_inhibition,
     normalise_error,
     register_network,
 )
-from ._normalised import NORMALISATIONS, NormalisedMLP, scaling_step
+from ._normalised import (
+    BOUNDED_GAIN,
+    NORMALISATIONS,
+    SCALING_STEPS,
+    NormalisedMLP,
+    bounded_scaling_rate,
+    scaling_step,
+)
 from ._reconstruct import reconstructed_scan, reconstruction_drift
 
 __all__ = [
@@ -62,11 +70,15 @@ __all__ = [
     "NETWORKS",
     "AbstractNetwork",
     "EINetwork",
+    "exact_inhibition",
     "Inhibition",
     "register_network",
     "NORMALISATIONS",
     "NormalisedMLP",
     "scaling_step",
+    "SCALING_STEPS",
+    "BOUNDED_GAIN",
+    "bounded_scaling_rate",
     "error_norm",
     "ERROR_NORM_COEFFICIENTS",
     "normalise_error",

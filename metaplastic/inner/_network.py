@@ -254,6 +254,25 @@ error_norm.defvjp(_error_norm_fwd, _error_norm_bwd)
 ERROR_NORM_COEFFICIENTS = {"gradnorm": (1.0, 1.0, 1.0), "center": (1.0, 0.0, 0.0)}
 
 
+INHIBITION_INITS = ("random", "exact")
+
+
+def exact_inhibition(w_ex: Array, n_i: int) -> tuple[Array, Array]:
+    """``(W_IX, B_IX)`` that make an I-Norm layer exactly a layer norm at initialisation
+    (the set-up of Eyono et al.'s code): every row of ``W_IX`` is the mean row of ``W_EX``,
+    so with ``W_EI`` rows summing to 1 the subtractive inhibition ``W_EI W_IX x`` is the
+    mean excitatory drive (exact centring); ``B_IX = S V^T`` from the thin SVD ``W = U S
+    V^T`` of the centred weights ``W = W_EX - 1 mean_row(W_EX)``, scaled by ``sqrt(k /
+    n_E)`` (``k`` its rows), so ``mean_j (B_IX x)_j^2 = ||W x||^2 / n_E`` is the variance of
+    the centred drive across units (exact scaling). ``B_IX`` is signed: it pools squared
+    drives, so its sign does not act as a synapse's sign, and it is not clamped."""
+    n_e = w_ex.shape[0]
+    mean_row = jnp.mean(w_ex, axis=0, keepdims=True)
+    _, sv, vt = jnp.linalg.svd(w_ex - mean_row, full_matrices=False)
+    b_ix = (sv[:, None] * vt) * jnp.sqrt(sv.shape[0] / n_e)
+    return jnp.tile(mean_row, (n_i, 1)), b_ix
+
+
 class EINetwork(AbstractNetwork):
     """Excitatory-inhibitory network obeying Dale's law (``network.kind = "ei"``), after
     Cornford et al. 2021 and Eyono, Levenstein, Ghosh, Cornford & Richards 2026.
@@ -286,7 +305,9 @@ class EINetwork(AbstractNetwork):
     Initialisation: ``W_EX`` and ``W_IX`` lognormal with mean and standard deviation
     ``init_scale * sqrt(2 / n_in)``, ``W_EI`` lognormal with its rows normalised to sum to 1
     (so the subtractive inhibition matches the mean excitatory drive), ``B_IX`` like ``W_IX``,
-    biases zero.
+    biases zero. ``inhibition_init = "exact"`` instead sets ``W_IX`` and ``B_IX`` by
+    :func:`exact_inhibition` (I-Norm equal to layer norm at initialisation, as in the
+    authors' code; ``B_IX`` signed and never clamped).
     """
 
     name: ClassVar[str] = "ei"
@@ -300,6 +321,7 @@ class EINetwork(AbstractNetwork):
         "error_norm",
         "inhibitory_rate",
         "local_weight",
+        "inhibition_init",
     )
     sizes: tuple[int, ...] = eqx.field(static=True)
     beta: float = eqx.field(static=True, default=10.0)
@@ -311,6 +333,7 @@ class EINetwork(AbstractNetwork):
     error_norm: str = eqx.field(static=True, default="none")
     inhibitory_rate: float = eqx.field(static=True, default=0.0)
     local_weight: float = eqx.field(static=True, default=100.0)
+    inhibition_init: str = eqx.field(static=True, default="random")
 
     def __check_init__(self):
         _check_common(self.sizes, self.activation, self.beta, self.init_scale)
@@ -337,6 +360,10 @@ class EINetwork(AbstractNetwork):
             raise MetaplasticError(
                 f"network.local_weight must be positive, got {self.local_weight}"
             )
+        if self.inhibition_init not in INHIBITION_INITS:
+            raise unknown_name(
+                "inhibition init", self.inhibition_init, INHIBITION_INITS, "network.inhibition_init"
+            )
 
     def n_inhibitory(self, n_e: int) -> int:
         return max(1, round(self.inhibitory_fraction * n_e))
@@ -348,14 +375,14 @@ class EINetwork(AbstractNetwork):
             n_i = self.n_inhibitory(n_out)
             scale = self.init_scale * float(np.sqrt(2.0 / n_in))
             w_ei = _lognormal(k3, (n_out, n_i), 1.0)
-            W.append(_lognormal(k1, (n_out, n_in), scale))
-            inh.append(
-                Inhibition(
-                    W_IX=_lognormal(k2, (n_i, n_in), scale),
-                    W_EI=w_ei / jnp.sum(w_ei, axis=1, keepdims=True),
-                    B_IX=_lognormal(k4, (n_i, n_in), scale),
-                )
-            )
+            w_ei = w_ei / jnp.sum(w_ei, axis=1, keepdims=True)
+            w_ex = _lognormal(k1, (n_out, n_in), scale)
+            W.append(w_ex)
+            if self.inhibition_init == "exact":
+                w_ix, b_ix = exact_inhibition(w_ex, n_i)
+            else:
+                w_ix, b_ix = _lognormal(k2, (n_i, n_in), scale), _lognormal(k4, (n_i, n_in), scale)
+            inh.append(Inhibition(W_IX=w_ix, W_EI=w_ei, B_IX=b_ix))
         b = tuple(jnp.zeros(s[0]) for s in self.shapes) if self.bias else None
         return NetState(W=tuple(W), b=b, extra=tuple(inh))
 
@@ -412,10 +439,17 @@ class EINetwork(AbstractNetwork):
         return self.local_weight * (jnp.mean(u) ** 2 + (jnp.var(u) - 1.0) ** 2)
 
     @staticmethod
-    def clamp(state: NetState) -> NetState:
-        """Dale's law: every weight matrix clamped at zero (biases are free)."""
+    def clamp(state: NetState, signed_pool: bool = False) -> NetState:
+        """Dale's law: every weight matrix clamped at zero (biases are free);
+        ``signed_pool`` leaves ``B_IX`` signed (the ``"exact"`` initialisation's pool)."""
         pos = functools.partial(jax.tree_util.tree_map, lambda a: jnp.maximum(a, 0.0))
-        return NetState(W=pos(state.W), b=state.b, extra=pos(state.extra))
+
+        def inhibition(p):
+            if signed_pool and isinstance(p, Inhibition):
+                return Inhibition(W_IX=pos(p.W_IX), W_EI=pos(p.W_EI), B_IX=p.B_IX)
+            return pos(p)
+
+        return NetState(W=pos(state.W), b=state.b, extra=tuple(inhibition(p) for p in state.extra))
 
     def after_update(self, state: NetState, pres: list[Array]) -> NetState:
         """Dale's law (clamp every weight at zero), then with ``inhibitory_rate > 0`` one
@@ -430,9 +464,12 @@ class EINetwork(AbstractNetwork):
                 h = pres[layer]
                 exc = self._excitatory(clamped, layer, h)
                 g = jax.grad(self._local_loss)(extra[layer], exc, h)
-                extra[layer] = jax.tree_util.tree_map(
-                    lambda a, d: jnp.maximum(a - self.inhibitory_rate * d, 0.0), extra[layer], g
+                stepped = jax.tree_util.tree_map(
+                    lambda a, d: a - self.inhibitory_rate * d, extra[layer], g
                 )
+                extra[layer] = EINetwork.clamp(
+                    NetState(W=(), b=None, extra=(stepped,)), self.inhibition_init == "exact"
+                ).extra[0]
         return NetState(W=W, b=state.b, extra=tuple(extra))
 
     def batch_forward(

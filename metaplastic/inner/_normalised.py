@@ -86,18 +86,49 @@ class NormalisedMLP(eqx.Module):
         return h, hidden, batch_stats
 
 
+#: ``scaling_bounded``'s bound on a row's gain: ``||W_i:|| / nrm0_i`` stays in ``(1/c, c)``
+BOUNDED_GAIN = 4.0
+#: the scaling steps :func:`scaling_step` knows: the scaling terms, and the bounded variant
+SCALING_STEPS = ("scaling_fixed", "scaling_layer_mean", "scaling_norm", "scaling_bounded")
+
+
+def bounded_scaling_rate(ybar, target, W, nrm0, gain: float = BOUNDED_GAIN):
+    """The log-gain drive of ``scaling_bounded``, per unit of its coefficient ``gamma``:
+    ``r_i = tanh(1 - ybar_i / rho) - log(||W_i:|| / nrm0_i) / log(c)``.
+
+    The step is ``W_i: <- W_i: exp(gamma r_i)``: multiplicative like the fixed-target
+    scaling (every incoming weight of a unit scales by one factor, so their ratios are
+    kept), but bounded twice over. The activity drive ``tanh(1 - ybar/rho)`` lies in
+    ``(-1, tanh 1)``, so one step changes a row by a factor in ``(e^-2gamma, e^2gamma)``; and
+    the leak ``-log(gain)/log(c)`` pulls the row's gain back, so its log-gain settles where
+    the two cancel, inside ``(-log c, log c)``: a silent ReLU unit (``ybar = 0``) grows its
+    weights to at most ``c^tanh(1) ~ c^0.76`` times their start instead of without limit (the
+    failure of ``(rho - ybar) W``), and an over-active one shrinks to at least ``1/c``."""
+    g = jnp.linalg.norm(W, axis=1) / nrm0
+    return jnp.tanh(1.0 - ybar / target) - jnp.log(g) / jnp.log(gain)
+
+
 def scaling_step(coefs: dict, targets, p: dict, ybar, nrm0) -> dict:
     """Synaptic scaling as a normalisation step: each hidden layer's incoming weights change
     by ``sum_k coefs[k] * term_k(W, ybar, nrm0)`` for the scaling terms named in ``coefs``
     (``scaling_fixed`` with target ``targets[i]``, ``scaling_layer_mean``,
     ``scaling_norm``), with ``ybar`` each hidden unit's running-average activity and
-    ``nrm0`` the rows' starting norms."""
+    ``nrm0`` the rows' starting norms; ``scaling_bounded`` (target ``targets[i]``) then
+    multiplies each row by ``exp(coef * r_i)`` (:func:`bounded_scaling_rate`)."""
+    unknown = set(coefs) - set(SCALING_STEPS)
+    if unknown:
+        raise unknown_name("scaling step", sorted(unknown)[0], SCALING_STEPS, "coefs")
     new_W = list(p["W"])
     for i in range(len(p["W"]) - 1):
         W = p["W"][i]
         z_in, z_out = jnp.zeros(W.shape[1]), jnp.zeros(W.shape[0])
         s = LocalSignals(z_in, z_out, z_out, z_in, W, ybar=ybar[i], theta_M=None, nrm0=nrm0[i])
         for name, c in coefs.items():
+            if name == "scaling_bounded":
+                continue
             term = TERMS[name](target=targets[i]) if name == "scaling_fixed" else TERMS[name]()
             new_W[i] = new_W[i] + c * term(s)
+        if "scaling_bounded" in coefs:
+            r = bounded_scaling_rate(ybar[i], targets[i], new_W[i], nrm0[i])
+            new_W[i] = new_W[i] * jnp.exp(coefs["scaling_bounded"] * r)[:, None]
     return dict(p, W=new_W)

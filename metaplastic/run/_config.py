@@ -118,12 +118,14 @@ class NetworkConfig:
     #: kind = "ei" only: inhibitory units per excitatory unit of a layer; "none" or "inorm"
     #: (I-Norm hidden layers); the error transform "none", "gradnorm" or "center"; the step
     #: size of I-Norm's local loss on the inhibitory weights (0 = fixed inhibition) and the
-    #: loss's weight
+    #: loss's weight; the start of W_IX and B_IX: "random" (lognormal) or "exact" (I-Norm
+    #: equal to layer norm at the start, as in Eyono et al.'s code)
     inhibitory_fraction: float = 0.1
     norm: str = "none"
     error_norm: str = "none"
     inhibitory_rate: float = 0.0
     local_weight: float = 100.0
+    inhibition_init: str = "random"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from ..rules._user_terms import (
     run_user_terms,
 )
 from ..tasks._data import ImagePool, load_dataset, split_pools, split_validation
-from ..tasks._problem import Problem, evaluate_outcomes, mean_ci95
+from ..tasks._problem import Problem, evaluate_outcomes
+from ..tasks._stats import mean_ci95
 from ..tasks._task import AbstractTask, task_class
 from ._checkpoint import load_latest, save_checkpoint
 from ._config import RunConfig

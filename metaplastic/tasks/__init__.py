@@ -26,7 +26,11 @@ from ._problem import (
     Problem,
     evaluate_outcomes,
     evaluate_rule,
+)
+from ._stats import (
+    bootstrap_ci,
     mean_ci95,
+    paired_difference,
 )
 from ._task import (
     TASKS,
@@ -52,6 +56,8 @@ __all__ = [
     "evaluate_rule",
     "load_dataset",
     "mean_ci95",
+    "bootstrap_ci",
+    "paired_difference",
     "split_pools",
     "split_validation",
     "train_test_arrays",

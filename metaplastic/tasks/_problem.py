@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray
-from scipy import stats
 
 from ..inner._network import AbstractNetwork
 from ..rules._rules import AbstractRule
@@ -123,13 +122,3 @@ def evaluate_outcomes(
         vals.append(np.asarray(v))
         bad.append(np.asarray(d))
     return np.concatenate(vals)[:episodes], np.concatenate(bad)[:episodes]
-
-
-def mean_ci95(values) -> tuple[float, float, float]:
-    """Mean and Student-t 95% confidence interval of the mean."""
-    v = np.asarray(values, dtype=np.float64)
-    m = float(v.mean())
-    if v.size < 2:
-        return m, m, m
-    h = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    return m, m - h, m + h
