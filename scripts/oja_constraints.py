@@ -317,7 +317,8 @@ def main() -> None:
         base = prog["rows"].get(f"{r['condition']}|{r['method'].split(' ')[0]}")
         summarise(r, None if base is r else base)
     claims = verdicts(rows, args)
-    write(out, rows, claims, args, time.perf_counter() - t_start)
+    compute_s = sum(r.get("seconds") or 0.0 for r in rows)  # across resumed runs too
+    write(out, rows, claims, args, max(compute_s, time.perf_counter() - t_start))
 
 
 def meta_rows(args, prog, prog_path, rule_path, task, conds) -> None:
@@ -461,7 +462,7 @@ def write(out: Path, rows, claims, args, total_s: float) -> None:
         f"same budget of {args.budget} configurations on {args.tune_episodes} validation "
         f"episodes each; tested on {args.seeds} seeds x {args.eval_episodes} held-out episodes "
         f"(test-split images); 95% percentile-bootstrap intervals; diverged episodes score 0. "
-        f"Total {total_s / 60:.1f} min.",
+        f"Compute {total_s / 60:.1f} min.",
         "",
         "| condition | method | held-out accuracy | 95% CI | + Oja minus plain (paired 95% CI) "
         "| seeds better | diverged | effective rank | eta, theta |",
@@ -479,6 +480,8 @@ def write(out: Path, rows, claims, args, total_s: float) -> None:
         diff = f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "—"
         better = f"{d['seeds_better']}/{len(r['seed_means'])}" if d else "—"
         name = r["method"] + (f" seed {r['meta_seed']}" if "meta_seed" in r else "")
+        if r.get("run_status", "ok") != "ok":  # the rule of a run that failed its checks
+            name += f" (run failed: {r['run_status'].split(':')[0]})"
         lines.append(
             f"| {r['condition']} | {name} | {r['accuracy']:.3f} | "
             f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {diff} | {better} | "
