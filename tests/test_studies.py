@@ -45,6 +45,20 @@ def test_committed_verdicts_come_from_full_runs_with_enough_seeds(study):
         assert c["seeds"] >= (3 if "meta-learned" in c["claim"] else 5), c
 
 
+def test_the_docs_verdict_table_is_what_the_committed_verdicts_say():
+    """docs/results/seed-papers.md carries scripts/seed_paper_verdicts.py's table of the
+    committed verdict.json files, so a re-run study cannot leave stale verdicts there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "seed_paper_verdicts", ROOT / "scripts" / "seed_paper_verdicts.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    page = (ROOT / "docs" / "results" / "seed-papers.md").read_text()
+    assert mod.table(ROOT) in page
+
+
 @pytest.mark.slow  # a study script end to end: 1-3 min each (`-m slow`)
 def test_oja_constraints_quick(tmp_path):
     out = tmp_path / "oja"
