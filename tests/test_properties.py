@@ -30,7 +30,7 @@ from metaplastic._errors import MetaplasticError
 from metaplastic.export._export import equation_rule_from_export, format_rule, rule_from_json
 from metaplastic.inner._episode import OBJECTIVES
 from metaplastic.inner._feedback import FEEDBACK_MODES, PC_VARIANTS
-from metaplastic.inner._network import ACTIVATIONS, ERROR_NORMS
+from metaplastic.inner._network import ACTIVATIONS, ERROR_NORMS, INHIBITION_INITS
 from metaplastic.outer import GRADIENT_MODES, OPTIMIZERS
 from metaplastic.outer._evolution import ES_OBJECTIVES, FITNESS_SHAPING, strategy_names
 from metaplastic.outer._units import UNITS
@@ -378,7 +378,14 @@ def _task_tables():
 #: The [network] keys only kind = "ei" reads, at their defaults.
 EI_DEFAULTS = {
     k: getattr(NetworkConfig(), k)
-    for k in ("inhibitory_fraction", "norm", "error_norm", "inhibitory_rate", "local_weight")
+    for k in (
+        "inhibitory_fraction",
+        "norm",
+        "error_norm",
+        "inhibitory_rate",
+        "local_weight",
+        "inhibition_init",
+    )
 }
 
 
@@ -403,6 +410,7 @@ def _network_tables():
         "inhibitory_fraction": st.floats(0.0, 1.0, exclude_min=True),
         "error_norm": st.sampled_from(ERROR_NORMS),
         "local_weight": _positive,
+        "inhibition_init": st.sampled_from(INHIBITION_INITS),
     }
     return st.one_of(
         st.fixed_dictionaries({**shared, **mlp}),
