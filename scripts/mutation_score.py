@@ -520,7 +520,7 @@ def _env(scratch: Path, cache_dir: Path, **extra) -> dict:
     return env
 
 
-PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "-n", "0"]
+PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider"]
 _CHILDREN: set[subprocess.Popen] = set()
 _LOCK = threading.Lock()
 
