@@ -48,6 +48,7 @@ def _final(run: Path):
     return np.asarray(theta, np.float32), (run / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow  # SIGKILLs whole training processes: ~60 s (`-m slow`)
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
     steps = 300
     cfg, task = _cfg(tmp_path, 2 * steps)

@@ -80,9 +80,13 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize(
     "outer",
-    # the ES population is split over processes like the meta-batch; it runs with -m slow to
-    # keep the default run under 12 minutes (the one-process test above covers ES sharding)
-    ["adam", pytest.param("open_es", marks=pytest.mark.slow)],
+    # the ES population is split over processes like the meta-batch. Both run with -m slow
+    # (two processes over loopback, ~90 s each on 2 cores); the one-process four-device test
+    # keeps sharding in the default run
+    [
+        pytest.param("adam", marks=pytest.mark.slow),
+        pytest.param("open_es", marks=pytest.mark.slow),
+    ],
 )
 def test_two_processes_over_loopback_match_a_single_process(tmp_path, outer):
     from metaplastic.run._config import build_config
