@@ -73,3 +73,21 @@ def verdict_table(claims: list[dict]) -> list[str]:
     for c in claims:
         lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['seeds']} | {c['evidence']} |")
     return lines
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def load_progress(path, args, free: tuple[str, ...], empty: dict) -> dict:
+    """The study's ``progress.json`` if it was made with the same settings (``args`` minus
+    the keys in ``free``, which only add or select runs), else ``{"settings": ...,
+    **empty}``: a finished part is reused, never one made with other settings."""
+    import json
+    from pathlib import Path
+
+    every = json.loads(json.dumps(vars(args), default=str))
+    settings = {k: v for k, v in every.items() if k not in free}
+    path = Path(path)
+    prog = json.loads(path.read_text()) if path.exists() else {}
+    kept = {k: v for k, v in prog.get("settings", {}).items() if k not in free}
+    return prog if kept == settings and prog else {"settings": settings, **empty}

@@ -78,6 +78,7 @@ import numpy as np
 import optax
 from _study import (
     add_meta_args,
+    load_progress,
     meta_split,
     resolve_meta_args,
     verdict_of,
@@ -434,15 +435,10 @@ def main() -> None:
     args.n_align = min(args.n_align, tx.shape[0])
     data = tuple(jnp.asarray(a) for a in (x, y, vx, vy, tx, ty))
     t_all = time.perf_counter()
-    settings = json.loads(json.dumps(_jsonable(vars(args)), default=str))
     # runs are keyed by (condition, rate): more conditions or rates extend a finished run
-    free = ("out", "conditions", "meta", "lrs")
-    settings = {k: v for k, v in settings.items() if k not in free}
     prog_path = out_dir / "progress.json"
-    prog = json.loads(prog_path.read_text()) if prog_path.exists() else {}
-    kept = {k: v for k, v in prog.get("settings", {}).items() if k not in free}
-    if kept != settings:
-        prog = {"settings": settings, "runs": {}, "meta": None}
+    free = ("out", "conditions", "meta", "lrs")
+    prog = load_progress(prog_path, args, free, {"runs": {}, "meta": None})
     if args.meta and prog.get("meta") is None:
         t0 = time.perf_counter()
         learned, _, history, n_train, n_val = meta_learn(data, args)

@@ -60,6 +60,7 @@ import numpy as np
 import optax
 from _study import (
     add_meta_args,
+    load_progress,
     meta_split,
     resolve_meta_args,
     verdict_of,
@@ -207,15 +208,10 @@ def main() -> None:
     args.hidden = (32, 32) if q else (128, 128)
     out = args.out or Path("results/scaling_normalization" + ("_quick" if q else ""))
     out.mkdir(parents=True, exist_ok=True)
-    settings = json.loads(json.dumps(vars(args), default=str))
     # runs are keyed by (data set, condition, rate, strength): more of them extend a run
-    free = ("out", "conditions", "datasets", "lrs", "gammas", "meta")
-    settings = {k: v for k, v in settings.items() if k not in free}
     prog_path = out / "progress.json"
-    prog = json.loads(prog_path.read_text()) if prog_path.exists() else {}
-    kept = {k: v for k, v in prog.get("settings", {}).items() if k not in free}
-    if kept != settings:
-        prog = {"settings": settings, "runs": {}, "meta": {}}
+    free = ("out", "conditions", "datasets", "lrs", "gammas", "meta")
+    prog = load_progress(prog_path, args, free, {"runs": {}, "meta": {}})
     t_all = time.perf_counter()
     for name in args.datasets:
         ds = load_dataset(name)
