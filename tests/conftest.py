@@ -16,6 +16,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+#: The suite is compile-bound (thousands of small programs, each run briefly): XLA's CPU
+#: backend at optimisation level 0 compiles them about 40% faster (tests/test_units.py:
+#: 91 s -> 56 s). Flags the caller set are kept; subprocesses inherit the setting.
+#: Programs compiled in under a second are cached too (JAX's default skips them): another
+#: test compiling the same program loads it (about 6% of the suite's time).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    _flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = _flags.strip()
+
 import jax  # noqa: E402
 import numpy as np
 import pytest

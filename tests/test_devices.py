@@ -44,7 +44,8 @@ print(json.dumps(out))
 
 
 def test_one_and_four_devices_agree_bit_for_bit():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, TASK], capture_output=True, text=True, env=env, timeout=600
     )

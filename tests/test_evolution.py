@@ -87,7 +87,9 @@ def test_population_members_share_episodes(small_problem):
     pop = jax.tree_util.tree_map(lambda a: np.stack([a, a]), params)
     keys = jax.random.split(jax.random.key(3), 3)
     loss, _ = tr.fitness(pop, keys)
-    assert float(loss[0]) == float(loss[1])  # common random numbers: identical members tie
+    # common random numbers: identical members tie, to rounding (a member's lane in the
+    # vmapped program may round its last bit differently at low XLA optimisation levels)
+    np.testing.assert_allclose(float(loss[0]), float(loss[1]), rtol=1e-6)
 
 
 def test_nan_for_part_of_the_population_does_not_stop_the_run(small_problem):

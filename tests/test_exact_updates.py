@@ -121,7 +121,9 @@ def _assert_learns(problem, start, trainer, steps, start_loss=None):
     assert _loss(problem, learned) < start_loss - 0.05
 
 
-@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize(
+    "mode", [pytest.param("forward", marks=pytest.mark.slow), "reverse"]
+)  # forward mode's gradient equals reverse mode's (test_meta.test_forward_equals_reverse)
 def test_gradient_trainer_lowers_the_meta_loss(learnable, mode):
     """A negated update (meta-ascent) drives the step negative and the loss up."""
     problem, start = learnable

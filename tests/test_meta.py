@@ -80,6 +80,7 @@ def test_forward_equals_reverse(small_problem, shared):
         np.testing.assert_allclose(ac["loss"], ar["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow  # the default run checks the same gradient in test_meta_gradients (term_pool-fa)
 def test_meta_gradient_matches_finite_differences(small_net, small_task, pools):
     with jax.enable_x64(True):
         problem = Problem(small_net, "fa", small_task, pools[0])

@@ -197,7 +197,7 @@ _thresholds = st.sampled_from([0.0, 1e-4, 3e-3, 0.05])
 _seeds = st.integers(0, 2**32 - 1)
 
 
-@_settings(40, shrink=False)
+@_settings(20, shrink=False)
 @given(
     per_layer=st.booleans(),
     coefs=st.lists(_hundredths, min_size=2 * len(POOL), max_size=2 * len(POOL)),
@@ -245,7 +245,7 @@ def test_term_pool_export_parses_back_to_the_same_update(
         assert shown == {abs(_round(v)) for v in fb if v != 0.0}, text
 
 
-@_settings(30, shrink=False)
+@_settings(15, shrink=False)
 @given(
     per_layer=st.booleans(),
     coefs=st.lists(_any_coef, min_size=2 * len(MONOMIALS), max_size=2 * len(MONOMIALS)),

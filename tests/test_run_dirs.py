@@ -170,6 +170,7 @@ def _thetas(out: Path) -> dict[str, list]:
     }
 
 
+@pytest.mark.slow  # ~25 s; the default run keeps test_es_resume_is_bit_identical
 def test_discover_interrupted_twice_then_resumed_matches_an_uninterrupted_run(
     tmp_path, task, monkeypatch
 ):
