@@ -28,6 +28,9 @@ Tuning protocol (the same for every method and condition):
 * ``--meta``: the paper's own route, the Oja coefficient meta-learned together with the step
   by the framework's gradient outer loop (start: the tuned plain step, theta 0; train
   ``grad_limit`` on), on ``--meta-seeds`` meta-training seeds, tested on the same episodes.
+  The outer loop's step size is tuned too: one meta-training run per value of
+  ``--meta-lrs``, the best on the validation episodes tested (runs that passed their own
+  divergence checks first).
 
 Also reported: the effective rank (participation ratio ``(sum l)^2 / sum l^2`` of the
 covariance eigenvalues) of the last hidden layer's activity on the query images after
@@ -39,7 +42,7 @@ and skipped when the script is run again with the same settings (resume after a 
 
 Usage (repository root)::
 
-    python scripts/oja_constraints.py --meta   # Fashion-MNIST, 5 seeds, ~40 min on 2 cores
+    python scripts/oja_constraints.py --meta   # Fashion-MNIST, 5 seeds, ~75 min on 2 cores
     python scripts/oja_constraints.py --quick  # digits, small, ~2 min
 """
 
@@ -54,7 +57,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _study import verdict_of, verdict_table, write_verdict
+from _study import load_progress, verdict_of, verdict_table, write_verdict
 from tqdm.auto import tqdm
 
 from metaplastic.export import read_rule_file
@@ -71,8 +74,9 @@ from metaplastic.run import (
 from metaplastic.tasks import bootstrap_ci, evaluate_outcomes, paired_difference
 
 FEEDBACKS = {"backprop": "backprop", "FA": "fa"}
-#: a "+ Oja" method's Oja coefficients (0 = its plain method)
-OJA_VALUES = (0.0, 1e-3, 1e-2, 3e-2)
+#: a "+ Oja" method's Oja coefficients (0 = its plain method); log-spaced over the stable
+#: range: on validation, theta >= 1e-2 diverged in every condition
+OJA_VALUES = (0.0, 3e-4, 1e-3, 3e-3)
 OJA_VALUES_QUICK = (0.0, 1e-2)
 ETA_RANGE = (1e-3, 0.3)
 
@@ -124,7 +128,7 @@ def task_file(out: Path, quick: bool) -> Path:
 
 
 def make_config(
-    rule, task, feedback, cond, seed, episodes=10, n_eval=10, grad_limit=0.0, init=None
+    rule, task, feedback, cond, seed, episodes=10, n_eval=10, grad_limit=0.0, init=None, lr=3e-3
 ):
     return build_config(
         rule,
@@ -133,7 +137,7 @@ def make_config(
             "feedback": feedback,
             "episodes": episodes,
             "meta_batch": 8,
-            "lr": 0.003,
+            "lr": lr,
             "seed": seed,
             "eval_episodes": n_eval,
             "checkpoint_every": 0,
@@ -178,6 +182,11 @@ def effective_rank(h: np.ndarray) -> float:
     except np.linalg.LinAlgError:
         return float("nan")
     return float(lam.sum() ** 2 / (np.sum(lam**2) + 1e-30))
+
+
+def _grid_of(row: dict | None) -> list[tuple[float, float]] | None:
+    """The ``(eta, theta)`` grid a finished row was tuned on (None: no row)."""
+    return None if row is None else [(p["eta"], p["oja"]) for p in row["tuning"]]
 
 
 def tune(cfg, setup, grid, episodes: int):
@@ -249,6 +258,14 @@ def main() -> None:
     ap.add_argument("--meta-seeds", type=int, default=3)
     ap.add_argument("--meta-episodes", type=int, default=None, help="default 320 (quick 16)")
     ap.add_argument("--meta-conditions", nargs="+", default=["standard", "deep"])
+    ap.add_argument(
+        "--meta-lrs",
+        nargs="+",
+        type=float,
+        default=None,
+        help="outer-loop step sizes tried per meta seed, chosen on validation "
+        "(default 3e-3 3e-4 1e-4; quick 3e-3 3e-4)",
+    )
     ap.add_argument("--grad-limit", type=float, default=1e12, help="train.grad_limit (--meta)")
     args = ap.parse_args()
     q = args.quick
@@ -262,6 +279,9 @@ def main() -> None:
     if args.budget % len(thetas):
         ap.error(f"--budget must be a multiple of {len(thetas)} (the Oja values)")
     args.meta_episodes = args.meta_episodes or (16 if q else 320)
+    args.meta_lrs = args.meta_lrs or ([3e-3, 3e-4] if q else [3e-3, 3e-4, 1e-4])
+    if min(args.meta_lrs) <= 0:
+        ap.error("--meta-lrs must be positive")
     conds = conditions(q)
     for name in (args.conditions or []) + (args.meta_conditions if args.meta else []):
         if name not in conds:
@@ -273,12 +293,9 @@ def main() -> None:
         "plain": [(float(e), 0.0) for e in fine],
         "oja": [(float(e), float(t)) for e in coarse for t in thetas],
     }
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "conditions")}
-    settings = json.loads(json.dumps(settings, default=str))
     prog_path = out / "progress.json"
-    prog = json.loads(prog_path.read_text()) if prog_path.exists() else {}
-    if prog.get("settings") != settings:
-        prog = {"settings": settings, "rows": {}}
+    free = ("out", "conditions", "meta", "meta_seeds", "meta_conditions", "meta_lrs")
+    prog = load_progress(prog_path, args, free, {"rows": {}, "meta_runs": {}})
     rule_path, task = str(rule_file(out)), str(task_file(out, q))
     t_start = time.perf_counter()
     todo = [(c, fb) for c in conds for fb in FEEDBACKS]
@@ -289,7 +306,7 @@ def main() -> None:
         plain_row = None
         for kind, label in (("plain", fb), ("oja", fb + " + Oja")):
             key = f"{cname}|{label}"
-            if key not in prog["rows"]:
+            if _grid_of(prog["rows"].get(key)) != grids[kind]:  # absent, or another grid
                 t0 = time.perf_counter()
                 curve, best = tune(cfg, setup, grids[kind], args.tune_episodes)
                 rule = pool_rule(cfg, setup, best["eta"], best["oja"])
@@ -322,51 +339,93 @@ def main() -> None:
 
 
 def meta_rows(args, prog, prog_path, rule_path, task, conds) -> None:
-    """The Oja coefficient meta-learned with the step size (backprop), per meta seed."""
+    """The Oja coefficient meta-learned with the step size (backprop), per meta seed.
+
+    The outer loop's Adam step moves every coefficient by about ``lr`` per meta-step, so
+    ``lr`` sets how far theta can travel; it is tuned like every other hyperparameter: one
+    meta-training run per value of ``--meta-lrs``, each scored on the validation episodes
+    (diverged episodes 0), and the best run (runs that passed their own checks first) is the
+    one tested. Every candidate is kept in ``progress.json`` under ``meta_runs``."""
+    runs = prog.setdefault("meta_runs", {})
     for cname in args.meta_conditions:
         base = prog["rows"].get(f"{cname}|backprop")
         if base is None:
             continue
         eta0 = base["coefficients"]["pseudo_gradient"]
+        cfg_test = make_config(rule_path, task, "backprop", conds[cname], args.seed)
+        setup = build_setup(cfg_test)
         for ms in range(args.meta_seeds):
-            key = f"{cname}|backprop + Oja (meta-learned)|{ms}"
-            if key in prog["rows"]:
-                continue
-            t0 = time.perf_counter()
-            cfg = make_config(
-                rule_path,
-                task,
-                "backprop",
-                conds[cname],
-                args.seed + 100 + ms,
-                args.meta_episodes,
-                16,
-                args.grad_limit,
-                init=(eta0, 0.0),
-            )
-            run_dir = Path(prog_path.parent, "runs", f"{cname}-meta-{ms}".replace(" ", "_"))
-            s = keep_failed(train, cfg, run_dir, progress=False, label="meta", evaluate=False)
-            row = {
-                "condition": cname,
-                "method": "backprop + Oja (meta-learned)",
-                "meta_seed": ms,
-                "width": conds[cname]["hidden"][-1],
-                "run_status": s.get("status", "ok"),
-                "seconds": None,
-            }
-            if (run_dir / "rule.json").exists():
-                cfg_test = make_config(rule_path, task, "backprop", conds[cname], args.seed)
-                setup = build_setup(cfg_test)
-                rule = read_rule_file(run_dir)
-                row["coefficients"] = s.get("coefficients", {})
-                row.update(test(cfg_test, setup, rule, args.seeds, args.eval_episodes, True))
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            prog["rows"][key] = row
-            prog_path.write_text(json.dumps(prog) + "\n")
-            if "accuracy_per_episode" in row:
-                print(line(summarise(row, base)), flush=True)
-            else:
-                print(f"{cname} meta seed {ms}: no rule ({row['run_status']})", flush=True)
+            cands = []
+            for lr in args.meta_lrs:
+                ckey = f"{cname}|{ms}|{lr:g}"
+                rdir = prog_path.parent / "runs" / f"{cname}-meta-{ms}-lr{lr:g}".replace(" ", "_")
+                if ckey not in runs:
+                    t0 = time.perf_counter()
+                    cfg = make_config(
+                        rule_path,
+                        task,
+                        "backprop",
+                        conds[cname],
+                        args.seed + 100 + ms,
+                        args.meta_episodes,
+                        16,
+                        args.grad_limit,
+                        init=(eta0, 0.0),
+                        lr=lr,
+                    )
+                    s = keep_failed(train, cfg, rdir, progress=False, label="meta", evaluate=False)
+                    runs[ckey] = {
+                        "meta_lr": lr,
+                        "run_status": s.get("status", "ok"),
+                        "coefficients": s.get("coefficients", {}),
+                        "seconds": round(time.perf_counter() - t0, 1),
+                    }
+                c = runs[ckey]
+                if "val_accuracy" not in c and (rdir / "rule.json").exists():
+                    acc, bad = evaluate_outcomes(
+                        setup.problem(cfg_test, "train"),
+                        read_rule_file(rdir),
+                        validation_key(cfg_test),
+                        args.tune_episodes,
+                    )
+                    c["val_accuracy"], c["val_diverged"] = float(np.mean(acc)), int(np.sum(bad))
+                prog_path.write_text(json.dumps(prog) + "\n")
+                cands.append((c, rdir))
+            _pick_meta(args, prog, prog_path, cname, ms, cands, cfg_test, setup, base)
+
+
+def _pick_meta(args, prog, prog_path, cname, ms, cands, cfg_test, setup, base) -> None:
+    """Test the validation-best candidate of one meta seed (once) as its row."""
+    key = f"{cname}|backprop + Oja (meta-learned)|{ms}"
+    scored = [(c, d) for c, d in cands if "val_accuracy" in c]
+    row = {
+        "condition": cname,
+        "method": "backprop + Oja (meta-learned)",
+        "meta_seed": ms,
+        "width": base["width"],
+        "candidates": [{k: v for k, v in c.items() if k != "test"} for c, _ in cands],
+    }
+    if not scored:  # no run left a rule
+        row.update(run_status=cands[0][0]["run_status"], seconds=None)
+        prog["rows"][key] = row
+        print(f"{cname} meta seed {ms}: no rule ({row['run_status']})", flush=True)
+        return
+    best, rdir = max(scored, key=lambda x: (x[0]["run_status"] == "ok", x[0]["val_accuracy"]))
+    if "test" not in best:
+        best["test"] = test(
+            cfg_test, setup, read_rule_file(rdir), args.seeds, args.eval_episodes, True
+        )
+        prog_path.write_text(json.dumps(prog) + "\n")
+    row.update(
+        meta_lr=best["meta_lr"],
+        run_status=best["run_status"],
+        coefficients=best["coefficients"],
+        seconds=sum(c.get("seconds") or 0.0 for c, _ in cands),
+        **best["test"],
+    )
+    prog["rows"][key] = row
+    prog_path.write_text(json.dumps(prog) + "\n")
+    print(line(summarise(row, base)), flush=True)
 
 
 def line(r: dict) -> str:
@@ -433,14 +492,22 @@ def verdicts(rows, args) -> list[dict]:
             rs = [r for r in meta if r["condition"] == c]
             gains = [r["vs_plain"]["mean"] if "vs_plain" in r else float("nan") for r in rs]
             sig = [("vs_plain" in r and r["vs_plain"]["significant"]) for r in rs]
-            good = all(np.isfinite(g) and g > 0 and s for g, s in zip(gains, sig, strict=True))
-            hits += good
             thetas = [r.get("coefficients", {}).get("oja", float("nan")) for r in rs]
+            # a hit is the Oja term's doing: a significant gain with a learned theta > 0 (a
+            # gain at theta <= 0 comes from the step eta the outer loop also moves)
+            good = all(
+                np.isfinite(g) and g > 0 and s and t > 0
+                for g, s, t in zip(gains, sig, thetas, strict=True)
+            )
+            hits += good
+            lrs = [r.get("meta_lr", float("nan")) for r in rs]
             ev.append(
                 f"{c}: gains "
                 + ", ".join(f"{g:+.3f}" for g in gains)
                 + " (theta "
                 + ", ".join(f"{t:.2g}" for t in thetas)
+                + "; meta lr "
+                + ", ".join(f"{x:g}" for x in lrs)
                 + ")"
             )
         claims.append(
@@ -449,7 +516,8 @@ def verdicts(rows, args) -> list[dict]:
                 "verdict": verdict_of(hits, len(conds)),
                 "seeds": len({r["meta_seed"] for r in meta}),
                 "evidence": "; ".join(ev) + " (per meta-training seed, vs the tuned plain "
-                "backprop on the same test episodes)",
+                "backprop on the same test episodes; a condition counts when every seed gains "
+                "significantly with a learned theta > 0)",
             }
         )
     return claims
@@ -480,6 +548,8 @@ def write(out: Path, rows, claims, args, total_s: float) -> None:
         diff = f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "—"
         better = f"{d['seeds_better']}/{len(r['seed_means'])}" if d else "—"
         name = r["method"] + (f" seed {r['meta_seed']}" if "meta_seed" in r else "")
+        if "meta_lr" in r:
+            name += f", meta lr {r['meta_lr']:g}"
         if r.get("run_status", "ok") != "ok":  # the rule of a run that failed its checks
             name += f" (run failed: {r['run_status'].split(':')[0]})"
         lines.append(

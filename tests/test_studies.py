@@ -63,10 +63,21 @@ def test_the_docs_verdict_table_is_what_the_committed_verdicts_say():
 def test_oja_constraints_quick(tmp_path):
     out = tmp_path / "oja"
     args = ["--quick", "--eval-episodes", "8", "--conditions", "deep", "--out", str(out)]
+    args += ["--meta", "--meta-seeds", "1", "--meta-conditions", "deep"]
     run_script("oja_constraints.py", *args)
     rows = json.loads((out / "results.json").read_text())
+    meta = [r for r in rows if r["method"] == "backprop + Oja (meta-learned)"]
+    rows = [r for r in rows if r not in meta]
     assert {r["method"] for r in rows} == {"backprop", "backprop + Oja", "FA", "FA + Oja"}
     assert {r["condition"] for r in rows} == {"deep"}
+    # the meta-learned row: one run per outer-loop step size, the validation-best tested
+    # (runs that passed their own checks first)
+    (m,) = meta
+    cands = m["candidates"]
+    assert sorted(c["meta_lr"] for c in cands) == [3e-4, 3e-3]
+    best = max(cands, key=lambda c: (c["run_status"] == "ok", c["val_accuracy"]))
+    assert m["meta_lr"] == best["meta_lr"] and m["run_status"] == best["run_status"]
+    assert m["vs_plain"]["n"] == 16 and len(m["seed_means"]) == 2
     for r in rows:
         assert 0.0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1.0
         assert len(r["seed_means"]) == 2 and len(r["diverged"]) == 2
@@ -81,7 +92,7 @@ def test_oja_constraints_quick(tmp_path):
             assert r["vs_plain"]["n"] == 16
     check_verdict(out / "verdict.json", quick=True)
     progress = json.loads((out / "progress.json").read_text())
-    assert len(progress["rows"]) == 4
+    assert len(progress["rows"]) == 5 and len(progress["meta_runs"]) == 2
     # a second run resumes: every row is taken from progress.json, none is recomputed
     res = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "oja_constraints.py"), *args],
@@ -91,7 +102,7 @@ def test_oja_constraints_quick(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads((out / "results.json").read_text()) == rows
+    assert json.loads((out / "results.json").read_text()) == rows + meta
 
 
 @pytest.mark.slow  # a study script end to end: 1-3 min each (`-m slow`)
