@@ -61,7 +61,7 @@ Writes ``results.md``, ``results.json``, ``verdict.json``, ``accuracy.png``, ``s
 
 Usage (repository root)::
 
-    python scripts/inhibitory_normalization.py           # reference set-up, ~55 min
+    python scripts/inhibitory_normalization.py           # reference set-up, ~80 min
     python scripts/inhibitory_normalization.py --quick   # digits, small (~3 min)
 """
 
@@ -420,7 +420,7 @@ def main() -> None:
     args.epochs = args.epochs or (6 if q else 30)
     h = args.hidden or (30 if q else 234)
     args.hidden = (h, h)
-    args.lrs = args.lrs or ([0.03, 0.1] if q else [0.01, 0.03, 0.1, 0.3])
+    args.lrs = args.lrs or ([0.03, 0.1] if q else [0.001, 0.003, 0.01, 0.03, 0.1, 0.3])
     out_dir = args.out or Path("results/inhibitory_normalization" + ("_quick" if q else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = load_dataset("digits" if q else "fashion_mnist")
