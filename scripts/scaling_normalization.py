@@ -37,7 +37,7 @@ fraction of dead units (mean activity 0). Writes ``results.md``, ``results.json`
 
 Usage (repository root)::
 
-    python scripts/scaling_normalization.py           # 2 data sets, 5 seeds, ~60 min
+    python scripts/scaling_normalization.py           # 2 data sets, 8 conditions, 5 seeds
     python scripts/scaling_normalization.py --quick   # digits, 2 seeds, ~2 min
 
 ``--meta`` adds the meta-learned version (``scaling_meta``): the framework's ES outer loop
