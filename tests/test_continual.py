@@ -106,6 +106,7 @@ def test_truncation_is_refused_where_it_cannot_run(pools):
     check_train_config(build_config("pool", "continual_digits").train)
 
 
+@pytest.mark.slow  # a memory measurement (~10 s); scripts/continual_truncation.py makes it
 def test_truncated_memory_does_not_grow_with_the_episode(pools):
     """Compiled scratch memory of a truncated meta-gradient: one segment's residuals,
     whatever the number of segments; only the stream itself (64 pixels and a label per

@@ -61,7 +61,9 @@ def test_auto_mode_checkpoints_where_reverse_mode_would_not_fit(small_problem):
     assert _trainer(long, TermPoolRule.from_names(POOL_TERMS, THETA), "auto").mode == "forward"
 
 
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize(
+    "shared", [True, pytest.param(False, marks=pytest.mark.slow)]
+)  # per-layer coefficients: the same code path with a wider theta (~11 s)
 def test_forward_equals_reverse(small_problem, shared):
     rule = TermPoolRule.from_names(POOL_TERMS, THETA, n_layers=None if shared else 3)
     params = eqx.partition(rule, eqx.is_inexact_array)[0]
