@@ -189,22 +189,21 @@ def _grid_of(row: dict | None) -> list[tuple[float, float]] | None:
     return None if row is None else [(p["eta"], p["oja"]) for p in row["tuning"]]
 
 
+def validate(problem, cfg, rule, episodes: int) -> dict:
+    """``rule``'s mean accuracy on the validation episodes (diverged episodes score 0)."""
+    acc, bad = evaluate_outcomes(problem, rule, validation_key(cfg), episodes)
+    return {"val_accuracy": float(np.mean(acc)), "val_diverged": int(np.sum(bad))}
+
+
 def tune(cfg, setup, grid, episodes: int):
     """Mean validation accuracy of every ``(eta, theta)`` in ``grid`` (diverged episodes
     score 0); returns the curve and the best point (ties: smaller |theta|, then eta)."""
     problem = setup.problem(cfg, "train")
     curve = []
     for eta, theta in grid:
-        acc, bad = evaluate_outcomes(
-            problem, pool_rule(cfg, setup, eta, theta), validation_key(cfg), episodes
-        )
+        rule = pool_rule(cfg, setup, eta, theta)
         curve.append(
-            {
-                "eta": float(eta),
-                "oja": float(theta),
-                "val_accuracy": float(np.mean(acc)),
-                "val_diverged": int(np.sum(bad)),
-            }
+            {"eta": float(eta), "oja": float(theta), **validate(problem, cfg, rule, episodes)}
         )
     best = max(curve, key=lambda c: (c["val_accuracy"], -abs(c["oja"]), -c["eta"]))
     return curve, best
@@ -354,6 +353,7 @@ def meta_rows(args, prog, prog_path, rule_path, task, conds) -> None:
         eta0 = base["coefficients"]["pseudo_gradient"]
         cfg_test = make_config(rule_path, task, "backprop", conds[cname], args.seed)
         setup = build_setup(cfg_test)
+        val_problem = setup.problem(cfg_test, "train")
         for ms in range(args.meta_seeds):
             cands = []
             for lr in args.meta_lrs:
@@ -382,13 +382,9 @@ def meta_rows(args, prog, prog_path, rule_path, task, conds) -> None:
                     }
                 c = runs[ckey]
                 if "val_accuracy" not in c and (rdir / "rule.json").exists():
-                    acc, bad = evaluate_outcomes(
-                        setup.problem(cfg_test, "train"),
-                        read_rule_file(rdir),
-                        validation_key(cfg_test),
-                        args.tune_episodes,
+                    c.update(
+                        validate(val_problem, cfg_test, read_rule_file(rdir), args.tune_episodes)
                     )
-                    c["val_accuracy"], c["val_diverged"] = float(np.mean(acc)), int(np.sum(bad))
                 prog_path.write_text(json.dumps(prog) + "\n")
                 cands.append((c, rdir))
             _pick_meta(args, prog, prog_path, cname, ms, cands, cfg_test, setup, base)
@@ -408,14 +404,14 @@ def _pick_meta(args, prog, prog_path, cname, ms, cands, cfg_test, setup, base) -
     if not scored:  # no run left a rule
         row.update(run_status=cands[0][0]["run_status"], seconds=None)
         prog["rows"][key] = row
+        prog_path.write_text(json.dumps(prog) + "\n")
         print(f"{cname} meta seed {ms}: no rule ({row['run_status']})", flush=True)
         return
     best, rdir = max(scored, key=lambda x: (x[0]["run_status"] == "ok", x[0]["val_accuracy"]))
-    if "test" not in best:
+    if "test" not in best:  # kept with the candidate: a later resume does not test again
         best["test"] = test(
             cfg_test, setup, read_rule_file(rdir), args.seeds, args.eval_episodes, True
         )
-        prog_path.write_text(json.dumps(prog) + "\n")
     row.update(
         meta_lr=best["meta_lr"],
         run_status=best["run_status"],
