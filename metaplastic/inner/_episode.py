@@ -14,6 +14,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ..rules._rules import AbstractRule
 from ..rules._signals import LocalSignals, NeuronState
 from ._feedback import as_pathway
+from ._native import native_scan, native_support
 from ._network import AbstractNetwork, NetState
 from ._reconstruct import reconstructed_scan, reconstruction_drift, require_reconstructable
 
@@ -395,17 +396,27 @@ def run_episode(
     layer's largest initial weight (:func:`guard`); the episode then counts as diverged.
     """
     carry0 = start_carry(rule, net, feedback, key)
-    carry, stopped, outs = scan_episode(
-        rule,
-        net,
-        feedback,
-        carry0,
-        (episode.train_x, episode.train_y),
-        labelled_signals(net, feedback),
-        weight_limit=weight_limit,
-        remat=remat,
-        record=record,
-    )
+    if remat == "native":  # the fused numba loop (forward mode only)
+        why = native_support(rule, net, feedback, weight_limit)
+        if why is not None or record is not None:
+            raise MetaplasticError(
+                f"train.gradient = 'native' cannot run this: {why or 'a record hook is set'}"
+            )
+        carry, stopped, outs = native_scan(
+            rule, net, feedback, carry0, episode.train_x, episode.train_y
+        )
+    else:
+        carry, stopped, outs = scan_episode(
+            rule,
+            net,
+            feedback,
+            carry0,
+            (episode.train_x, episode.train_y),
+            labelled_signals(net, feedback),
+            weight_limit=weight_limit,
+            remat=remat,
+            record=record,
+        )
     (losses, corrects), recorded = outs if record is not None else (outs, None)
     state = carry.net
     qloss, qacc = query_metrics(

@@ -12,10 +12,11 @@ import optax
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
+from ..inner._native import native_support
 from ..inner._reconstruct import require_reconstructable
 from ..rules._rules import AbstractRule
 from ..tasks._problem import Problem
-from ._sharding import AxisSharding
+from ._sharding import WHOLE_SHARE, AxisSharding
 from ._trainer import AbstractTrainer, register_trainer
 
 OPTIMIZERS = {
@@ -25,7 +26,7 @@ OPTIMIZERS = {
     "rmsprop": optax.rmsprop,
     "lion": optax.lion,
 }
-GRADIENT_MODES = ("auto", "forward", "reverse", "checkpoint", "reconstruct")
+GRADIENT_MODES = ("auto", "forward", "reverse", "checkpoint", "reconstruct", "native")
 #: ``auto`` uses forward mode up to this many live coefficients (its cost grows with the
 #: number of coefficients); above, plain reverse mode while its stored steps fit in
 #: :data:`AUTO_REVERSE_MAX_MB`, else checkpointed reverse mode. Measured at the reference
@@ -53,6 +54,18 @@ def reverse_memory_mb(problem, steps: int = 0) -> float:
     weights = sum(math.prod(w.shape) for w in jax.tree_util.tree_leaves(shapes))
     steps = steps or problem.task.episode_length()
     return steps * weights * REVERSE_BYTES_PER_WEIGHT / 2**20
+
+
+def _native_refusal(problem, rule, truncation: int) -> str | None:
+    """Why ``train.gradient = "native"`` cannot run this problem, or ``None``."""
+    from ..tasks._classification import ClassificationTask
+
+    if type(problem.task) is not ClassificationTask:
+        return f"it runs classification episodes only, not task.kind = {problem.task.name!r}"
+    if truncation:
+        return "it does not truncate episodes: set train.truncation = 0"
+    limit = getattr(problem.task, "weight_limit", 0.0)
+    return native_support(rule, problem.net, problem.feedback, limit)
 
 
 def make_optimizer(
@@ -196,6 +209,14 @@ class GradientTrainer(AbstractTrainer):
         self.optimizer = optimizer
         self.meta_batch = int(meta_batch)
         self.l1 = float(l1)
+        if mode == "native":
+            why = _native_refusal(problem, rule, truncation)
+            if why:
+                raise MetaplasticError(f"train.gradient = 'native' cannot be used: {why}")
+            # the whole meta-batch goes to the native loop in one call, which runs its
+            # episodes on parallel threads; each episode is computed alone by the same
+            # code, so the result does not depend on the batch or device split
+            vmap_width = WHOLE_SHARE
         self.sharding = AxisSharding(devices, self.meta_batch, "meta_batch", vmap_width)
         if mode == "auto":
             n = sum(x.size for x in jax.tree_util.tree_leaves(params))
@@ -206,6 +227,8 @@ class GradientTrainer(AbstractTrainer):
                 mode = "checkpoint" if big else "reverse"
         if mode == "checkpoint" and not problem.remat:  # reverse mode, sqrt(T) segments
             self.problem = dataclasses.replace(problem, remat=-1)
+        if mode == "native":  # forward mode in the fused numba loop
+            self.problem = dataclasses.replace(problem, remat="native")
         if mode == "reconstruct":  # reverse mode, carries rebuilt backwards
             require_reconstructable(problem.net)  # one line now, not at the first step
             self.problem = dataclasses.replace(problem, remat="reconstruct")
@@ -330,7 +353,8 @@ class GradientTrainer(AbstractTrainer):
             res = self.problem.episode(eqx.combine(p, self.static), key)
             return res.query_loss, (res.query_loss, res.query_accuracy, res.diverged)
 
-        grad_fn = (jax.jacfwd if self.mode == "forward" else jax.grad)(per_episode, has_aux=True)
+        forward = self.mode in ("forward", "native")
+        grad_fn = (jax.jacfwd if forward else jax.grad)(per_episode, has_aux=True)
 
         def one(key_data):
             key = jax.random.wrap_key_data(key_data)

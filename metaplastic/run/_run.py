@@ -800,15 +800,32 @@ def _check_labels(labels: list[Any], where: str) -> list[str]:
 
 def _same_start(baseline: RunConfig, learned: RunConfig) -> RunConfig:
     """A pseudo-gradient-only baseline starts at the learned rule's pseudo-gradient
-    coefficient, when the learned rule is a term pool that has one (the reference pool starts
-    it at 1e-3, the digits pool at 0.03): both methods then begin from the same rule."""
+    coefficient, when the learned rule has one (the reference pool starts it at 1e-3, the
+    digits pool at 0.03; for a Taylor rule it is minus the ``x*e`` monomial's, since the
+    pseudo-gradient term is ``-e x^T``): both methods then begin from the same rule."""
     b, r = baseline.rule, learned.rule
     if b.kind != "term_pool" or tuple(b.terms) != ("pseudo_gradient",):
         return baseline
-    if r.kind != "term_pool" or "pseudo_gradient" not in r.terms or len(r.init) != len(r.terms):
+    start = _pseudo_gradient_start(r)
+    if start is None:
         return baseline
-    start = r.init[list(r.terms).index("pseudo_gradient")]
     return baseline.replace(rule=dataclasses.replace(b, init=(start,)))
+
+
+def _pseudo_gradient_start(r) -> float | None:
+    """The learned rule's initial pseudo-gradient coefficient, or None if it has none set."""
+    if r.kind == "term_pool":
+        if "pseudo_gradient" not in r.terms or len(r.init) != len(r.terms):
+            return None
+        return r.init[list(r.terms).index("pseudo_gradient")]
+    if r.kind == "taylor" and r.init:
+        from ..rules._rule_kinds import monomial_index
+
+        live = [monomial_index(m) for m in r.monomials] if r.monomials else list(range(81))
+        pg = monomial_index("x*e")
+        if pg in live and r.init[live.index(pg)] != 0:
+            return -float(r.init[live.index(pg)])
+    return None
 
 
 def discover_configs(
