@@ -127,3 +127,16 @@ def test_native_refuses_what_it_does_not_implement(pools):
             GradientTrainer(problem, rule, make_optimizer("adam", 1e-3), mode="native")
         assert "train.gradient = 'native' cannot be used" in str(err.value)
         assert "\n" not in str(err.value)
+
+
+def test_native_outside_its_scope_is_refused_before_the_run_directory(tmp_path):
+    from click.testing import CliRunner
+
+    from metaplastic.run._cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--rule", "taylor", "--task", "digits", "--out", str(out), "--quiet"]
+    res = CliRunner().invoke(main, [*args, "--set", "train.gradient=native"])
+    assert res.exit_code == 2 and not out.exists()
+    assert "train.gradient = 'native' cannot be used" in res.output
+    assert "taylor" in res.output and "Traceback" not in res.output

@@ -56,7 +56,7 @@ def reverse_memory_mb(problem, steps: int = 0) -> float:
     return steps * weights * REVERSE_BYTES_PER_WEIGHT / 2**20
 
 
-def _native_refusal(problem, rule, truncation: int) -> str | None:
+def native_refusal(problem, rule, truncation: int) -> str | None:
     """Why ``train.gradient = "native"`` cannot run this problem, or ``None``."""
     from ..tasks._classification import ClassificationTask
 
@@ -210,7 +210,7 @@ class GradientTrainer(AbstractTrainer):
         self.meta_batch = int(meta_batch)
         self.l1 = float(l1)
         if mode == "native":
-            why = _native_refusal(problem, rule, truncation)
+            why = native_refusal(problem, rule, truncation)
             if why:
                 raise MetaplasticError(f"train.gradient = 'native' cannot be used: {why}")
             # the whole meta-batch goes to the native loop in one call, which runs its

@@ -4,9 +4,11 @@ Keys: ``meta_grad_ms_per_episode`` (per gradient mode, ``auto`` included: median
 repeats of a jitted meta-step's time divided by the meta-batch), ``auto_mode`` (the mode
 ``train.gradient = "auto"`` picks for this rule), ``es_eval_ms_per_episode`` (forward-only
 inner loop, vmapped over a batch of episodes, as an evolution-strategy evaluation would run
-it), ``compile_s`` (first meta-step, per mode), ``peak_rss_mb`` (per mode: peak resident
-memory of a fresh process that runs one meta-step at unroll lengths T = 250, 1000, 4000,
-with K scaled so that ``n_way * K = T``), ``device``, ``jax``.
+it), ``compile_s`` (first meta-step, per mode), ``unusable_modes`` (``native`` where the
+set-up is outside its scope, with the one-line reason; its timings are then null),
+``peak_rss_mb`` (per mode: peak resident memory of a fresh process that runs one meta-step
+at unroll lengths T = 250, 1000, 4000, with K scaled so that ``n_way * K = T``),
+``device``, ``jax``.
 """
 
 from __future__ import annotations
@@ -130,12 +132,26 @@ def run_bench(
     over = [f"train.meta_batch={meta_batch}"] if meta_batch > 0 else []
     if vmap_width is not None:
         over.append(f"train.vmap_width={vmap_width}")
+    unusable: dict[str, str] = {}
+    cfg = None
     for mode in modes:
         progress(f"timing {mode}-mode meta-gradients ...")
-        ms, cs, cfg, resolved = _time_meta_step(rule_spec, task_spec, mode, repeats, steps, over)
+        try:
+            ms, cs, cfg, resolved = _time_meta_step(
+                rule_spec, task_spec, mode, repeats, steps, over
+            )
+        except MetaplasticError as err:  # a mode this set-up cannot use (native's scope)
+            if mode != "native":
+                raise
+            unusable[mode] = str(err)
+            grad[mode] = compile_s[mode] = None
+            progress(f"  {err}")
+            continue
         grad[mode], compile_s[mode] = round(ms, 2), round(cs, 2)
         if mode == "auto":
             auto_mode = resolved
+    if cfg is None:
+        cfg = bench_trainer(rule_spec, task_spec, "forward", over)[0]
     out["meta_batch"] = cfg.train.meta_batch
     out["vmap_width"] = cfg.train.vmap_width
     out["unroll_steps"] = cfg.task.n_way * cfg.task.k_shot
@@ -144,6 +160,7 @@ def run_bench(
         auto_mode = bench_trainer(rule_spec, task_spec, "auto", over)[3].mode
     out["auto_mode"] = auto_mode
     out["compile_s"] = compile_s
+    out["unusable_modes"] = unusable  # mode -> why it cannot run this set-up (null timings)
     progress("timing forward-only (ES) evaluation ...")
     out["es_eval_ms_per_episode"] = round(_time_es_eval(rule_spec, task_spec, es_batch, repeats), 2)
     out["es_eval_batch"] = es_batch
@@ -151,6 +168,10 @@ def run_bench(
     extra: dict[str, dict[str, float]] = {}
     for mode in (m for m in modes if m != "auto"):
         rss[mode], extra[mode] = {}, {}
+        if mode in unusable:
+            rss[mode] = {str(T): None for T in unrolls}
+            extra[mode] = dict(rss[mode])
+            continue
         for T in unrolls:
             progress(f"peak memory, {mode}, T={T} ...")
             proc = subprocess.run(

@@ -245,6 +245,23 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule, trainable=None) -> Abstract
     return cls.from_config(cfg.train, problem, rule, units_key=units_key(cfg), trainable=trainable)
 
 
+def _refuse_native_early(cfg: RunConfig, setup: Setup) -> None:
+    """``train.gradient = "native"`` outside its scope: one line before anything is
+    written (the trainer would refuse too, but only after the run directory is made)."""
+    if cfg.train.gradient != "native" or not trainer_for(cfg.train.outer).accepts(cfg.train.outer):
+        return
+    from ..outer._gradient import native_refusal
+
+    r = cfg.rule
+    if r.kind == "term_pool" and any(":" in t for t in r.terms):
+        why = "it implements built-in terms only, not user terms"
+    else:
+        rule = build_rule(cfg, setup.net.n_layers)
+        why = native_refusal(setup.problem(cfg, "train"), rule, cfg.train.truncation)
+    if why:
+        raise MetaplasticError(f"train.gradient = 'native' cannot be used: {why}")
+
+
 def validate_rule(cfg: RunConfig, setup: Setup, rule) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, diverged)`` of ``rule`` on ``train.val_episodes`` validation episodes
     (the same episodes for every rule of a run, so comparisons are paired)."""
@@ -552,6 +569,7 @@ def train(
     from tqdm.auto import tqdm
 
     setup = build_setup(cfg)  # validates data and task shapes before anything is written
+    _refuse_native_early(cfg, setup)
     out = process_dir(out)
     if resume:
         _, manifest = read_run_config(out)
