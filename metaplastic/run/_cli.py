@@ -631,9 +631,10 @@ def distill(run_dir, episodes, samples, method, alpha, check_episodes, trust_use
 )
 @click.option(
     "--modes",
-    default="auto,forward,reverse,checkpoint,reconstruct",
+    default="auto,forward,reverse,checkpoint,reconstruct,native",
     help="Gradient modes to time and measure (comma-separated: auto, forward, reverse, "
-    "checkpoint, reconstruct).",
+    "checkpoint, reconstruct, native; native is recorded as unusable where the set-up is "
+    "outside its scope).",
 )
 @click.option(
     "--vmap-width",
