@@ -316,3 +316,18 @@ def test_episode_drift_of_a_rule_that_reads_no_weights(pools):
     net = Network((64, 5, 3))
     drift = episode_reconstruction_drift(rule, net, "fa", jax.random.key(0), ep)
     assert float(drift) < 1e-5
+
+
+def test_reconstruct_mode_logs_the_drift_every_meta_step(pools):
+    """The metrics of a reconstruct-mode meta-step carry the drift monitor (rounding only,
+    for a pool whose steps invert); other modes do not measure it."""
+    problem = Problem(Network((64, 5, 3)), "fa", ClassificationTask(3, 3, 2), pools[0])
+    rule = TermPoolRule.from_names(["pseudo_gradient", "oja"], [0.05, 0.01])
+    tr = GradientTrainer(
+        problem, rule, make_optimizer("adam", 1e-3), meta_batch=2, mode="reconstruct"
+    )
+    _, aux = tr.step(tr.init(rule, jax.random.key(0)))
+    drift = float(aux["reconstruction_drift"])
+    assert 0.0 <= drift < 1e-5
+    fwd = GradientTrainer(problem, rule, make_optimizer("adam", 1e-3), meta_batch=2)
+    assert "reconstruction_drift" not in fwd.step(fwd.init(rule, jax.random.key(0)))[1]

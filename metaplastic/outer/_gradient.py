@@ -469,6 +469,11 @@ class GradientTrainer(AbstractTrainer):
         # step in phi is a step of (step * u) in theta
         safe = self._only_trainable(self._times_units(safe))
         extra = {}
+        if self.mode == "reconstruct":  # the drift monitor, on the meta-batch's first episode
+            pb = self.problem
+            extra["reconstruction_drift"] = pb.task.reconstruction_drift(
+                self.rule(state.params), pb.net, pb.feedback, keys[0], pb.pool, pb.remat
+            )
         if self.grad_limit > 0:  # off by default: see TrainConfig.grad_limit
             safe, extra["grad_rescaled"] = bound_gradient(safe, self.grad_limit)
         updates, new_opt = self.optimizer.update(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._errors import MetaplasticError
-from ..inner._episode import Episode, run_episode
+from ..inner._episode import Episode, episode_reconstruction_drift, run_episode
 from ._data import ImagePool
 from ._task import AbstractTask
 
@@ -101,6 +101,18 @@ class ClassificationTask(AbstractTask):
             temperature=self.temperature,
             weight_limit=self.weight_limit,
             record=record,
+        )
+
+    def reconstruction_drift(self, rule, net, feedback, key: PRNGKeyArray, pool, remat):
+        k_task, k_net = jax.random.split(key)
+        return episode_reconstruction_drift(
+            rule,
+            net,
+            feedback,
+            k_net,
+            self.sample(k_task, pool),
+            weight_limit=self.weight_limit,
+            remat=remat,
         )
 
     @staticmethod

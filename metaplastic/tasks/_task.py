@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
 from .._errors import MetaplasticError, unknown_name
@@ -91,6 +92,14 @@ class AbstractTask(eqx.Module):
     def supports_segments(cls) -> bool:
         """Whether the task implements :meth:`segments` and :meth:`run_segment`."""
         return cls.segments is not AbstractTask.segments
+
+    def reconstruction_drift(self, rule, net, feedback, key: PRNGKeyArray, pool: Any, remat):
+        """How far ``train.gradient = "reconstruct"`` (anchors as ``remat``) rebuilds the
+        carries of the episode :meth:`run` would learn from ``key``: the largest relative
+        error at an anchor (``inf`` where a step does not invert; see
+        :func:`~metaplastic.inner.episode_reconstruction_drift`). The gradient trainer logs
+        it every meta-step in reconstruct mode. Default: NaN, not measured for this task."""
+        return jnp.asarray(jnp.nan, jnp.float32)
 
     def episode_length(self) -> int:
         """Online updates per episode (0: unknown until sampled)."""
