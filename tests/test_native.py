@@ -41,6 +41,7 @@ def _grad(problem, rule, keys):
     [
         ("fa", "softplus", POOL),
         pytest.param("backprop", "tanh", POOL, marks=pytest.mark.slow),
+        ("fa", "one_layer", POOL),
         pytest.param("fa", "relu", ("oja", "pseudo_gradient"), marks=pytest.mark.slow),
         pytest.param(
             "backprop", "linear", ("error_hebbian", "pseudo_gradient"), marks=pytest.mark.slow
@@ -51,7 +52,10 @@ def test_native_gives_the_forward_mode_meta_gradient(pools, feedback, activation
     """Every hidden activation and both pathways, terms in any order or missing (FA with
     softplus in the default run, the others slow); float32, relative error at most 1e-4
     (the loop reassociates sums and fuses multiply-adds)."""
-    net = Network((64, 9, 7, 5), activation=activation, beta=10.0)
+    if activation == "one_layer":  # input layer = output layer: the fused pass is linear
+        net = Network((64, 5))
+    else:
+        net = Network((64, 9, 7, 5), activation=activation, beta=10.0)
     problem = Problem(net, feedback, ClassificationTask(3, 5, 3), pools[0])
     init = {"pseudo_gradient": 0.05, "error_hebbian": 0.02, "oja": 0.03}
     rule = TermPoolRule.from_names(list(terms), [init[t] for t in terms])
@@ -83,6 +87,8 @@ def test_native_episodes_do_not_depend_on_their_batch():
         for a, b in zip(together, one, strict=True):
             np.testing.assert_array_equal(a[n], b[0])
     assert np.abs(together[1]).max() > 0  # the tangents moved
+    with pytest.raises(MetaplasticError, match="labels must lie in"):  # no reads past the end
+        run_native(sizes, "softplus", 10.0, "fa", th, W0, B, xs, labels + 3)
 
 
 def test_native_trainer_step_matches_forward_mode(pools):
@@ -115,6 +121,11 @@ def test_native_refuses_what_it_does_not_implement(pools):
             Problem(Network((64, 5, 3)), "fa", task, pools[0]),
             TermPoolRule.from_names(list(POOL), [0.05, 0.0, 0.0], n_layers=2),
             "shared",
+        ),
+        (
+            Problem(Network((64, 5, 3)), "fa", task, pools[0]),
+            TermPoolRule.from_names(["oja", "pseudo_gradient", "oja"], [0.01, 0.05, 0.01]),
+            "twice",
         ),
         (Problem(Network((64, 5, 3), bias=True), "fa", task, pools[0]), pool, "bias"),
         (Problem(EINetwork((64, 5, 3)), "fa", task, pools[0]), pool, "mlp"),

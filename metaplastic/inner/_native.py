@@ -58,9 +58,12 @@ def native_support(rule, net, feedback, weight_limit: float = 0.0) -> str | None
     name = feedback if isinstance(feedback, str) else getattr(feedback, "name", "?")
     if not isinstance(rule, TermPoolRule):
         return f"the rule is a {rule.kind} rule; it needs a term pool"
-    extra = [t.name for t in rule.terms if t.name not in NATIVE_TERMS]
+    names = [t.name for t in rule.terms]
+    extra = [n for n in names if n not in NATIVE_TERMS]
     if extra:
         return f"it implements only the terms {', '.join(NATIVE_TERMS)}, not {', '.join(extra)}"
+    if len(set(names)) != len(names):
+        return "the pool lists a term twice; list each once"
     if not rule.shared:
         return "it needs coefficients shared by all layers (rule.shared = true)"
     if type(net) is not Network:
@@ -100,6 +103,12 @@ def run_native(sizes, activation, beta, pathway, theta, W0, B, xs, labels):
     ``(W_T (E, P), tangents (E, 3, P), losses (E, T), hits (E, T))``."""
     sz, woff, aoff = _layout(sizes)
     E, P = W0.shape
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= sizes[-1]):
+        # the loop does not check bounds: a label past the output layer would read memory
+        raise MetaplasticError(
+            f"native loop: labels must lie in [0, {sizes[-1]}), got {labels.min()}..{labels.max()}"
+        )
     W = np.array(W0, np.float32, copy=True, order="C")
     T = np.zeros((E, 3, P), np.float32)
     Bm = np.ascontiguousarray(B, np.float32)
@@ -148,6 +157,10 @@ def _make_inner(sizes, activation, beta, pathway):
     def host(th, w0, b, x, lab):
         # unbatched, or under vmap (vmap_method="expand_dims": a leading axis on every
         # input, of size 1 on the unbatched ones): the episodes run on parallel threads
+        if x.ndim > 3:
+            raise MetaplasticError(
+                "train.gradient = 'native' runs under one vmap over episodes, not nested vmaps"
+            )
         batched = x.ndim == 3
         T, n0 = x.shape[-2:]
         th, w0, b = (np.reshape(a, (-1, a.shape[-1])) for a in (th, w0, b))
