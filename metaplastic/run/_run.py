@@ -248,9 +248,10 @@ def make_trainer(cfg: RunConfig, setup: Setup, rule, trainable=None) -> Abstract
 def _refuse_native_early(cfg: RunConfig, setup: Setup) -> None:
     """``train.gradient = "native"`` outside its scope: one line before anything is
     written (the trainer would refuse too, but only after the run directory is made)."""
-    if cfg.train.gradient != "native" or not trainer_for(cfg.train.outer).accepts(cfg.train.outer):
-        return
-    from ..outer._gradient import native_refusal
+    from ..outer._gradient import GradientTrainer, native_refusal
+
+    if cfg.train.gradient != "native" or not GradientTrainer.accepts(cfg.train.outer):
+        return  # evolution strategies do not read train.gradient
 
     r = cfg.rule
     if r.kind == "term_pool" and any(":" in t for t in r.terms):
