@@ -124,7 +124,8 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['seed']} | {f(r['taylor'])} | {r['status']} | {f(r['pool'])} | {f(r['fa'])} "
+            f"| {r['seed']} | {f(r['taylor'])} | {str(r['status']).split(':')[0]} "
+            f"| {f(r['pool'])} | {f(r['fa'])} "
             f"| {f(r['backprop'])} | {f(r['taylor_minus_fa'])} | {f(r['gap_closure'])} |"
         )
     m = {k: (f(v["mean"]), f(v["sd"])) for k, v in agg.items()}
