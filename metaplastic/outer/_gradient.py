@@ -213,10 +213,11 @@ class GradientTrainer(AbstractTrainer):
             why = native_refusal(problem, rule, truncation)
             if why:
                 raise MetaplasticError(f"train.gradient = 'native' cannot be used: {why}")
-            # the whole meta-batch goes to the native loop in one call, which runs its
-            # episodes on parallel threads; each episode is computed alone by the same
-            # code, so the result does not depend on the batch or device split
+            # a device's whole share goes to the native loop in one call, which runs its
+            # episodes on parallel threads (each alone: the loop's output per episode does
+            # not depend on the batch; the JAX query loss around it is vmapped)
             vmap_width = WHOLE_SHARE
+            self.problem = problem = dataclasses.replace(problem, remat="native")
         self.sharding = AxisSharding(devices, self.meta_batch, "meta_batch", vmap_width)
         if mode == "auto":
             n = sum(x.size for x in jax.tree_util.tree_leaves(params))
@@ -227,8 +228,6 @@ class GradientTrainer(AbstractTrainer):
                 mode = "checkpoint" if big else "reverse"
         if mode == "checkpoint" and not problem.remat:  # reverse mode, sqrt(T) segments
             self.problem = dataclasses.replace(problem, remat=-1)
-        if mode == "native":  # forward mode in the fused numba loop
-            self.problem = dataclasses.replace(problem, remat="native")
         if mode == "reconstruct":  # reverse mode, carries rebuilt backwards
             require_reconstructable(problem.net)  # one line now, not at the first step
             self.problem = dataclasses.replace(problem, remat="reconstruct")
