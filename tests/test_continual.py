@@ -13,6 +13,7 @@ from metaplastic import MetaplasticError
 from metaplastic.inner._episode import query_metrics
 from metaplastic.inner._network import Network
 from metaplastic.outer import GradientTrainer, check_train_config, make_optimizer
+from metaplastic.outer._evolution import EvolutionTrainer
 from metaplastic.rules._rules import TermPoolRule
 from metaplastic.run import build_config
 from metaplastic.tasks import ContinualTask, PCATask
@@ -97,8 +98,16 @@ def test_truncation_is_refused_where_it_cannot_run(pools):
         _trainer(pools, truncation=-1)
     with pytest.raises(MetaplasticError, match="multiple of stages"):
         ContinualTask(5, 3, 2, stages=2, stage_steps=6)
-    with pytest.raises(MetaplasticError, match="truncation needs the gradient outer loop"):
-        build_config("pool", "digits", {"outer": "open_es", "truncation": 10})
+    with pytest.raises(MetaplasticError, match="truncation needs an outer loop that can learn"):
+        build_config("pool", "continual_digits", {"outer": "open_es", "truncation": 100})
+    with pytest.raises(MetaplasticError, match="open_es.*evaluates whole episodes"):
+        EvolutionTrainer(Problem(NET, "fa", TASK, pools[0]), RULE, "open_es", truncation=4)
+    with pytest.raises(MetaplasticError, match="does not divide"):
+        EvolutionTrainer(Problem(NET, "fa", TASK, pools[0]), RULE, "persistent_es", truncation=5)
+    for outer in ("persistent_es", "NoiseReuseES"):
+        check_train_config(
+            build_config("pool", "continual_digits", {"outer": outer, "population": 4}).train
+        )
     with pytest.raises(MetaplasticError, match="cannot cut its episodes"):  # before any run
         build_config("pool", "digits", {"truncation": 10})  # directory is made
     with pytest.raises(MetaplasticError, match="does not divide"):
@@ -124,3 +133,81 @@ def test_truncated_memory_does_not_grow_with_the_episode(pools):
     stream = (128 - 16) * (64 + 2) * 4  # bytes: the extra updates' images, labels, draws
     assert long - short < 1.5 * stream
     assert scratch(64, 0) - long > 3 * (long - short)
+
+
+def _es(pools, name, **kw):
+    problem = Problem(NET, "fa", TASK, pools[0])
+    settings = {"population": 4, "sigma": 1e-6, "lr": 0.0, "meta_batch": 2, "truncation": 4}
+    return EvolutionTrainer(problem, RULE, name, **{**settings, **kw})
+
+
+@pytest.mark.parametrize(
+    "name", ["persistent_es", pytest.param("noise_reuse_es", marks=pytest.mark.slow)]
+)
+def test_persistent_es_carries_every_member_through_the_whole_episode(pools, name):
+    """With the mean held still (step 0) and members within 1e-6 of it, one step learns
+    the episode segment by segment: the mean's end-of-episode loss and accuracy are the
+    whole episode's, every member's fitness is the mean's (their network states persist
+    across segments, not restarted), and the strategy's accumulators are reset for the
+    next episode."""
+    tr = _es(pools, name)
+    state = tr.init(RULE, jax.random.key(0))
+    new, aux = tr.step(state)
+    _, k_eps, _ = jax.random.split(jax.random.wrap_key_data(state.key), 3)
+    loss, whole = Problem(NET, "fa", TASK, pools[0]).meta_loss(
+        RULE, jax.random.split(k_eps, 2), 0.0
+    )
+    assert float(aux["query_loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(aux["query_accuracy"]) == pytest.approx(float(whole["query_accuracy"]))
+    assert float(aux["mean_fitness"]) == pytest.approx(float(aux["fitness"]), abs=1e-6)
+    assert int(new.es_state.inner_step_counter) == 0 and int(new.step) == 1
+    if name == "persistent_es":
+        assert not np.any(np.asarray(new.es_state.pert_accum))
+
+
+@pytest.mark.parametrize(  # ~10 s each
+    "name", ["persistent_es", pytest.param("noise_reuse_es", marks=pytest.mark.slow)]
+)
+def test_persistent_es_estimates_the_whole_episodes_gradient(pools, name):
+    """Over one episode of 3 segments, with a plain SGD step too small to move the rule,
+    the mean's displacement divided by the step is the sum of the strategy's per-segment
+    estimates: it matches the exact gradient of ``sum_k L_k`` through the whole episode
+    (cosine > 0.98, norm within 15%), which truncated meta-gradients miss by about half
+    (they drop every term that crosses a segment boundary)."""
+    import optax
+    from evosax.algorithms import NoiseReuseES, PersistentES
+
+    lr, P, L = 1e-7, 256, 4
+    tr = _es(pools, name, population=P, sigma=1e-3, objective="loss", vmap_width=-1)
+    params, static = eqx.partition(RULE, eqx.is_inexact_array)
+    cls = PersistentES if name == "persistent_es" else NoiseReuseES
+    sgd = cls(P, params, optimizer=optax.sgd(lr), std_schedule=optax.constant_schedule(1e-3))
+    object.__setattr__(tr, "strategy", sgd)  # the same strategy with SGD, to read g off
+    state = tr.init(RULE, jax.random.key(0))
+    new, _ = tr.step(state)
+    moved = ravel_pytree(eqx.partition(tr.rule(new), eqx.is_inexact_array)[0])[0]
+    estimate = -(np.asarray(moved) - np.asarray(ravel_pytree(params)[0])) / lr
+    _, k_eps, _ = jax.random.split(jax.random.wrap_key_data(state.key), 3)
+    keys = jax.random.split(k_eps, 2)
+
+    def whole(p):  # sum_k L_k, differentiated through every segment
+        rule = eqx.combine(p, static)
+
+        def one(k):
+            c, xs, ctx = TASK.segments(rule, NET, "fa", k, pools[0], L)
+            s, total = jnp.array(False), 0.0
+            for i in range(3):
+                seg = jax.tree_util.tree_map(lambda a, i=i: a[i], xs)
+                c, s, loss, _, _ = TASK.run_segment(rule, NET, "fa", c, s, seg, i, ctx)
+                total = total + loss
+            return total
+
+        return jnp.mean(jax.vmap(one)(keys))
+
+    exact = np.asarray(ravel_pytree(jax.grad(whole)(params))[0])
+    cos = estimate @ exact / np.linalg.norm(estimate) / np.linalg.norm(exact)
+    assert cos > 0.98
+    assert np.linalg.norm(estimate) == pytest.approx(np.linalg.norm(exact), rel=0.15)
+    truncated, _ = _trainer(pools, truncation=L).loss_and_grad(params, keys)
+    truncated = 3 * np.asarray(ravel_pytree(truncated)[0])  # it averages over segments
+    assert np.linalg.norm(truncated) < 0.7 * np.linalg.norm(exact)

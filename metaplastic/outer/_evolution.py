@@ -37,7 +37,13 @@ STRATEGY_ALIASES = {
     "pgpe": "PGPE",
     "simple_es": "SimpleES",
     "ars": "ARS",
+    "persistent_es": "PersistentES",
+    "noise_reuse_es": "NoiseReuseES",
 }
+#: Strategies that estimate the gradient of a whole episode from its segments
+#: (``train.truncation``): they carry each member's perturbation across the segments of an
+#: episode, so the estimate sees how a change of the rule early on shows in later losses.
+ONLINE_STRATEGIES = ("PersistentES", "NoiseReuseES")
 FITNESS_SHAPING = {
     "default": None,
     "centered_rank": fs.centered_rank_fitness_shaping_fn,
@@ -91,6 +97,24 @@ def refuse_strategy(name: str, where: str = "train.outer") -> MetaplasticError |
     )
 
 
+def strategy_class_name(name: str) -> str:
+    """evosax's class name for ``train.outer = name`` (an alias or a class name)."""
+    return STRATEGY_ALIASES.get(name, name)
+
+
+def refuse_truncation(name: str, where: str = "train") -> MetaplasticError | None:
+    """The one-line error for ``train.truncation > 0`` with a strategy that evaluates whole
+    episodes only (else ``None``)."""
+    if strategy_class_name(name) in ONLINE_STRATEGIES:
+        return None
+    return MetaplasticError(
+        f"{where}.truncation needs an outer loop that can learn from segments of an episode: "
+        f"{where}.outer = {name!r} evaluates whole episodes; use the gradient outer loop, "
+        "persistent_es or noise_reuse_es, or set "
+        f"{where}.truncation = 0"
+    )
+
+
 def make_strategy(
     name: str,
     solution: Any,
@@ -117,7 +141,7 @@ def make_strategy(
         )
     if population < 2:
         raise MetaplasticError(f"train.population must be at least 2, got {population}")
-    cls = getattr(ea, STRATEGY_ALIASES.get(name, name))
+    cls = getattr(ea, strategy_class_name(name))
     accepted = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {}
     if "optimizer" in accepted:
@@ -154,6 +178,11 @@ def make_strategy(
     except (AssertionError, TypeError, ValueError) as err:
         raise MetaplasticError(f"train.outer {name!r}: cannot be configured ({err})") from None
     params = strategy.default_params
+    if cls.__name__ in ONLINE_STRATEGIES:
+        # evosax's defaults (an inner problem of 100 steps in unrolls of 10) would carry a
+        # member's noise over 10 generations of unrelated episodes; by default every
+        # generation is one whole unroll (see EvolutionTrainer for segments)
+        params = params.replace(T=1, K=1)
     if hasattr(params, "std_init"):
         params = params.replace(std_init=jnp.asarray(sigma, dtype=jnp.float32))
     return strategy, params
@@ -273,6 +302,9 @@ class EvolutionTrainer(AbstractTrainer):
     objective: str = eqx.field(static=True)
     sigma: float = eqx.field(static=True)
     sharding: AxisSharding
+    #: > 0: each generation learns one segment of this many updates of every episode
+    #: (``train.truncation``; persistent_es and noise_reuse_es only)
+    truncation: int = eqx.field(static=True, default=0)
 
     def __init__(
         self,
@@ -292,6 +324,7 @@ class EvolutionTrainer(AbstractTrainer):
         devices=1,
         vmap_width=0,
         objective=DEFAULT_ES_OBJECTIVE,
+        truncation=0,
     ):
         if objective not in ES_OBJECTIVES:
             raise unknown_name("ES fitness", objective, ES_OBJECTIVES, "train.es_fitness")
@@ -308,6 +341,17 @@ class EvolutionTrainer(AbstractTrainer):
         self.penalty = float(penalty)
         self.sharding = AxisSharding(devices, population, "population", vmap_width)
         self.mode = f"es:{type(self.strategy).__name__}"
+        if truncation < 0:
+            raise MetaplasticError(f"train.truncation must be >= 0, got {truncation}")
+        self.truncation = int(truncation)
+        if truncation:
+            why = refuse_truncation(name)
+            if why is not None:
+                raise why
+            problem.task.check_segments(truncation)
+            # one unroll of the strategy = one episode, told one segment at a time
+            n = problem.task.episode_length() // truncation
+            self.es_params = self.es_params.replace(T=n, K=1)
 
     @classmethod
     def accepts(cls, outer: str) -> bool:
@@ -332,11 +376,9 @@ class EvolutionTrainer(AbstractTrainer):
         if train.population < 2:
             raise MetaplasticError(f"{where}.population must be at least 2, got {train.population}")
         if train.truncation and cls.accepts(train.outer):
-            raise MetaplasticError(
-                f"{where}.truncation needs the gradient outer loop (persistent evolution "
-                f"strategies over segments are not implemented); {where}.outer = "
-                f"{train.outer!r} evaluates whole episodes: set {where}.truncation = 0"
-            )
+            why = refuse_truncation(train.outer, where)
+            if why is not None:
+                raise why
 
     @classmethod
     def from_config(cls, train, problem, rule, *, units_key=None, trainable=None):
@@ -364,6 +406,7 @@ class EvolutionTrainer(AbstractTrainer):
             devices=t.devices,
             vmap_width=t.vmap_width,
             objective=t.es_fitness,
+            truncation=t.truncation,
         )
 
     def rule(self, state: ESState) -> AbstractRule:
@@ -407,6 +450,10 @@ class EvolutionTrainer(AbstractTrainer):
 
     @eqx.filter_jit
     def step(self, state: ESState) -> tuple[ESState, dict]:
+        """One generation (``truncation = 0``): every member learns whole episodes.
+        With ``truncation > 0``, one episode of generations: see :meth:`_step_segments`."""
+        if self.truncation:
+            return self._step_segments(state)
         key, k_ask, k_tell, k_eps = jax.random.split(jax.random.wrap_key_data(state.key), 4)
         keys = jax.random.split(k_eps, self.meta_batch)
         population, es_state = self.strategy.ask(k_ask, state.es_state, self.es_params)
@@ -445,6 +492,118 @@ class EvolutionTrainer(AbstractTrainer):
             "worst_fitness": worst,
             "sigma": jnp.mean(jnp.asarray(sigma)),
             "diverged": n_bad,
+            "grad_finite": ~all_bad,
+        }
+        return new, aux
+
+    def _segment(self, p, carry, stopped, seg, index, context):
+        """Rule ``p`` learns segment ``index`` of every episode of the meta-batch from
+        ``carry``: ``(carry, stopped, fitness, loss, accuracy)``, the last three over the
+        meta-batch (the segment's query loss and accuracy over the classes seen so far;
+        fitness as ``objective`` says, on either, plus the L1 penalty; NaN if the loss is
+        not finite)."""
+        pb = self.problem
+        rule = eqx.combine(p, self.static)
+
+        def one(c, s, sg, ctx):
+            return pb.task.run_segment(
+                rule, pb.net, pb.feedback, c, s, sg, index, ctx, remat=pb.remat
+            )
+
+        new, now, loss, acc, _ = eqx.filter_vmap(one)(carry, stopped, seg, context)
+        loss, acc = jnp.mean(loss), jnp.mean(acc)
+        pen = self.l1 * rule.l1()
+        fit = 1.0 - acc + pen if self.objective == "error" else loss + pen
+        return new, now, jnp.where(jnp.isfinite(loss), fit, jnp.nan), loss, acc
+
+    def _step_segments(self, state: ESState) -> tuple[ESState, dict]:
+        """One episode per meta-batch entry, learned segment by segment, one generation
+        per segment (persistent ES, Vicol et al. 2021; noise-reuse ES, Li et al. 2023).
+
+        Every member and the search mean keep their own network state from segment to
+        segment of the same episodes, so member ``i`` at segment ``k`` has learned
+        segments ``0..k`` with the perturbations it was given so far; its fitness ``f_i``
+        is that of segment ``k`` (the task's segment loss, or query error rate over the
+        classes seen so far). The strategy accumulates each member's perturbations
+        ``xi_i = sum_{j<=k} eps_i^j`` (antithetic pairs) and moves the mean along
+        ``g = sum_i f_i xi_i / (sigma^2 N)``, an unbiased estimate of the gradient of
+        ``sum_k L_k`` over the whole episode (noise-reuse ES keeps one perturbation per
+        episode instead); the accumulators reset when the episode ends. Memory: the
+        network state of ``(population + 1) x meta_batch`` episodes, whatever the length.
+        The metrics are the search mean's at the end of the episode (every class seen)
+        and the members' fitness averaged over the segments.
+        """
+        pb = self.problem
+        key, k_eps, k_gen = jax.random.split(jax.random.wrap_key_data(state.key), 3)
+        keys = jax.random.split(k_eps, self.meta_batch)
+        start = eqx.combine(search_center(self.strategy, state.es_state), self.static)
+
+        def cut(k):  # the start network state does not depend on the coefficients' values
+            return pb.task.segments(start, pb.net, pb.feedback, k, pb.pool, self.truncation)
+
+        carry0, xs, context = eqx.filter_vmap(cut)(keys)
+        xs = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), xs)  # segments first
+        n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        P = self.strategy.population_size
+
+        def tile(tree, m):
+            return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (m, *a.shape)), tree)
+
+        stopped0 = jnp.zeros((self.meta_batch,), bool)
+
+        def generation(inner, inp):
+            es_state, members, mean_c = inner
+            seg, index, k = inp
+            k_ask, k_tell = jax.random.split(k)
+            mean = search_center(self.strategy, es_state)
+            population, es_state = self.strategy.ask(k_ask, es_state, self.es_params)
+            population = self.sharding.gather(population)
+
+            def member(args):
+                p, (c, s) = args
+                return self._segment(p, c, s, seg, index, context)
+
+            c, s, raw, _, _ = self.sharding.map(member, (population, members))
+            mc, ms, mean_fit, mean_loss, mean_acc = self._segment(
+                mean, *mean_c, seg, index, context
+            )
+            fit, finite, n_bad, worst = finite_fitness(raw, self.penalty)
+            population, fit = self.sharding.gather((population, fit))
+            es_state, _ = self.strategy.tell(k_tell, population, fit, es_state, self.es_params)
+            stats = {
+                "loss": mean_loss + self.l1 * eqx.combine(mean, self.static).l1(),
+                "query_loss": mean_loss,
+                "query_accuracy": mean_acc,
+                "fitness": mean_fit,
+                "best_fitness": jnp.min(jnp.where(finite, raw, jnp.inf)),
+                "mean_fitness": jnp.sum(jnp.where(finite, raw, 0.0)) / jnp.maximum(1, P - n_bad),
+                "worst_fitness": worst,
+                "diverged": n_bad,
+            }
+            return (es_state, (c, s), (mc, ms)), stats
+
+        inner0 = (state.es_state, (tile(carry0, P), tile(stopped0, P)), (carry0, stopped0))
+        inp = (xs, jnp.arange(n), jax.random.split(k_gen, n))
+        (es_state, _, _), stats = jax.lax.scan(generation, inner0, inp)
+        last = jax.tree_util.tree_map(lambda a: a[-1], stats)
+        all_bad = last["diverged"] == P
+        new = ESState(
+            es_state=es_state,
+            key=jax.random.key_data(key),
+            step=state.step + 1,
+            skipped=state.skipped + all_bad.astype(jnp.int32),
+            diverged_members=state.diverged_members + last["diverged"],
+        )
+        aux = {
+            "loss": last["loss"],
+            "query_loss": last["query_loss"],
+            "query_accuracy": last["query_accuracy"],
+            "fitness": jnp.mean(stats["fitness"]),
+            "best_fitness": jnp.mean(stats["best_fitness"]),
+            "mean_fitness": jnp.mean(stats["mean_fitness"]),
+            "worst_fitness": jnp.max(stats["worst_fitness"]),
+            "sigma": jnp.mean(jnp.asarray(getattr(es_state, "std", jnp.nan))),
+            "diverged": last["diverged"],
             "grad_finite": ~all_bad,
         }
         return new, aux

@@ -170,7 +170,9 @@ class TrainConfig:
     #: > 0: truncated meta-gradients: the episode is cut into segments of this many updates
     #: and each segment's loss (the task's query loss at the segment's end) is differentiated
     #: through that segment only, the carry passed on without gradient; memory is that of one
-    #: segment, whatever the episode's length (tasks with segments: "continual"). 0 = off
+    #: segment, whatever the episode's length (tasks with segments: "continual"). With
+    #: train.outer = "persistent_es" / "noise_reuse_es": one ES generation per segment,
+    #: each member's network state carried across segments. 0 = off
     truncation: int = 0
     seed: int = 0
     eval_episodes: int = 500
