@@ -12,9 +12,11 @@ cross-entropy at its end over the classes seen so far.
 1. **Memory** (``memory.json``): peak resident memory of a fresh process that runs one
    truncated meta-step of the pool rule (meta-batch 1) at episode lengths 1,000 / 5,000 /
    20,000 (``stage_steps`` 200 / 1,000 / 4,000), and of plain reverse mode through the
-   whole episode at 1,000 and 5,000 for contrast.
+   whole episode at 1,000 and 5,000 for contrast, and of one episode of persistent-ES
+   generations (population 8).
 2. **Meta-training** (``results.json``, ``results.md``): for each seed, the built-in pool
-   rule and the FA baseline (pseudo-gradient only, its rate meta-learned the same way), each
+   rule and the FA baseline (pseudo-gradient only, its rate meta-learned the same way), and
+   the pool rule meta-learned by persistent ES over the same segments (``PES`` below), each
    tested on the same 500 held-out meta-test episodes: accuracy over all 10 classes after
    the last update.
 
@@ -37,18 +39,28 @@ from metaplastic.run import build_config, keep_failed, train
 
 TASK = "tasks/continual_digits.toml"
 LENGTHS = {1000: 200, 5000: 1000, 20000: 4000}  # episode length -> stage_steps
-METHODS = {"learned": "pool", "fa": "pseudo_gradient"}
+METHODS = {"learned": "pool", "fa": "pseudo_gradient", "pes": "pool"}
+#: Persistent ES over the same segments (one generation per segment of 100 updates, 50 per
+#: episode): 4 antithetic pairs on meta-batches of 4 episodes, search scale a tenth of the
+#: start's pseudo-gradient coefficient, and an Adam step of 2e-5 per segment, so the mean
+#: moves at most 1e-3 per episode, as the gradient runs' Adam step of 1e-3 per meta-step
+PES = {"outer": "persistent_es", "population": 8, "meta_batch": 4, "sigma": 0.003, "lr": 2e-5}
+#: meta-training episodes per method (None: the preset's 800); PES costs about 5x a
+#: truncated meta-gradient per episode on this CPU
+EPISODES = {"pes": 400}
 
 
-def child(stage_steps: int, truncation: int) -> None:
-    """In a fresh process: one meta-step; prints the peak RSS in MB."""
+def child(stage_steps: int, truncation: int, outer: str = "") -> None:
+    """In a fresh process: one meta-step (one episode of PES generations with ``outer =
+    "pes"``); prints the peak RSS in MB."""
     import jax
 
     from metaplastic.run import build_rule, build_setup, make_trainer
 
     over = [f"task.stage_steps={stage_steps}", "train.meta_batch=1", "train.episodes=1"]
     over.append(f"train.truncation={truncation}")
-    cfg = build_config("pool", TASK, overrides=over)
+    table = {k: v for k, v in PES.items() if k != "meta_batch"} if outer == "pes" else None
+    cfg = build_config("pool", TASK, table, overrides=over)
     setup = build_setup(cfg)
     rule = build_rule(cfg, setup.net.n_layers)
     tr = make_trainer(cfg, setup, rule)
@@ -63,12 +75,15 @@ def child(stage_steps: int, truncation: int) -> None:
 
 def memory(out: Path) -> dict:
     rows = {}
-    cases = [(T, 100) for T in LENGTHS] + [(1000, 0), (5000, 0)]
-    for T, trunc in cases:
+    cases = [(T, 100, "") for T in LENGTHS] + [(1000, 0, ""), (5000, 0, "")]
+    cases += [(T, 100, "pes") for T in LENGTHS]
+    for T, trunc, outer in cases:
         label = f"truncation {trunc}" if trunc else "whole episode (reverse)"
+        if outer:
+            label = f"persistent ES, segments of {trunc}, population {PES['population']}"
         print(f"peak memory: T = {T}, {label} ...", flush=True)
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", str(LENGTHS[T]), str(trunc)],
+            [sys.executable, __file__, "--child", str(LENGTHS[T]), str(trunc), outer],
             capture_output=True,
             text=True,
             timeout=1800,
@@ -85,6 +100,7 @@ def memory(out: Path) -> dict:
 def run(out: Path, method: str, seed: int, episodes) -> dict:
     done = out / "summary.json"
     label = "fa" if method == "fa" else "learned"
+    episodes = episodes or EPISODES.get(method)
     if done.is_file():
         s = json.loads(done.read_text())
         if label in s.get("meta_test", {}) or s.get("status", "ok") != "ok":
@@ -92,6 +108,9 @@ def run(out: Path, method: str, seed: int, episodes) -> dict:
     table = {"seed": seed, "episodes": episodes}
     if method == "fa":
         table["require_improvement"] = False  # a baseline is reported as it is
+    if method == "pes":
+        table.update(PES)
+    table = {k: v for k, v in table.items() if v is not None}
     cfg = build_config(METHODS[method], TASK, table)
     return keep_failed(train, cfg, out, progress=True, label=label)
 
@@ -146,8 +165,8 @@ def table(rows: list[dict], seeds: list[int]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(int(sys.argv[2]), int(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--child":
+        child(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
