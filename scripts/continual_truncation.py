@@ -41,10 +41,10 @@ TASK = "tasks/continual_digits.toml"
 LENGTHS = {1000: 200, 5000: 1000, 20000: 4000}  # episode length -> stage_steps
 METHODS = {"learned": "pool", "fa": "pseudo_gradient", "pes": "pool"}
 #: Persistent ES over the same segments (one generation per segment of 100 updates, 50 per
-#: episode): 4 antithetic pairs on meta-batches of 4 episodes, search scale a tenth of the
-#: start's pseudo-gradient coefficient, and an Adam step of 2e-5 per segment, so the mean
-#: moves at most 1e-3 per episode, as the gradient runs' Adam step of 1e-3 per meta-step
-PES = {"outer": "persistent_es", "population": 8, "meta_batch": 4, "sigma": 0.003, "lr": 2e-5}
+#: episode): 4 antithetic pairs on meta-batches of 4 episodes, the preset's search scale (a
+#: tenth of the start's pseudo-gradient coefficient) and Adam step of 1e-3 per episode (2e-5
+#: per segment), as the gradient runs' 1e-3 per meta-step
+PES = {"outer": "persistent_es", "population": 8, "meta_batch": 4, "sigma": 0.003, "lr": 1e-3}
 #: meta-training episodes per method (None: the preset's 800); PES costs about 5x a
 #: truncated meta-gradient per episode on this CPU
 EPISODES = {"pes": 400}

@@ -104,6 +104,8 @@ def test_truncation_is_refused_where_it_cannot_run(pools):
         EvolutionTrainer(Problem(NET, "fa", TASK, pools[0]), RULE, "open_es", truncation=4)
     with pytest.raises(MetaplasticError, match="does not divide"):
         EvolutionTrainer(Problem(NET, "fa", TASK, pools[0]), RULE, "persistent_es", truncation=5)
+    with pytest.raises(MetaplasticError, match="population must be even for persistent_es"):
+        build_config("pool", "continual_digits", {"outer": "persistent_es", "population": 5})
     for outer in ("persistent_es", "NoiseReuseES"):
         check_train_config(
             build_config("pool", "continual_digits", {"outer": outer, "population": 4}).train
@@ -211,3 +213,19 @@ def test_persistent_es_estimates_the_whole_episodes_gradient(pools, name):
     truncated, _ = _trainer(pools, truncation=L).loss_and_grad(params, keys)
     truncated = 3 * np.asarray(ravel_pytree(truncated)[0])  # it averages over segments
     assert np.linalg.norm(truncated) < 0.7 * np.linalg.norm(exact)
+
+
+def test_persistent_es_scores_a_stopped_episode_as_diverged(pools):
+    """An episode the weight guard stops keeps finite, frozen weights; its accuracy counts
+    0 in a member's fitness (as in validation), never what the frozen weights score, and
+    the member is counted as diverged. Settings: lr and sigma_decay are per episode."""
+    task = ContinualTask(4, 3, 2, stages=2, stage_steps=6, weight_limit=1e-3)  # stops at once
+    tr = EvolutionTrainer(
+        Problem(NET, "fa", task, pools[0]), RULE, "persistent_es",
+        population=4, sigma=1e-3, lr=3e-3, sigma_decay=0.5, meta_batch=2, truncation=4,
+    )  # fmt: skip
+    new, aux = tr.step(tr.init(RULE, jax.random.key(0)))
+    assert int(aux["diverged"]) == 4 and float(aux["query_accuracy"]) == 0.0
+    assert float(aux["mean_fitness"]) == pytest.approx(1.0)
+    newer, _ = tr.step(new)  # sigma_decay per episode (evosax lags it by a generation)
+    assert float(newer.es_state.std) == pytest.approx(0.5 * float(new.es_state.std), rel=1e-5)

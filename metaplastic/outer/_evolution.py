@@ -115,6 +115,23 @@ def refuse_truncation(name: str, where: str = "train") -> MetaplasticError | Non
     )
 
 
+def refuse_odd_population(name: str, population: int, antithetic: bool = True, where="train"):
+    """The one-line error for an odd ``population`` that ``name`` cannot use: strategies that
+    draw antithetic pairs (persistent and noise-reuse ES and PGPE always, the others with
+    ``train.antithetic``); else ``None``."""
+    if population % 2 == 0 or not is_strategy(name):
+        return None
+    cls = getattr(ea, strategy_class_name(name))
+    accepted = inspect.signature(cls.__init__).parameters
+    always = cls.__name__ in (*ONLINE_STRATEGIES, "PGPE")
+    if always or ("use_antithetic_sampling" in accepted and antithetic):
+        return MetaplasticError(
+            f"{where}.population must be even for {name} (it draws antithetic pairs), got "
+            f"{population}"
+        )
+    return None
+
+
 def make_strategy(
     name: str,
     solution: Any,
@@ -154,12 +171,9 @@ def make_strategy(
         kwargs["fitness_shaping_fn"] = FITNESS_SHAPING[fitness_shaping]
     if "sampling_fn" in accepted:  # RandomSearch: draws around the starting rule
         kwargs["sampling_fn"] = _gaussian_around(solution, sigma)
-    if ("use_antithetic_sampling" in accepted and antithetic) or name in ("pgpe", "PGPE"):
-        if population % 2:
-            raise MetaplasticError(
-                f"train.population must be even for {name} with antithetic sampling, "
-                f"got {population}"
-            )
+    odd = refuse_odd_population(name, population, antithetic)
+    if odd is not None:
+        raise odd
     if cls is ea.LM_MA_ES:
         # evosax's LM-MA-ES sets its path rates c_c[i] = population / (4^i n) and takes
         # sqrt(c_c (2 - c_c)): population > 2n makes every coefficient NaN after the first
@@ -333,25 +347,29 @@ class EvolutionTrainer(AbstractTrainer):
         params, static = eqx.partition(rule, eqx.is_inexact_array)
         self.problem = problem
         self.static = static
-        self.strategy, self.es_params = make_strategy(
-            name, params, population, sigma, sigma_decay, lr, antithetic, fitness_shaping
-        )
-        self.meta_batch = int(meta_batch)
-        self.l1 = float(l1)
-        self.penalty = float(penalty)
-        self.sharding = AxisSharding(devices, population, "population", vmap_width)
-        self.mode = f"es:{type(self.strategy).__name__}"
         if truncation < 0:
             raise MetaplasticError(f"train.truncation must be >= 0, got {truncation}")
         self.truncation = int(truncation)
+        n = 1  # generations per episode
         if truncation:
             why = refuse_truncation(name)
             if why is not None:
                 raise why
             problem.task.check_segments(truncation)
-            # one unroll of the strategy = one episode, told one segment at a time
             n = problem.task.episode_length() // truncation
+            # lr and sigma_decay stay per episode: the mean moves and the search scale
+            # decays once per segment, n times per episode
+            lr, sigma_decay = lr / n, sigma_decay ** (1.0 / n)
+        self.strategy, self.es_params = make_strategy(
+            name, params, population, sigma, sigma_decay, lr, antithetic, fitness_shaping
+        )
+        if truncation:  # one unroll of the strategy = one episode, told segment by segment
             self.es_params = self.es_params.replace(T=n, K=1)
+        self.meta_batch = int(meta_batch)
+        self.l1 = float(l1)
+        self.penalty = float(penalty)
+        self.sharding = AxisSharding(devices, population, "population", vmap_width)
+        self.mode = f"es:{type(self.strategy).__name__}"
 
     @classmethod
     def accepts(cls, outer: str) -> bool:
@@ -375,6 +393,9 @@ class EvolutionTrainer(AbstractTrainer):
                 raise MetaplasticError(f"{where}.{n} must be positive, got {getattr(train, n)}")
         if train.population < 2:
             raise MetaplasticError(f"{where}.population must be at least 2, got {train.population}")
+        odd = refuse_odd_population(train.outer, train.population, train.antithetic, where)
+        if odd is not None and cls.accepts(train.outer):
+            raise odd
         if train.truncation and cls.accepts(train.outer):
             why = refuse_truncation(train.outer, where)
             if why is not None:
@@ -498,10 +519,10 @@ class EvolutionTrainer(AbstractTrainer):
 
     def _segment(self, p, carry, stopped, seg, index, context):
         """Rule ``p`` learns segment ``index`` of every episode of the meta-batch from
-        ``carry``: ``(carry, stopped, fitness, loss, accuracy)``, the last three over the
-        meta-batch (the segment's query loss and accuracy over the classes seen so far;
-        fitness as ``objective`` says, on either, plus the L1 penalty; NaN if the loss is
-        not finite)."""
+        ``carry``: ``(carry, stopped, fitness, loss, accuracy, diverged)``, the last four
+        over the meta-batch (the segment's query loss and accuracy over the classes seen so
+        far; fitness as ``objective`` says, on either, plus the L1 penalty; NaN if the loss
+        is not finite; whether any episode has diverged)."""
         pb = self.problem
         rule = eqx.combine(p, self.static)
 
@@ -510,11 +531,16 @@ class EvolutionTrainer(AbstractTrainer):
                 rule, pb.net, pb.feedback, c, s, sg, index, ctx, remat=pb.remat
             )
 
-        new, now, loss, acc, _ = eqx.filter_vmap(one)(carry, stopped, seg, context)
-        loss, acc = jnp.mean(loss), jnp.mean(acc)
+        new, now, loss, acc, dv = eqx.filter_vmap(one)(carry, stopped, seg, context)
+        # an episode that diverged (or was stopped by train.weight_limit) scores as in
+        # Problem.outcomes: accuracy 0, never its frozen weights' accuracy; with the loss as
+        # fitness, the member gets the generation's worst fitness (NaN, replaced)
+        acc = jnp.mean(jnp.where(dv, 0.0, acc))
+        loss = jnp.mean(loss)
         pen = self.l1 * rule.l1()
         fit = 1.0 - acc + pen if self.objective == "error" else loss + pen
-        return new, now, jnp.where(jnp.isfinite(loss), fit, jnp.nan), loss, acc
+        bad = ~jnp.isfinite(loss) | (jnp.any(dv) & (self.objective == "loss"))
+        return new, now, jnp.where(bad, jnp.nan, fit), loss, acc, jnp.any(dv)
 
     def _step_segments(self, state: ESState) -> tuple[ESState, dict]:
         """One episode per meta-batch entry, learned segment by segment, one generation
@@ -563,8 +589,8 @@ class EvolutionTrainer(AbstractTrainer):
                 p, (c, s) = args
                 return self._segment(p, c, s, seg, index, context)
 
-            c, s, raw, _, _ = self.sharding.map(member, (population, members))
-            mc, ms, mean_fit, mean_loss, mean_acc = self._segment(
+            c, s, raw, _, _, m_dv = self.sharding.map(member, (population, members))
+            mc, ms, mean_fit, mean_loss, mean_acc, _ = self._segment(
                 mean, *mean_c, seg, index, context
             )
             fit, finite, n_bad, worst = finite_fitness(raw, self.penalty)
@@ -578,7 +604,8 @@ class EvolutionTrainer(AbstractTrainer):
                 "best_fitness": jnp.min(jnp.where(finite, raw, jnp.inf)),
                 "mean_fitness": jnp.sum(jnp.where(finite, raw, 0.0)) / jnp.maximum(1, P - n_bad),
                 "worst_fitness": worst,
-                "diverged": n_bad,
+                "diverged": jnp.sum((m_dv | ~finite).astype(jnp.int32)),
+                "non_finite": n_bad,
             }
             return (es_state, (c, s), (mc, ms)), stats
 
@@ -586,13 +613,13 @@ class EvolutionTrainer(AbstractTrainer):
         inp = (xs, jnp.arange(n), jax.random.split(k_gen, n))
         (es_state, _, _), stats = jax.lax.scan(generation, inner0, inp)
         last = jax.tree_util.tree_map(lambda a: a[-1], stats)
-        all_bad = last["diverged"] == P
+        all_bad = last["non_finite"] == P
         new = ESState(
             es_state=es_state,
             key=jax.random.key_data(key),
             step=state.step + 1,
             skipped=state.skipped + all_bad.astype(jnp.int32),
-            diverged_members=state.diverged_members + last["diverged"],
+            diverged_members=state.diverged_members + last["non_finite"],
         )
         aux = {
             "loss": last["loss"],
