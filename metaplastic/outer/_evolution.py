@@ -552,9 +552,10 @@ class EvolutionTrainer(AbstractTrainer):
         is that of segment ``k`` (the task's segment loss, or query error rate over the
         classes seen so far). The strategy accumulates each member's perturbations
         ``xi_i = sum_{j<=k} eps_i^j`` (antithetic pairs) and moves the mean along
-        ``g = sum_i f_i xi_i / (sigma^2 N)``, an unbiased estimate of the gradient of
-        ``sum_k L_k`` over the whole episode (noise-reuse ES keeps one perturbation per
-        episode instead); the accumulators reset when the episode ends. Memory: the
+        ``g = sum_i f_i xi_i / (sigma^2 N)``, for a mean held still an unbiased estimate
+        of the gradient of ``sum_k L_k`` over the whole episode (noise-reuse ES keeps one
+        perturbation per episode instead); the accumulators reset when the episode ends.
+        ``lr`` and ``sigma_decay`` were turned into per-segment values in ``__init__``. Memory: the
         network state of ``(population + 1) x meta_batch`` episodes, whatever the length.
         The metrics are the search mean's at the end of the episode (every class seen)
         and the members' fitness averaged over the segments.
