@@ -143,9 +143,8 @@ def _es(pools, name, **kw):
     return EvolutionTrainer(problem, RULE, name, **{**settings, **kw})
 
 
-@pytest.mark.parametrize(
-    "name", ["persistent_es", pytest.param("noise_reuse_es", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # ~12 s each; the gradient-estimate test below chains segments too
+@pytest.mark.parametrize("name", ["persistent_es", "noise_reuse_es"])
 def test_persistent_es_carries_every_member_through_the_whole_episode(pools, name):
     """With the mean held still (step 0) and members within 1e-6 of it, one step learns
     the episode segment by segment: the mean's end-of-episode loss and accuracy are the

@@ -67,6 +67,7 @@ def test_native_gives_the_forward_mode_meta_gradient(pools, feedback, activation
     assert q_got == pytest.approx(q_want, rel=1e-5)
 
 
+@pytest.mark.slow  # ~17 s (CI time budget); the jacfwd agreement tests run by default
 def test_native_episodes_do_not_depend_on_their_batch():
     """An episode run alone and inside a batch of three (on parallel threads) gives the
     same bits: the trainer's result does not depend on the meta-batch split."""

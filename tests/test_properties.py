@@ -459,7 +459,7 @@ def _train_tables():
                 "prune_episodes": _count,
                 "checkpoint_every": st.integers(0, 2**31),
                 "keep_checkpoints": _count,
-                "population": st.integers(2, 2**31),
+                "population": st.integers(1, 2**30).map(lambda n: 2 * n),  # antithetic: even
                 "sigma": _positive,
                 "sigma_decay": _positive,
                 "antithetic": st.booleans(),
