@@ -45,7 +45,7 @@ METHODS = {"learned": "pool", "fa": "pseudo_gradient", "pes": "pool"}
 #: tenth of the start's pseudo-gradient coefficient) and Adam step of 1e-3 per episode (2e-5
 #: per segment), as the gradient runs' 1e-3 per meta-step
 PES = {"outer": "persistent_es", "population": 8, "meta_batch": 4, "sigma": 0.003, "lr": 1e-3}
-#: meta-training episodes per method (None: the preset's 800); PES costs about 5x a
+#: meta-training episodes per method (None: the preset's 800); PES cost about 2.5x a
 #: truncated meta-gradient per episode on this CPU
 EPISODES = {"pes": 400}
 

@@ -286,6 +286,16 @@ def finite_fitness(raw: Array, penalty: float = -1.0):
     return jnp.where(finite, raw, fill), finite, n_bad, worst
 
 
+def member_stats(raw: Array, finite: Array, n_bad: Array, worst: Array) -> dict:
+    """``best_fitness``, ``mean_fitness`` (over the finite members) and ``worst_fitness``
+    of one generation, from :func:`finite_fitness`'s outputs on the raw fitness."""
+    return {
+        "best_fitness": jnp.min(jnp.where(finite, raw, jnp.inf)),
+        "mean_fitness": jnp.sum(jnp.where(finite, raw, 0.0)) / jnp.maximum(1, raw.size - n_bad),
+        "worst_fitness": worst,
+    }
+
+
 class ESState(eqx.Module):
     """Outer-loop state of an evolution strategy (checkpointable: arrays only)."""
 
@@ -394,7 +404,7 @@ class EvolutionTrainer(AbstractTrainer):
         if train.population < 2:
             raise MetaplasticError(f"{where}.population must be at least 2, got {train.population}")
         odd = refuse_odd_population(train.outer, train.population, train.antithetic, where)
-        if odd is not None and cls.accepts(train.outer):
+        if odd is not None:  # None for outer loops that are not evolution strategies
             raise odd
         if train.truncation and cls.accepts(train.outer):
             why = refuse_truncation(train.outer, where)
@@ -507,10 +517,7 @@ class EvolutionTrainer(AbstractTrainer):
             "query_loss": mean_aux["query_loss"][0],
             "query_accuracy": mean_aux["query_accuracy"][0],
             "fitness": mean_fit[0],
-            "best_fitness": jnp.min(jnp.where(finite, raw, jnp.inf)),
-            "mean_fitness": jnp.sum(jnp.where(finite, raw, 0.0))
-            / jnp.maximum(1, raw.shape[0] - n_bad),
-            "worst_fitness": worst,
+            **member_stats(raw, finite, n_bad, worst),
             "sigma": jnp.mean(jnp.asarray(sigma)),
             "diverged": n_bad,
             "grad_finite": ~all_bad,
@@ -602,9 +609,7 @@ class EvolutionTrainer(AbstractTrainer):
                 "query_loss": mean_loss,
                 "query_accuracy": mean_acc,
                 "fitness": mean_fit,
-                "best_fitness": jnp.min(jnp.where(finite, raw, jnp.inf)),
-                "mean_fitness": jnp.sum(jnp.where(finite, raw, 0.0)) / jnp.maximum(1, P - n_bad),
-                "worst_fitness": worst,
+                **member_stats(raw, finite, n_bad, worst),
                 "diverged": jnp.sum((m_dv | ~finite).astype(jnp.int32)),
                 "non_finite": n_bad,
             }
